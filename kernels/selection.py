@@ -1,0 +1,164 @@
+"""The selection: which image tokens one question keeps, and how many.
+
+``keep_count`` is the one place K is decided; the vLLM processor (placeholder count) and the model
+(rows returned) both call it, so the two can never disagree. ``select_tokens`` is the one entry the
+model uses; it dispatches each op to Triton on CUDA tensors and to the torch reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .relevance import relevance_ref
+from .topk_select import merge_dropped_ref, topk_select_ref
+
+PRUNE_METHODS = ("simignore", "uniform", "random")
+"""``simignore``: most question-relevant tokens (default). ``uniform``: evenly spaced tokens
+(baseline; also the fallback when the query is empty). ``random``: seeded per request
+(benchmark baseline)."""
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "LVLM_PRUNE_BACKEND"
+
+
+def keep_count(num_tokens: int, keep_ratio: float, *, min_keep: int = 1) -> int:
+    """K = ceil(N * keep_ratio), at least ``min_keep``, at most N.
+
+    Ceil, so a ratio never rounds an image down to nothing and 0.11 of 576 keeps 64.
+    """
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise TypeError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if not (0.0 < keep_ratio <= 1.0) or math.isnan(keep_ratio):
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    if num_tokens <= 0:
+        return 0
+    # The epsilon absorbs float noise such as 0.07 * 100 = 7.000000000000001.
+    k = math.ceil(num_tokens * keep_ratio - 1e-9)
+    return max(min(min_keep, num_tokens), min(num_tokens, k))
+
+
+def uniform_indices(num_tokens: int, k: int, *, device=None) -> torch.Tensor:
+    """K evenly spaced indices, each at the centre of its 1/K stretch of the sequence."""
+    i = torch.arange(k, device=device, dtype=torch.int64)
+    return ((2 * i + 1) * num_tokens) // (2 * k)
+
+
+def random_indices(num_tokens: int, k: int, *, seed: int, device=None) -> torch.Tensor:
+    """K distinct indices drawn with a generator seeded by the request (reproducible)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.sort(torch.randperm(num_tokens, generator=gen)[:k]).values.to(device)
+
+
+@dataclasses.dataclass
+class Selection:
+    """What one image keeps.
+
+    Attributes:
+        kept: [K] int64 indices into the image's N rows, ascending.
+        rows: [K, D] embeddings handed to the LLM (merged when ``merge`` was asked).
+        scores: [N] float32 relevance scores, or None when they were not computed.
+        method: the method actually applied (``uniform`` when simignore had no query).
+    """
+
+    kept: torch.Tensor
+    rows: torch.Tensor
+    scores: torch.Tensor | None
+    method: str
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """``triton`` for CUDA tensors, ``torch`` elsewhere; ``backend`` or $LVLM_PRUNE_BACKEND force one."""
+    choice = backend or os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} / backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return choice
+
+
+def compute_relevance(
+    images: Sequence[torch.Tensor],
+    queries: Sequence[torch.Tensor],
+    *,
+    reduce: str = "max",
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Scores for a batch of images in one call (one kernel launch on the Triton path)."""
+    if not images:
+        return []
+    device = images[0].device
+    image = torch.cat(list(images))
+    query = torch.cat([q.to(image.dtype) for q in queries])
+    image_offsets = _offsets([x.shape[0] for x in images], device)
+    query_offsets = _offsets([q.shape[0] for q in queries], device)
+    if resolve_backend(device, backend) == "triton":
+        from .relevance import relevance_triton
+
+        scores = relevance_triton(image, image_offsets, query, query_offsets, reduce=reduce)
+    else:
+        scores = relevance_ref(image, image_offsets, query, query_offsets, reduce=reduce)
+    return list(torch.split(scores, [x.shape[0] for x in images]))
+
+
+def select_tokens(
+    images: Sequence[torch.Tensor],
+    queries: Sequence[torch.Tensor],
+    keep: Sequence[int],
+    *,
+    methods: Sequence[str],
+    merge: Sequence[bool],
+    seeds: Sequence[int],
+    need_scores: bool = False,
+    backend: str | None = None,
+) -> list[Selection]:
+    """Select K_b rows of each image b.
+
+    Args:
+        images: per image [N_b, D] projector output.
+        queries: per image [T_b, D] query embeddings (T_b may be 0).
+        keep: per image K_b (from ``keep_count``).
+        methods: per image, one of ``PRUNE_METHODS``.
+        merge: per image, fold dropped rows into kept ones.
+        seeds: per image seed for ``random``.
+        need_scores: compute relevance scores for every image (diagnostics), not only simignore.
+        backend: force ``torch`` or ``triton`` (default: by device, or $LVLM_PRUNE_BACKEND).
+    """
+    for m in methods:
+        if m not in PRUNE_METHODS:
+            raise ValueError(f"prune_method must be one of {PRUNE_METHODS}, got {m!r}")
+    want = [
+        q.shape[0] > 0 and (m == "simignore" or need_scores) for q, m in zip(queries, methods)
+    ]
+    scored = [b for b, w in enumerate(want) if w]
+    scores: list[torch.Tensor | None] = [None] * len(images)
+    for b, s in zip(
+        scored,
+        compute_relevance([images[b] for b in scored], [queries[b] for b in scored], backend=backend),
+    ):
+        scores[b] = s
+
+    out = []
+    for b, image in enumerate(images):
+        n, k, method = image.shape[0], keep[b], methods[b]
+        if k >= n:
+            kept, method_used = torch.arange(n, device=image.device), method
+        elif method == "simignore" and scores[b] is not None:
+            kept, method_used = topk_select_ref(scores[b], k), method
+        elif method == "random":
+            kept, method_used = random_indices(n, k, seed=seeds[b], device=image.device), method
+        else:  # uniform, or simignore without a query
+            kept, method_used = uniform_indices(n, k, device=image.device), "uniform"
+        rows = merge_dropped_ref(image, kept) if merge[b] and k < n else image[kept]
+        out.append(Selection(kept=kept, rows=rows, scores=scores[b], method=method_used))
+    return out
+
+
+def _offsets(lengths: Sequence[int], device) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    out[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
+    return out.to(device)

