@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .relevance import relevance_ref
-from .topk_select import merge_dropped_ref, topk_select_ref
+from .topk_select import merge_dropped_ref, topk_select_batched_ref
 
 PRUNE_METHODS = ("simignore", "uniform", "random")
 """``simignore``: most question-relevant tokens (default). ``uniform``: evenly spaced tokens
@@ -91,18 +91,22 @@ def compute_relevance(
     """Scores for a batch of images in one call (one kernel launch on the Triton path)."""
     if not images:
         return []
+    scores = _relevance_flat(images, queries, reduce, resolve_backend(images[0].device, backend))
+    return list(torch.split(scores, [x.shape[0] for x in images]))
+
+
+def _relevance_flat(images, queries, reduce: str, backend: str) -> torch.Tensor:
+    """[sum N_b] float32 scores of the images, back to back."""
     device = images[0].device
-    image = torch.cat(list(images))
-    query = torch.cat([q.to(image.dtype) for q in queries])
+    image = _cat_rows(list(images))
+    query = _cat_rows([q.to(image.dtype) for q in queries])
     image_offsets = _offsets([x.shape[0] for x in images], device)
     query_offsets = _offsets([q.shape[0] for q in queries], device)
-    if resolve_backend(device, backend) == "triton":
+    if backend == "triton":
         from .relevance import relevance_triton
 
-        scores = relevance_triton(image, image_offsets, query, query_offsets, reduce=reduce)
-    else:
-        scores = relevance_ref(image, image_offsets, query, query_offsets, reduce=reduce)
-    return list(torch.split(scores, [x.shape[0] for x in images]))
+        return relevance_triton(image, image_offsets, query, query_offsets, reduce=reduce)
+    return relevance_ref(image, image_offsets, query, query_offsets, reduce=reduce)
 
 
 def select_tokens(
@@ -131,31 +135,81 @@ def select_tokens(
     for m in methods:
         if m not in PRUNE_METHODS:
             raise ValueError(f"prune_method must be one of {PRUNE_METHODS}, got {m!r}")
+    if not images:
+        return []
+    backend = resolve_backend(images[0].device, backend)
+    if backend == "triton":
+        from .topk_select import merge_dropped_triton, topk_select_batched_triton
+
+        topk_batched, merge_dropped = topk_select_batched_triton, merge_dropped_triton
+    else:
+        topk_batched, merge_dropped = topk_select_batched_ref, merge_dropped_ref
+
     want = [
         q.shape[0] > 0 and (m == "simignore" or need_scores) for q, m in zip(queries, methods)
     ]
     scored = [b for b, w in enumerate(want) if w]
     scores: list[torch.Tensor | None] = [None] * len(images)
-    for b, s in zip(
-        scored,
-        compute_relevance([images[b] for b in scored], [queries[b] for b in scored], backend=backend),
-    ):
-        scores[b] = s
+    kept_by_score: dict[int, torch.Tensor] = {}
+    if scored:
+        lengths = [images[b].shape[0] for b in scored]
+        flat = _relevance_flat(
+            [images[b] for b in scored], [queries[b] for b in scored], "max", backend
+        )
+        for b, s in zip(scored, torch.split(flat, lengths)):
+            scores[b] = s
+        # Top-K of every image pruned by score in one batched call; K = 0 skips an image.
+        by_score = [methods[b] == "simignore" and keep[b] < images[b].shape[0] for b in scored]
+        ks = [keep[b] if use else 0 for b, use in zip(scored, by_score)]
+        for b, use, k, n in zip(scored, by_score, ks, lengths):
+            if use and k < 1:
+                raise ValueError(f"k must be in [1, {n}], got {k}")
+        if any(by_score):
+            for b, use, kept in zip(scored, by_score, topk_batched(flat, lengths, ks)):
+                if use:
+                    kept_by_score[b] = kept
 
     out = []
     for b, image in enumerate(images):
         n, k, method = image.shape[0], keep[b], methods[b]
         if k >= n:
             kept, method_used = torch.arange(n, device=image.device), method
-        elif method == "simignore" and scores[b] is not None:
-            kept, method_used = topk_select_ref(scores[b], k), method
+        elif b in kept_by_score:
+            kept, method_used = kept_by_score[b], method
         elif method == "random":
             kept, method_used = random_indices(n, k, seed=seeds[b], device=image.device), method
         else:  # uniform, or simignore without a query
             kept, method_used = uniform_indices(n, k, device=image.device), "uniform"
-        rows = merge_dropped_ref(image, kept) if merge[b] and k < n else image[kept]
+        rows = merge_dropped(image, kept) if merge[b] and k < n else image[kept]
         out.append(Selection(kept=kept, rows=rows, scores=scores[b], method=method_used))
     return out
+
+
+def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [n_b, D] tensors into [sum n_b, D]; a view, not a copy, when they already lie back
+    to back in one buffer (the per-image slices of one projector output): the copy would move as
+    many bytes as the whole relevance pass."""
+    if len(tensors) == 1:
+        return tensors[0]
+    rows = [t for t in tensors if t.shape[0] > 0]
+    if rows and all(t.dim() == 2 for t in tensors):
+        first = rows[0]
+        size = first.element_size()
+        adjacent = all(
+            t.dtype == first.dtype
+            and t.device == first.device
+            and t.stride() == first.stride()
+            and t.shape[1] == first.shape[1]
+            and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            for t in rows
+        ) and all(
+            nxt.data_ptr() == cur.data_ptr() + cur.shape[0] * cur.stride(0) * size
+            for cur, nxt in zip(rows, rows[1:])
+        )
+        if adjacent:
+            total = sum(t.shape[0] for t in rows)
+            return first.as_strided((total, first.shape[1]), first.stride())
+    return torch.cat(tensors)
 
 
 def _offsets(lengths: Sequence[int], device) -> torch.Tensor:
