@@ -1,1 +1,30 @@
-def register(): pass
+"""The joint with vLLM: a ``vllm.general_plugins`` entry point and per-family subclasses.
+
+``register()`` runs in every vLLM process (API server, engine core, workers). It only registers
+lazy ``"module:Class"`` strings, so it imports no CUDA state, and it is idempotent.
+"""
+
+from __future__ import annotations
+
+# Our subclass is registered under the stock architecture name, so a stock checkpoint
+# (e.g. llava-hf/llava-1.5-7b-hf) uses it without flags.
+MODELS = {
+    "LlavaForConditionalGeneration": "lvlm_prune.vllm_plugin.llava:LlavaPruneForConditionalGeneration",
+}
+
+WORKER_EXTENSION = "lvlm_prune.vllm_plugin.diagnostics.PruneWorkerExtension"
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    # NOTE: `if arch not in ModelRegistry.get_supported_archs()` cannot guard an override of a
+    # built-in architecture (the name is always there); a module flag does.
+    from vllm import ModelRegistry
+
+    for arch, target in MODELS.items():
+        ModelRegistry.register_model(arch, target)
+    _registered = True

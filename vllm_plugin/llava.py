@@ -1,0 +1,193 @@
+"""LLaVA-1.5 with question-aware image-token pruning, as subclasses of vLLM's own classes.
+
+Processor (API process): decides K = keep_count(N, keep_ratio) per image, emits K placeholders
+instead of N, and hands the model the query token ids and options as per-image fields. The options
+and the query are in the hashed kwargs, so vLLM's processor, encoder and prefix caches are keyed by
+question. Model (worker): runs the stock vision tower + projector, then keeps K rows per image with
+``select_tokens``. LLaVA uses 1-D RoPE, so a shorter image run needs no position fix-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import BatchFeature
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+    PixtralHFMultiModalProcessor,
+    PixtralHFProcessingInfo,
+    _build_llava_or_pixtral_hf_info,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from lvlm_prune.kernels import PRUNE_METHODS, keep_count, select_tokens
+
+from . import diagnostics, options
+from .options import PruneOptions
+
+# Per-image fields the processor adds for the model. Every processed image carries all of them
+# (keep_ratio 1.0 included), so items of different requests batch together in the worker.
+KEEP_FIELD = "prune_keep"
+QUERY_FIELD = "prune_query_ids"
+METHOD_FIELD = "prune_method_id"
+MERGE_FIELD = "prune_merge"
+SEED_FIELD = "prune_seed"
+DIAGNOSTICS_FIELD = "prune_diagnostics_id"
+FIELDS = (KEEP_FIELD, QUERY_FIELD, METHOD_FIELD, MERGE_FIELD, SEED_FIELD, DIAGNOSTICS_FIELD)
+
+
+class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
+    def apply(self, inputs, timing_ctx):
+        merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
+        opts = PruneOptions.from_kwargs(merged)
+        kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
+        # keep_ratio 1.0 without diagnostics is stock vLLM: no query in the hash, so one image
+        # is still cached across questions.
+        query_ids = self.query_token_ids(inputs.prompt, opts) if opts.active else []
+        kwargs.update(opts.hashed_kwargs(query_ids))
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        return super().apply(inputs, timing_ctx)
+
+    def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
+        # Profiling must see the unpruned maximum (as vLLM's own video pruning, EVS, does), even
+        # when the server-wide default prunes.
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs={options.KEEP_RATIO: 1.0})
+
+    def query_token_ids(self, prompt: Sequence[int], opts: PruneOptions) -> list[int]:
+        """The relevance query: ``prune_query`` if given, else the prompt's text tokens."""
+        tokenizer = self.info.get_tokenizer()
+        if opts.query is not None:
+            return list(tokenizer.encode(opts.query, add_special_tokens=False))
+        skip = set(tokenizer.all_special_ids) | {self.info.get_hf_config().image_token_index}
+        return [t for t in prompt if t not in skip]
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        # NOTE(vLLM 0.32): InputProcessingContext.call_hf_processor merges the server-wide
+        # --mm-processor-kwargs back in; strip ours after that merge, right before HF sees them.
+        hf_processor = self.info.get_hf_processor(**options.without_own_kwargs(hf_kwargs))
+
+        def call_without_prune_kwargs(**kwargs):
+            return hf_processor(**options.without_own_kwargs(kwargs))
+
+        return self.info.ctx.call_hf_processor(call_without_prune_kwargs, hf_data, hf_kwargs)
+
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs):
+        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        images = mm_items.get("image")
+        if images is None or len(images) == 0:
+            return processed
+        opts = PruneOptions.from_kwargs(hf_kwargs)
+        query = torch.tensor(hf_kwargs.get(options.QUERY_IDS, ()), dtype=torch.int64)
+        num = len(images)
+        counts = [keep_count(self._num_image_tokens(mm_items, i), opts.keep_ratio) for i in range(num)]
+        processed[KEEP_FIELD] = torch.tensor(counts, dtype=torch.int64)
+        processed[QUERY_FIELD] = query.expand(num, -1).clone()
+        processed[METHOD_FIELD] = torch.full((num,), PRUNE_METHODS.index(opts.method))
+        processed[MERGE_FIELD] = torch.full((num,), opts.merge, dtype=torch.bool)
+        processed[SEED_FIELD] = torch.full((num,), int(hf_kwargs[options.SEED]), dtype=torch.int64)
+        processed[DIAGNOSTICS_FIELD] = torch.full((num,), opts.diagnostics_id or 0, dtype=torch.int64)
+        return processed
+
+    def _num_image_tokens(self, mm_items: MultiModalDataItems, item_idx: int) -> int:
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        if isinstance(images, ImageEmbeddingItems):
+            return images.get_feature_size(item_idx)
+        size = images.get_image_size(item_idx)
+        return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs):
+        config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        config.update({name: MultiModalFieldConfig.batched("image") for name in FIELDS})
+        return config
+
+    def _get_prompt_updates(
+        self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        ratio = PruneOptions.from_kwargs(hf_processor_mm_kwargs).keep_ratio
+        if ratio >= 1.0:
+            return updates
+        return [_shorten(update, ratio) for update in updates]
+
+
+def _shorten(update: PromptReplacement, ratio: float) -> PromptReplacement:
+    """The same replacement with K = keep_count(N, ratio) placeholders instead of N."""
+    stock = update.replacement
+
+    def replacement(item_idx: int):
+        tokens = stock(item_idx) if callable(stock) else stock
+        return tokens[: keep_count(len(tokens), ratio)]
+
+    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+
+def _build_processor(info, dummy_inputs):
+    # Pixtral-HF checkpoints share the LLaVA architecture name; they are served unpruned.
+    if isinstance(info, PixtralHFProcessingInfo):
+        return PixtralHFMultiModalProcessor(info, dummy_inputs)
+    assert isinstance(info, LlavaProcessingInfo), type(info)
+    return LlavaPruneMultiModalProcessor(info, dummy_inputs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_processor,
+    info=_build_llava_or_pixtral_hf_info,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` whose image embeddings are pruned to K rows per image."""
+
+    def embed_multimodal(self, **kwargs: object):
+        fields = {name: kwargs.pop(name, None) for name in FIELDS}
+        embeds = super().embed_multimodal(**kwargs)
+        if fields[KEEP_FIELD] is None or len(embeds) == 0:
+            return embeds
+        images = list(embeds)  # [B, N, D] tensor or tuple of [N_b, D]
+        keep = _per_image(fields[KEEP_FIELD])
+        if all(k >= image.shape[0] for k, image in zip(keep, images)) and not any(
+            _per_image(fields[DIAGNOSTICS_FIELD])
+        ):
+            return embeds
+
+        embed_tokens = self.language_model.model.embed_tokens
+        device = images[0].device
+        query_ids = _per_image_tensors(fields[QUERY_FIELD])
+        queries = [embed_tokens(ids.to(device)) for ids in query_ids]
+        diag_ids = _per_image(fields[DIAGNOSTICS_FIELD])
+        start = time.perf_counter()
+        selections = select_tokens(
+            images,
+            queries,
+            keep,
+            methods=[PRUNE_METHODS[m] for m in _per_image(fields[METHOD_FIELD])],
+            merge=[bool(m) for m in _per_image(fields[MERGE_FIELD])],
+            seeds=_per_image(fields[SEED_FIELD]),
+            need_scores=any(diag_ids),
+        )
+        elapsed = time.perf_counter() - start
+        for sel, diag_id, ids, image in zip(selections, diag_ids, query_ids, images):
+            if diag_id:
+                diagnostics.STORE.put(diag_id, sel, query_ids=ids, num_tokens=image.shape[0])
+        diagnostics.STORE.record_timing(elapsed, len(images))
+        return [sel.rows for sel in selections]
+
+
+def _per_image(field) -> list[int]:
+    if isinstance(field, torch.Tensor):
+        return [int(x) for x in field.reshape(-1).tolist()]
+    return [int(torch.as_tensor(x).reshape(-1)[0]) for x in field]
+
+
+def _per_image_tensors(field) -> list[torch.Tensor]:
+    # Batched fields of equal shape arrive stacked [B, T]; of different T, as a list of [T].
+    return [t.reshape(-1) for t in field]

@@ -1,0 +1,111 @@
+"""The pruning options a request (or the server-wide default) passes in ``mm_processor_kwargs``.
+
+One parser for every way the options arrive (``--mm-processor-kwargs``, per-request
+``mm_processor_kwargs``, our server's ``pruning`` object), so every path rejects the same bad values
+with the same message: the kwarg's name and what it accepts. vLLM's OpenAI server turns the
+``ValueError`` into an HTTP 400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+from lvlm_prune.kernels import PRUNE_METHODS
+
+KEEP_RATIO = "keep_ratio"
+METHOD = "prune_method"
+MERGE = "prune_merge"
+QUERY = "prune_query"
+SEED = "prune_seed"
+DIAGNOSTICS = "prune_diagnostics"
+
+USER_KWARGS = (KEEP_RATIO, METHOD, MERGE, QUERY, SEED, DIAGNOSTICS)
+"""The kwargs users set."""
+
+QUERY_IDS = "prune_query_ids"
+"""Set by the processor, never by users: the query's token ids. Being in the hashed kwargs, it
+keys vLLM's processor, encoder and prefix caches by question."""
+
+OWN_KWARGS = frozenset((*USER_KWARGS, QUERY_IDS))
+"""Everything of ours that must never reach the HF processor."""
+
+
+class PruneOptionError(ValueError):
+    """A bad pruning option; the message names the kwarg and the allowed values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions:
+    keep_ratio: float = 1.0
+    method: str = "simignore"
+    merge: bool = False
+    query: str | None = None
+    seed: int | None = None
+    diagnostics_id: int | None = None
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep_ratio < 1.0
+
+    @property
+    def active(self) -> bool:
+        """Whether the request needs the selection at all (pruning, or diagnostics of it)."""
+        return self.prunes or self.diagnostics_id is not None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, object]) -> PruneOptions:
+        """Validate our kwargs out of merged ``mm_processor_kwargs`` (others are ignored)."""
+        opts = cls()
+        if (v := kwargs.get(KEEP_RATIO)) is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise PruneOptionError(f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}")
+            if not 0.0 < v <= 1.0:
+                raise PruneOptionError(f"{KEEP_RATIO} must be in (0, 1], got {v!r}")
+            opts = dataclasses.replace(opts, keep_ratio=float(v))
+        if (v := kwargs.get(METHOD)) is not None:
+            if v not in PRUNE_METHODS:
+                raise PruneOptionError(f"{METHOD} must be one of {list(PRUNE_METHODS)}, got {v!r}")
+            opts = dataclasses.replace(opts, method=v)
+        if (v := kwargs.get(MERGE)) is not None:
+            if not isinstance(v, bool):
+                raise PruneOptionError(f"{MERGE} must be true or false, got {v!r}")
+            opts = dataclasses.replace(opts, merge=v)
+        if (v := kwargs.get(QUERY)) is not None:
+            if not isinstance(v, str):
+                raise PruneOptionError(f"{QUERY} must be a string, got {v!r}")
+            opts = dataclasses.replace(opts, query=v)
+        if (v := kwargs.get(SEED)) is not None:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise PruneOptionError(f"{SEED} must be an integer, got {v!r}")
+            opts = dataclasses.replace(opts, seed=v)
+        if (v := kwargs.get(DIAGNOSTICS)) is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**63:
+                raise PruneOptionError(
+                    f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
+                )
+            opts = dataclasses.replace(opts, diagnostics_id=v)
+        return opts
+
+    def hashed_kwargs(self, query_ids: Sequence[int]) -> dict[str, object]:
+        """The normalised kwargs that go into vLLM's multimodal hash, query included."""
+        out: dict[str, object] = {KEEP_RATIO: self.keep_ratio, METHOD: self.method}
+        if self.merge:
+            out[MERGE] = True
+        out[QUERY_IDS] = tuple(query_ids)
+        out[SEED] = self.seed if self.seed is not None else query_seed(query_ids)
+        if self.diagnostics_id is not None:
+            out[DIAGNOSTICS] = self.diagnostics_id
+        return out
+
+
+def query_seed(query_ids: Sequence[int]) -> int:
+    """A per-question seed for ``random``: the same request always draws the same tokens."""
+    digest = hashlib.sha256(",".join(map(str, query_ids)).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def without_own_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in kwargs.items() if k not in OWN_KWARGS}
