@@ -87,9 +87,13 @@ def _check_batched(scores, lengths, ks) -> None:
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [sum N_b], got shape {tuple(scores.shape)}")
     if len(lengths) != len(ks):
-        raise ValueError(f"lengths and ks must have one entry per image, got {len(lengths)} and {len(ks)}")
+        raise ValueError(
+            f"lengths and ks must have one entry per image, got {len(lengths)} and {len(ks)}"
+        )
     if sum(lengths) != scores.shape[0]:
-        raise ValueError(f"sum(lengths) must be scores.shape[0] = {scores.shape[0]}, got {sum(lengths)}")
+        raise ValueError(
+            f"sum(lengths) must be scores.shape[0] = {scores.shape[0]}, got {sum(lengths)}"
+        )
     for b, (n, k) in enumerate(zip(lengths, ks)):
         if not 0 <= k <= n:
             raise ValueError(f"ks[{b}] must be in [0, {n}], got {k}")
@@ -99,7 +103,9 @@ def _check_merge(image, kept) -> None:
     if image.dim() != 2:
         raise ValueError(f"image must be 2-D [N, D], got shape {tuple(image.shape)}")
     if kept.dim() != 1 or kept.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"kept must be 1-D int32/int64, got {kept.dtype} shape {tuple(kept.shape)}")
+        raise ValueError(
+            f"kept must be 1-D int32/int64, got {kept.dtype} shape {tuple(kept.shape)}"
+        )
     if not 0 < kept.shape[0] <= image.shape[0]:
         raise ValueError(f"kept must hold 1 to {image.shape[0]} indices, got {kept.shape[0]}")
 
@@ -169,7 +175,8 @@ if HAS_TRITON:
             m = idx < n1
             key = _order_key(tl.load(scores_ptr + idx, mask=m, other=0.0).to(tl.float32))
             tie = (m & (key == thr)).to(tl.int64)
-            keep = (m & (key > thr)) | ((tie > 0) & (ties_seen + tl.cumsum(tie, axis=0) <= ties_wanted))
+            tie_rank = ties_seen + tl.cumsum(tie, axis=0)  # 1-based, in index order
+            keep = (m & (key > thr)) | ((tie > 0) & (tie_rank <= ties_wanted))
             pos = written + tl.cumsum(keep.to(tl.int64), axis=0) - 1
             tl.store(out_ptr + o0 + pos, idx - n0, mask=keep)
             ties_seen += tl.sum(tie, axis=0)

@@ -1,0 +1,131 @@
+"""Shared by the kernel tests: Triton's interpreter on CPU, fresh seeds, poisoned outputs.
+
+Every test module here imports this first. It is not a ``conftest.py`` on purpose: ``tests/`` has
+no packages, and a second ``conftest.py`` would replace ``tests/conftest.py`` as the ``conftest``
+module that other tests import from.
+
+Triton has no CPU backend; without CUDA its kernels run in the interpreter, which must be switched
+on (``TRITON_INTERPRET=1``) before ``triton`` is first imported. If something imported it earlier,
+the Triton tests skip and say so; ``TRITON_INTERPRET=1 pytest tests/kernels`` always works.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lvlm_prune.kernels._triton_utils import HAS_TRITON, interpreter_active  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+if not HAS_TRITON:
+    _SKIP = "triton is not installed (pip install triton)"
+elif not CUDA and not interpreter_active():
+    _SKIP = (
+        "no CUDA, and triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
+        "is off: run `TRITON_INTERPRET=1 python -m pytest tests/kernels`"
+    )
+else:
+    _SKIP = None
+requires_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU-only shapes: needs a CUDA GPU")
+
+# (dtype, atol, rtol) for cosine scores against a float64 computation on the same (rounded)
+# inputs. The kernels upcast on load and bf16/fp16 values are exact in fp32/tf32, so the only
+# error is fp32 accumulation over D: the input dtype does not widen the tolerance.
+SCORE_TOLS = [
+    pytest.param((torch.bfloat16, 2e-5, 1e-4), id="bf16"),
+    pytest.param((torch.float16, 2e-5, 1e-4), id="fp16"),
+    pytest.param((torch.float32, 2e-5, 1e-4), id="fp32"),
+]
+# Merged rows are means cast back to the model dtype: one rounding of that dtype.
+ROW_TOLS = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3), torch.float32: (1e-5, 1e-5)}
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (printed, so a failure shows it); LVLM_PRUNE_TEST_SEED replays one."""
+    value = int(os.environ.get("LVLM_PRUNE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"seed={value} (replay: LVLM_PRUNE_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """``torch.empty`` returns NaN-filled (float) or -1-filled (int) memory, so any output element
+    a kernel forgets to write fails the comparison instead of passing on lucky zeros."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        elif out.dtype != torch.bool:
+            out.fill_(-1)
+        return out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def assert_close(actual, expected, atol, rtol, what="", seed=None) -> None:
+    """Like torch.testing.assert_close, but names the first mismatching indices and the seed."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())  # NaN counts as bad
+    if bool(bad.any()):
+        idx = bad.nonzero()[:8].tolist()
+        pairs = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements off (atol={atol}, rtol={rtol}); "
+            f"first (index, got, want): {pairs}; seed={seed}"
+        )
+
+
+def assert_equal(actual, expected, what="", seed=None) -> None:
+    """Exact comparison for index outputs, naming the first differing positions."""
+    actual, expected = actual.cpu(), expected.cpu()
+    if actual.shape != expected.shape or not torch.equal(actual, expected):
+        diff = []
+        if actual.shape == expected.shape:
+            diff = (actual != expected).nonzero().flatten()[:8].tolist()
+        raise AssertionError(
+            f"{what}: got {actual.tolist()[:32]}, want {expected.tolist()[:32]} "
+            f"(first differing positions {diff}); seed={seed}"
+        )
+
+
+def relevance_f64(images, queries, reduce="max") -> list[torch.Tensor]:
+    """The relevance scores computed independently, in float64."""
+    out = []
+    for img, q in zip(images, queries):
+        if q.shape[0] == 0 or img.shape[0] == 0:
+            out.append(torch.zeros(img.shape[0], dtype=torch.float64))
+            continue
+        unit = torch.nn.functional.normalize
+        x, y = img.cpu().double(), q.cpu().double()
+        sim = unit(x, dim=-1, eps=1e-12) @ unit(y, dim=-1, eps=1e-12).T
+        out.append(sim.amax(dim=1) if reduce == "max" else sim.mean(dim=1))
+    return out
+
+
+def offsets(lengths) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    out[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
+    return out.to(DEVICE)
+
+
+def clear_margin_ks(scores64: torch.Tensor, ks, tol: float) -> list[int]:
+    """The K among ``ks`` where the K-th and (K+1)-th best reference scores differ by > tol: there
+    the kept set is fixed by the scores, whatever the rounding."""
+    ordered = torch.sort(scores64, descending=True).values
+    return [k for k in ks if k >= ordered.numel() or float(ordered[k - 1] - ordered[k]) > tol]
