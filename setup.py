@@ -39,6 +39,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["lvlm_prune = lvlm_prune.vllm_plugin:register"],
+        "vllm.endpoint_plugins": ["lvlm_prune_api = lvlm_prune.server.plugin:PruningEndpointPlugin"],
         "console_scripts": ["lvlm-prune = lvlm_prune.server.cli:main"],
     },
 )

@@ -24,14 +24,23 @@ class DiagnosticsStore:
         self._lock = threading.Lock()
         self.selection_seconds: list[tuple[float, int]] = []
 
-    def put(self, diag_id: int, sel: Selection, *, query_ids: torch.Tensor, num_tokens: int) -> None:
+    def put(
+        self,
+        diag_id: int,
+        sel: Selection,
+        *,
+        image: torch.Tensor,
+        query: torch.Tensor,
+        query_ids: torch.Tensor,
+    ) -> None:
         """Append one image's selection under the request's diagnostics id."""
         entry = {
-            "num_tokens": int(num_tokens),
+            "num_tokens": int(image.shape[0]),
             "kept_indices": sel.kept.tolist(),
             "scores": None if sel.scores is None else sel.scores.float().cpu().tolist(),
             "method": sel.method,
             "query_ids": query_ids.tolist(),
+            "query_votes": query_votes(image, query, sel.kept),
         }
         with self._lock:
             self._entries.setdefault(diag_id, []).append(entry)
@@ -56,6 +65,19 @@ class DiagnosticsStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+def query_votes(image: torch.Tensor, query: torch.Tensor, kept: torch.Tensor) -> list[int]:
+    """Per query token: how many kept image tokens it is the most similar query token for.
+
+    Says which words of the question drew the kept tokens. Only computed for requests that asked
+    for diagnostics.
+    """
+    if query.shape[0] == 0:
+        return []
+    unit = torch.nn.functional.normalize
+    sim = unit(image[kept].float(), dim=-1) @ unit(query.float(), dim=-1).T  # [K, T]
+    return torch.bincount(sim.argmax(dim=1), minlength=query.shape[0]).tolist()
 
 
 STORE = DiagnosticsStore()

@@ -32,6 +32,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from lvlm_prune.kernels import PRUNE_METHODS, keep_count, select_tokens
 
 from . import diagnostics, options
+from .accounting import COUNTS, RequestCounts
 from .options import PruneOptions
 
 # Per-image fields the processor adds for the model. Every processed image carries all of them
@@ -49,13 +50,24 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
     def apply(self, inputs, timing_ctx):
         merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
         opts = PruneOptions.from_kwargs(merged)
+        tag = merged.get(options.TAG)
         kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
         # keep_ratio 1.0 without diagnostics is stock vLLM: no query in the hash, so one image
         # is still cached across questions.
         query_ids = self.query_token_ids(inputs.prompt, opts) if opts.active else []
         kwargs.update(opts.hashed_kwargs(query_ids))
-        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
-        return super().apply(inputs, timing_ctx)
+        mm_items = inputs.mm_data_items
+        result = super().apply(
+            dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx
+        )
+        if isinstance(tag, str) and "image" in mm_items:
+            after = [p.length for p in result["mm_placeholders"].get("image", [])]
+            before = [self._num_image_tokens(mm_items, i) for i in range(len(after))]
+            COUNTS.add(
+                tag,
+                RequestCounts(opts.keep_ratio, opts.method, opts.merge, list(zip(before, after))),
+            )
+        return result
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
         # Profiling must see the unpruned maximum (as vLLM's own video pruning, EVS, does), even
@@ -174,11 +186,12 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
             seeds=_per_image(fields[SEED_FIELD]),
             need_scores=any(diag_ids),
         )
-        elapsed = time.perf_counter() - start
-        for sel, diag_id, ids, image in zip(selections, diag_ids, query_ids, images):
+        if device.type == "cuda":  # the clock must not stop at kernel launch
+            torch.cuda.synchronize(device)
+        diagnostics.STORE.record_timing(time.perf_counter() - start, len(images))
+        for sel, diag_id, ids, image, query in zip(selections, diag_ids, query_ids, images, queries):
             if diag_id:
-                diagnostics.STORE.put(diag_id, sel, query_ids=ids, num_tokens=image.shape[0])
-        diagnostics.STORE.record_timing(elapsed, len(images))
+                diagnostics.STORE.put(diag_id, sel, image=image, query=query, query_ids=ids)
         return [sel.rows for sel in selections]
 
 

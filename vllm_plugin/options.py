@@ -25,16 +25,23 @@ DIAGNOSTICS = "prune_diagnostics"
 USER_KWARGS = (KEEP_RATIO, METHOD, MERGE, QUERY, SEED, DIAGNOSTICS)
 """The kwargs users set."""
 
+TAG = "prune_tag"
+"""Set by our server to read back the request's token counts (accounting.COUNTS); never hashed."""
+
 QUERY_IDS = "prune_query_ids"
 """Set by the processor, never by users: the query's token ids. Being in the hashed kwargs, it
 keys vLLM's processor, encoder and prefix caches by question."""
 
-OWN_KWARGS = frozenset((*USER_KWARGS, QUERY_IDS))
+OWN_KWARGS = frozenset((*USER_KWARGS, TAG, QUERY_IDS))
 """Everything of ours that must never reach the HF processor."""
 
 
 class PruneOptionError(ValueError):
     """A bad pruning option; the message names the kwarg and the allowed values."""
+
+    def __init__(self, kwarg: str, message: str) -> None:
+        super().__init__(message)
+        self.kwarg = kwarg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,30 +68,29 @@ class PruneOptions:
         opts = cls()
         if (v := kwargs.get(KEEP_RATIO)) is not None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-                raise PruneOptionError(f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}")
+                raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}")
             if not 0.0 < v <= 1.0:
-                raise PruneOptionError(f"{KEEP_RATIO} must be in (0, 1], got {v!r}")
+                raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be in (0, 1], got {v!r}")
             opts = dataclasses.replace(opts, keep_ratio=float(v))
         if (v := kwargs.get(METHOD)) is not None:
             if v not in PRUNE_METHODS:
-                raise PruneOptionError(f"{METHOD} must be one of {list(PRUNE_METHODS)}, got {v!r}")
+                raise PruneOptionError(METHOD, f"{METHOD} must be one of {list(PRUNE_METHODS)}, got {v!r}")
             opts = dataclasses.replace(opts, method=v)
         if (v := kwargs.get(MERGE)) is not None:
             if not isinstance(v, bool):
-                raise PruneOptionError(f"{MERGE} must be true or false, got {v!r}")
+                raise PruneOptionError(MERGE, f"{MERGE} must be true or false, got {v!r}")
             opts = dataclasses.replace(opts, merge=v)
         if (v := kwargs.get(QUERY)) is not None:
             if not isinstance(v, str):
-                raise PruneOptionError(f"{QUERY} must be a string, got {v!r}")
+                raise PruneOptionError(QUERY, f"{QUERY} must be a string, got {v!r}")
             opts = dataclasses.replace(opts, query=v)
         if (v := kwargs.get(SEED)) is not None:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise PruneOptionError(f"{SEED} must be an integer, got {v!r}")
+                raise PruneOptionError(SEED, f"{SEED} must be an integer, got {v!r}")
             opts = dataclasses.replace(opts, seed=v)
         if (v := kwargs.get(DIAGNOSTICS)) is not None:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**63:
-                raise PruneOptionError(
-                    f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
+                raise PruneOptionError(DIAGNOSTICS, f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
                 )
             opts = dataclasses.replace(opts, diagnostics_id=v)
         return opts

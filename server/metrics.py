@@ -1,0 +1,56 @@
+"""Prometheus metrics, prefix ``lvlm_prune_``, served on vLLM's own ``/metrics``.
+
+Created in the API process with prometheus-client's default registry, which vLLM's ``/metrics``
+exposes. Names follow vLLM's (``_total``, ``_seconds``, a ``model_name`` label). Selection time is
+measured in the workers and drained from them over ``collective_rpc``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LABELS = ("model_name",)
+
+IMAGE_TOKENS_BEFORE = Counter(
+    "lvlm_prune_image_tokens_before",
+    "Image tokens the vision encoder produced, before pruning.",
+    LABELS,
+)
+IMAGE_TOKENS_AFTER = Counter(
+    "lvlm_prune_image_tokens_after",
+    "Image tokens that entered the language model, after pruning.",
+    LABELS,
+)
+IMAGES = Counter("lvlm_prune_images", "Images processed.", LABELS)
+REQUESTS = Counter(
+    "lvlm_prune_requests",
+    "Requests that carried images, by pruning method (keep_ratio 1.0 counts as method 'none').",
+    (*LABELS, "method"),
+)
+KEEP_RATIO = Histogram(
+    "lvlm_prune_keep_ratio",
+    "keep_ratio in force per request that carried images.",
+    LABELS,
+    buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 0.99, 1.0),
+)
+SELECTION_SECONDS = Histogram(
+    "lvlm_prune_selection_seconds",
+    "Wall time of the token selection per encoder batch, measured in the worker.",
+    LABELS,
+    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+)
+DIAGNOSTICS_PENDING = Gauge(
+    "lvlm_prune_diagnostics_pending",
+    "Diagnostics entries held in the workers' bounded store, not yet fetched.",
+    LABELS,
+)
+
+
+def observe_request(model_name: str, counts) -> None:
+    """Record one request's image-token counts (``accounting.RequestCounts``)."""
+    IMAGE_TOKENS_BEFORE.labels(model_name).inc(counts.before)
+    IMAGE_TOKENS_AFTER.labels(model_name).inc(counts.after)
+    IMAGES.labels(model_name).inc(len(counts.per_image))
+    method = counts.method if counts.keep_ratio < 1.0 else "none"
+    REQUESTS.labels(model_name, method).inc()
+    KEEP_RATIO.labels(model_name).observe(counts.keep_ratio)

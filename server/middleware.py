@@ -1,0 +1,361 @@
+"""ASGI middleware that adds pruning to vLLM's own chat and completion routes.
+
+Request: validates ``pruning`` (pydantic), maps it onto vLLM's ``mm_processor_kwargs``, puts the
+text of the user's messages in as the relevance query (not the chat template), and tags the
+request so the processor's token counts can be read back. vLLM's OpenAI serving does everything
+else. Response: adds a ``pruning`` object (counts always; scores, kept indices, top query tokens and
+a heatmap when asked) to the JSON body, or as one more chunk before ``data: [DONE]`` when streaming.
+
+It sits inside vLLM's authentication middleware (it is added before it), so a request without the
+API key is refused before anything here runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pydantic
+from PIL import Image
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lvlm_prune.vllm_plugin import options
+from lvlm_prune.vllm_plugin.accounting import COUNTS
+
+from . import metrics
+from .heatmap import render_heatmap
+from .schemas import ImagePruning, PruningInfo, PruningRequest, QueryToken
+
+logger = logging.getLogger(__name__)
+
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+IMAGE_PART_TYPES = {"image_url", "image", "image_pil", "image_embeds", "input_image"}
+CLIENT_KWARGS = frozenset(options.USER_KWARGS) - {options.DIAGNOSTICS}
+"""Pruning kwargs a client may send raw in ``mm_processor_kwargs``."""
+TOP_QUERY_TOKENS = 5
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+class PruningMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        state = getattr(scope.get("app") and scope["app"].state, "lvlm_prune", None)
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in ROUTES or state is None:
+            return await self.app(scope, receive, send)
+
+        body = await _read_body(receive)
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):  # vLLM answers malformed bodies itself
+            return await self.app(scope, _replay(body, receive), send)
+        try:
+            request = prepare_request(payload, ROUTES[path], state)
+        except BadRequest as err:
+            return await _send_error(send, err.message, err.param)
+        if request is None:
+            return await self.app(scope, _replay(body, receive), send)
+
+        body = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        await self.app(scope, _replay(body, receive), ResponseRewriter(request, state, send))
+
+
+@dataclass
+class PreparedRequest:
+    tag: str
+    diagnostics_id: int | None
+    heatmap: bool
+    images: list[str | None] = field(default_factory=list)  # inline data URLs, for heatmaps
+
+
+def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
+    """Validate and rewrite ``payload`` in place; None when there is nothing for us to do."""
+    raw_pruning = payload.pop("pruning", None)
+    raw_kwargs = payload.get("mm_processor_kwargs")
+    if raw_kwargs is not None:
+        if not isinstance(raw_kwargs, dict):
+            raise BadRequest("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+        check_raw_kwargs(raw_kwargs, trust_all=state.trust_request_mm_kwargs)
+
+    pruning = PruningRequest()
+    if raw_pruning is not None:
+        if not isinstance(raw_pruning, dict):
+            raise BadRequest("pruning must be an object", "pruning")
+        try:
+            pruning = PruningRequest.model_validate(raw_pruning)
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(["pruning", *map(str, first["loc"])])
+            raise BadRequest(f"{param}: {first['msg']}", param) from None
+    if pruning.diagnostics and not state.diagnostics_available:
+        raise BadRequest(
+            "pruning.diagnostics needs the server started with "
+            "--worker-extension-cls lvlm_prune.vllm_plugin.diagnostics.PruneWorkerExtension "
+            "(lvlm-prune serve sets it)",
+            "pruning.diagnostics",
+        )
+
+    images = image_urls(payload) if kind == "chat" else []
+    if kind == "chat" and not images:
+        return None  # no image, nothing to prune: leave the request as vLLM's
+    mm_kwargs = dict(raw_kwargs or {})
+    mm_kwargs.update(pruning.mm_processor_kwargs())
+    if kind == "chat" and options.QUERY not in mm_kwargs:
+        if query := user_text(payload.get("messages")):
+            mm_kwargs[options.QUERY] = query
+    request = PreparedRequest(
+        tag=uuid.uuid4().hex, diagnostics_id=None, heatmap=pruning.diagnostics == "heatmap"
+    )
+    if pruning.diagnostics:
+        request.diagnostics_id = secrets.randbits(63) or 1
+        mm_kwargs[options.DIAGNOSTICS] = request.diagnostics_id
+        request.images = images
+    mm_kwargs[options.TAG] = request.tag
+    payload["mm_processor_kwargs"] = mm_kwargs
+    return request
+
+
+def check_raw_kwargs(raw: dict, *, trust_all: bool) -> None:
+    """Raw ``mm_processor_kwargs``: our options always (validated), others only if trusted."""
+    internal = set(raw) & (options.OWN_KWARGS - CLIENT_KWARGS)
+    if internal:
+        key = sorted(internal)[0]
+        raise BadRequest(f"mm_processor_kwargs.{key} is set by the server, not by clients", f"mm_processor_kwargs.{key}")
+    foreign = set(raw) - CLIENT_KWARGS
+    if foreign and not trust_all:
+        raise BadRequest(
+            f"Per-request mm_processor_kwargs other than the pruning options {sorted(CLIENT_KWARGS)} "
+            "are disabled by default because they can change multimodal preprocessing resource "
+            "usage; start the server with --trust-request-mm-kwargs only when clients are trusted "
+            f"(got {sorted(foreign)})",
+            "mm_processor_kwargs",
+        )
+    try:
+        options.PruneOptions.from_kwargs(raw)
+    except options.PruneOptionError as err:
+        raise BadRequest(str(err), f"mm_processor_kwargs.{err.kwarg}") from None
+
+
+def image_urls(payload: dict) -> list[str | None]:
+    """One entry per image part, in prompt order: the URL when it is inline data, else None."""
+    found: list[str | None] = []
+    for message in payload.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                found.append(url if isinstance(url, str) and url.startswith("data:") else None)
+    return found
+
+
+def user_text(messages) -> str:
+    """The text of the user's messages: the relevance query (no template, no roles)."""
+    texts = []
+    for message in messages or []:
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+    return "\n".join(t for t in texts if t.strip())
+
+
+class ResponseRewriter:
+    """The ``send`` of one request: adds ``pruning`` to a 200 response, passes the rest through."""
+
+    def __init__(self, request: PreparedRequest, state, send: Send) -> None:
+        self.request, self.state, self.send = request, state, send
+        self.start: Message | None = None
+        self.mode = "passthrough"
+        self.buffer: list[bytes] = []
+        self.last_chunk: dict = {}
+        self.done = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if message["status"] != 200:
+                self.mode = "passthrough"
+            elif content_type.startswith(b"text/event-stream"):
+                self.mode = "stream"
+            else:
+                self.mode = "json"
+                self.start = message
+                return
+            return await self.send(message)
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        more = message.get("more_body", False)
+        if self.mode == "json":
+            self.buffer.append(message.get("body", b""))
+            if not more:
+                await self._send_json()
+            return
+        if self.mode == "stream":
+            message = await self._stream(message)
+        elif not more:
+            await self._finish()
+        await self.send(message)
+
+    async def _send_json(self) -> None:
+        body = b"".join(self.buffer)
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        info = await self._finish(model=obj.get("model") if isinstance(obj, dict) else None)
+        if isinstance(obj, dict) and info is not None:
+            obj["pruning"] = info
+            body = json.dumps(obj).encode()
+        headers = [(k, v) for k, v in self.start["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _stream(self, message: Message) -> Message:
+        data = message.get("body", b"")
+        done_at = data.find(b"data: [DONE]")
+        self._remember_chunk(data if done_at < 0 else data[:done_at])
+        if done_at >= 0 and not self.done:
+            info = await self._finish(model=self.last_chunk.get("model"))
+            if info is not None:
+                chunk = {
+                    "id": self.last_chunk.get("id", f"pruning-{self.request.tag}"),
+                    "object": self.last_chunk.get("object", "chat.completion.chunk"),
+                    "created": self.last_chunk.get("created", int(time.time())),
+                    "model": self.last_chunk.get("model"),
+                    "choices": [],
+                    "pruning": info,
+                }
+                event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                message = {**message, "body": data[:done_at] + event + data[done_at:]}
+        elif not message.get("more_body", False) and not self.done:
+            await self._finish()
+        return message
+
+    def _remember_chunk(self, data: bytes) -> None:
+        for line in data.split(b"\n"):
+            if line.startswith(b"data: {"):
+                try:
+                    self.last_chunk = json.loads(line[6:])
+                except ValueError:
+                    pass
+
+    async def _finish(self, model: str | None = None) -> dict | None:
+        """Take this request's counts and diagnostics out of the stores; build ``pruning``."""
+        if self.done:
+            return None
+        self.done = True
+        counts = COUNTS.pop(self.request.tag)
+        entries = await self.state.pop_diagnostics(self.request.diagnostics_id)
+        if counts is None or self.mode == "passthrough":
+            return None
+        metrics.observe_request(model or self.state.model_name, counts)
+        per_image = [ImagePruning(tokens_before=b, tokens_after=a) for b, a in counts.per_image]
+        for i, (image, entry) in enumerate(zip(per_image, entries)):
+            self._fill_diagnostics(image, entry, i)
+        return PruningInfo(
+            image_tokens_before=counts.before,
+            image_tokens_after=counts.after,
+            keep_ratio=counts.keep_ratio,
+            method=counts.method,
+            merge=counts.merge,
+            per_image=per_image,
+        ).model_dump(exclude_none=True)
+
+    def _fill_diagnostics(self, image: ImagePruning, entry: dict, index: int) -> None:
+        image.method = entry["method"]
+        image.kept_indices = entry["kept_indices"]
+        scores = entry["scores"]
+        side = math.isqrt(entry["num_tokens"])
+        if scores is not None and side * side == len(scores):
+            image.grid = [side, side]
+            image.scores = [scores[r * side : (r + 1) * side] for r in range(side)]
+        else:
+            image.scores = scores
+        votes = sorted(
+            zip(entry["query_votes"], entry["query_ids"]), key=lambda vi: (-vi[0], vi[1])
+        )
+        tokenizer = self.state.tokenizer
+        image.top_query_tokens = [
+            QueryToken(token=tokenizer.decode([tid]), id=tid, votes=v)
+            for v, tid in votes[:TOP_QUERY_TOKENS]
+            if v > 0
+        ]
+        if self.request.heatmap and image.grid and scores is not None:
+            url = self.request.images[index] if index < len(self.request.images) else None
+            image.heatmap_png = render_heatmap(image.scores, image.kept_indices, image=_decode_data_url(url))
+
+
+def _decode_data_url(url: str | None) -> Image.Image | None:
+    if not url:
+        return None
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    except Exception:  # noqa: BLE001 - a heatmap without the picture under it is still useful
+        return None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The (rewritten) body once, then the client's own channel, so disconnects still arrive."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_error(send: Send, message: str, param: str | None) -> None:
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+    body = ErrorResponse(
+        error=ErrorInfo(message=message, type="BadRequestError", param=param, code=400)
+    ).model_dump_json().encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

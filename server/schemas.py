@@ -1,0 +1,77 @@
+"""The ``pruning`` object: what a client may ask for, and what it gets back.
+
+Requests validate strictly (no "0.5" for a number, no unknown keys), so a typo is a 400 that names
+the field instead of a silently unpruned request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+
+from lvlm_prune.kernels import PRUNE_METHODS
+from lvlm_prune.vllm_plugin import options
+
+PruneMethod = Literal["simignore", "uniform", "random"]
+assert get_args(PruneMethod) == PRUNE_METHODS, "keep the API's methods in step with kernels/"
+
+
+class PruningRequest(BaseModel):
+    """``extra_body={"pruning": {...}}`` on /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_ratio: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1, allow_inf_nan=False)] | None = (
+        None
+    )
+    """Share of each image's tokens kept, in (0, 1]; default: the server's (1.0 unless set)."""
+    method: PruneMethod | None = None
+    merge: StrictBool | None = None
+    diagnostics: StrictBool | Literal["heatmap"] = False
+    """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
+    query: str | None = None
+    """Relevance query; default: the text of the user's messages."""
+    seed: StrictInt | None = None
+
+    def mm_processor_kwargs(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.keep_ratio is not None:
+            out[options.KEEP_RATIO] = float(self.keep_ratio)
+        if self.method is not None:
+            out[options.METHOD] = self.method
+        if self.merge is not None:
+            out[options.MERGE] = self.merge
+        if self.query is not None:
+            out[options.QUERY] = self.query
+        if self.seed is not None:
+            out[options.SEED] = self.seed
+        return out
+
+
+class QueryToken(BaseModel):
+    token: str
+    id: int
+    votes: int
+    """Kept image tokens for which this query token is the most similar one."""
+
+
+class ImagePruning(BaseModel):
+    tokens_before: int
+    tokens_after: int
+    method: str | None = None
+    grid: list[int] | None = None
+    scores: list[list[float]] | list[float] | None = None
+    kept_indices: list[int] | None = None
+    top_query_tokens: list[QueryToken] | None = None
+    heatmap_png: str | None = None
+    """Base64 PNG: relevance scores over the image, kept tokens outlined."""
+
+
+class PruningInfo(BaseModel):
+    image_tokens_before: int
+    image_tokens_after: int
+    keep_ratio: float
+    method: str
+    merge: bool
+    per_image: list[ImagePruning]
