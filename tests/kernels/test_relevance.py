@@ -144,3 +144,33 @@ def test_bad_arguments_raise_value_error(impl):
 )
 def test_gpu_model_shapes(shapes, d, dtype, reduce, seed):
     _check(relevance_triton, shapes, d, (dtype, 2e-5, 1e-4), reduce, seed)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@requires_triton
+def test_every_autotune_config_is_correct(monkeypatch, seed):
+    """Runs the GPU launch path (autotuner, grid per config) in the interpreter: the autotuner
+    tries every config, and each one's result is checked, not only the winner's."""
+    import lvlm_prune.kernels.relevance as relevance
+
+    tuned = relevance._relevance_kernel_tuned
+    shapes = [(100, 7), (1, 0), (130, 40)]
+    images, queries = _inputs(shapes, 64, torch.bfloat16)
+    want = torch.cat(relevance_f64(images, queries))
+    results = []
+
+    def bench(kernel_call, quantiles):
+        out = tuned.nargs["out_ptr"]
+        out.fill_(float("nan"))  # each config must write every score itself
+        kernel_call()
+        results.append(out.clone())
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(relevance, "interpreter_active", lambda: False)
+    monkeypatch.setattr(tuned, "_do_bench", bench)
+    monkeypatch.setattr(tuned, "cache", {})
+    got = _run(relevance_triton, images, queries, "max")
+    assert len(results) == len(tuned.configs)
+    for config, out in zip(tuned.configs, results):
+        assert_close(out, want, 2e-5, 1e-4, f"config {config}", seed)
+    assert_close(got, want, 2e-5, 1e-4, "tuned launch", seed)
