@@ -140,7 +140,7 @@ def _bytes_moved(b: int, n: int, t: int, d: int, k: int, dtype) -> int:
     return b * ((n + t) * d * size + n * 4 + k * 8 + 2 * k * d * size)
 
 
-# ---- smoke (CPU) ----------------------------------------------------------------------------------
+# ---- smoke (CPU) --------------------------------------------------------------------------------
 
 
 def _smoke(args, command: str) -> int:

@@ -29,6 +29,14 @@ def interpreter_active() -> bool:
     return HAS_TRITON and not isinstance(tl.cumsum, JITFunction)
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host-built tensor (offsets) to ``device`` without a stream sync: a plain
+    ``.to("cuda")`` of pageable memory waits for all queued GPU work first."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def require_triton(device: torch.device) -> None:
     """Raise a clear error where the Triton path cannot run on ``device``."""
     if not HAS_TRITON:

@@ -2,7 +2,8 @@
 
 ``score_i = max_j cos(image_i, query_j)`` (or the mean over j), computed in float32 from model-dtype
 embeddings. Batched over images of different lengths with offsets, so one call serves a whole
-``embed_multimodal`` batch.
+``embed_multimodal`` batch. ``relevance_triton`` is the same in one Triton launch: each image row
+is read once per tile of query tokens, the norms come out of the same pass, only scores are written.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._triton_utils import to_device
 from .relevance import relevance_ref
 from .topk_select import merge_dropped_ref, topk_select_batched_ref
 
@@ -215,4 +216,4 @@ def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _offsets(lengths: Sequence[int], device) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     out[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
-    return out.to(device)
+    return to_device(out, torch.device(device))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._triton_utils import HAS_TRITON, interpreter_active, require_triton, tl, triton
+from ._triton_utils import HAS_TRITON, interpreter_active, require_triton, tl, to_device, triton
 
 
 def topk_select_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -306,7 +306,7 @@ def topk_select_batched_triton(
     table[0, 1:] = torch.tensor(lengths).cumsum(0)
     table[1, :-1] = torch.tensor(ks)
     table[2, 1:] = torch.tensor(ks).cumsum(0)
-    table = table.to(scores.device)
+    table = to_device(table, scores.device)
     block = _TOPK_BLOCK["interpret" if interpreter_active() else "gpu"]
     _topk_select_kernel[(len(lengths),)](
         scores.contiguous(), table[0], table[1], table[2], out, BLOCK_N=block, num_warps=4
