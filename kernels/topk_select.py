@@ -6,7 +6,7 @@ so a re-run of the encoder after a partial prefix-cache hit, or another tensor-p
 keeps the same rows.
 
 What runs where on the Triton path: the top-K is a Triton kernel, one launch for a whole batch
-(the torch reference costs two sorts and a slice per image, i.e. ~5 launches per image); ``merge``
+(the torch reference launches two sorts per image); ``merge``
 is two Triton kernels per image (assign, then a deterministic per-row reduction, no atomics).
 Gathering the kept rows stays torch (``image[kept]``): it is one memory-bound gather kernel
 already, and there is nothing to fuse it with. ``benchmarks/bench_kernels.py`` times both paths;
@@ -256,7 +256,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_DR: tl.constexpr,
     ):
-        """out[p] = mean of kept row p and the rows assigned to it, summed in index order."""
+        """out[p] = mean of kept row p and the rows assigned to it, summed in a fixed order."""
         p = tl.program_id(0).to(tl.int64)  # grid dim 0 = K: p never overruns
         d = tl.program_id(1).to(tl.int64) * BLOCK_DR + tl.arange(0, BLOCK_DR)
         d_mask = d < D
@@ -318,7 +318,7 @@ def merge_dropped_triton(image: torch.Tensor, kept: torch.Tensor) -> torch.Tenso
     """Triton version of ``merge_dropped_ref`` (same arguments, same result within rounding).
 
     Two launches: assign every dropped row to its most similar kept row, then one program per
-    (kept row, D chunk) sums its rows in index order: deterministic, no atomics.
+    (kept row, D chunk) sums its rows in a fixed order: deterministic, no atomics.
     """
     _check_merge(image, kept)
     require_triton(image.device)
