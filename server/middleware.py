@@ -103,7 +103,7 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
             pruning = PruningRequest.model_validate(raw_pruning)
         except pydantic.ValidationError as err:
             first = err.errors()[0]
-            param = ".".join(["pruning", *map(str, first["loc"])])
+            param = f"pruning.{first['loc'][0]}" if first["loc"] else "pruning"
             raise BadRequest(f"{param}: {first['msg']}", param) from None
     if pruning.diagnostics and not state.diagnostics_available:
         raise BadRequest(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from lvlm_prune.kernels import PRUNE_METHODS
 from lvlm_prune.vllm_plugin import options
@@ -22,17 +22,22 @@ class PruningRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keep_ratio: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1, allow_inf_nan=False)] | None = (
-        None
-    )
+    keep_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] | None = None
     """Share of each image's tokens kept, in (0, 1]; default: the server's (1.0 unless set)."""
     method: PruneMethod | None = None
     merge: StrictBool | None = None
-    diagnostics: StrictBool | Literal["heatmap"] = False
+    diagnostics: bool | Literal["heatmap"] = False
     """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
     query: str | None = None
     """Relevance query; default: the text of the user's messages."""
     seed: StrictInt | None = None
+
+    @field_validator("diagnostics", mode="before")
+    @classmethod
+    def _diagnostics(cls, value):
+        if value is True or value is False or value == "heatmap":
+            return value
+        raise ValueError(f'must be true, false or "heatmap", got {value!r}')
 
     def mm_processor_kwargs(self) -> dict[str, object]:
         out: dict[str, object] = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from conftest import close_llm, make_image, make_llm
+from helpers import close_llm, make_image, make_llm
 import hf_reference as ref
 
 N = 576  # 336 px / 14 px patches, squared

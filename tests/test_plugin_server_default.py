@@ -6,7 +6,7 @@ the outputs must still equal the transformers reference of the same selection.
 
 import pytest
 
-from conftest import close_llm, make_llm
+from helpers import close_llm, make_llm
 import hf_reference as ref
 from test_plugin_engine import N, assert_matches_reference, generate, request
 
@@ -46,7 +46,7 @@ def test_request_overrides_server_default(llm, tiny_model_dir):
 
 
 def ref_image():
-    from conftest import make_image
+    from helpers import make_image
 
     return make_image(0)
 

@@ -1,0 +1,218 @@
+"""The OpenAI-compatible API with pruning: real server, real ``openai`` client, tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import openai
+import pytest
+import requests
+import torch
+from PIL import Image
+
+import hf_reference as ref
+from helpers import data_url, make_image
+from server_api.serving import API_KEY, MAX_IMAGES, MODEL, SERVER_KEEP_RATIO
+
+N = 576
+QUESTION = "What color is the car parked beside the tree?"
+
+
+def messages(question=QUESTION, images=(0,)):
+    content = [{"type": "image_url", "image_url": {"url": data_url(make_image(s))}} for s in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+
+
+def chat(client, *, question=QUESTION, images=(0,), pruning=None, max_tokens=4, **extra_body):
+    body = dict(extra_body)
+    if pruning is not None:
+        body["pruning"] = pruning
+    return client.chat.completions.create(
+        model=MODEL, messages=messages(question, images), max_tokens=max_tokens,
+        temperature=0.0, extra_body=body or None,
+    )
+
+
+def pruning_of(response) -> dict:
+    return response.model_extra["pruning"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Torch-reference scores and kept indices for one image and the user's question."""
+
+    def compute(image_seed: int, question: str, k: int):
+        tokenizer = ref.load(tiny_model_dir)[1].tokenizer
+        q_ids = tokenizer.encode(question, add_special_tokens=False)
+        feats = ref.image_features(tiny_model_dir, make_image(image_seed))
+        q = ref.embed(tiny_model_dir, q_ids)
+        scores = ref.relevance_ref(feats, torch.tensor([0, N]), q, torch.tensor([0, len(q_ids)]))
+        return scores, ref.topk_select_ref(scores, k), q_ids
+
+    return compute
+
+
+def test_server_default_and_per_request_ratio(client):
+    default = chat(client)
+    full = chat(client, pruning={"keep_ratio": 1.0})
+    quarter = chat(client, pruning={"keep_ratio": 0.25, "method": "uniform"})
+    k_default = round(N * SERVER_KEEP_RATIO)
+    assert pruning_of(default)["image_tokens_after"] == k_default
+    assert pruning_of(default)["keep_ratio"] == SERVER_KEEP_RATIO
+    p = pruning_of(quarter)
+    assert (p["image_tokens_before"], p["image_tokens_after"], p["keep_ratio"], p["method"]) == (N, 144, 0.25, "uniform")
+    assert p["per_image"] == [{"tokens_before": N, "tokens_after": 144}]
+    # The counts are the prompt: usage moves by exactly the tokens pruned.
+    assert full.usage.prompt_tokens - quarter.usage.prompt_tokens == N - 144
+    assert full.usage.prompt_tokens - default.usage.prompt_tokens == N - k_default
+    assert pruning_of(full)["image_tokens_after"] == N
+
+
+def test_raw_mm_processor_kwargs_still_work(client):
+    response = chat(client, mm_processor_kwargs={"keep_ratio": 0.25})
+    assert pruning_of(response)["image_tokens_after"] == 144
+
+
+def test_text_only_request_is_untouched(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=2
+    )
+    assert "pruning" not in (response.model_extra or {})
+
+
+def test_streaming_carries_pruning_in_the_last_chunk_before_done(server, client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages(), max_tokens=4, stream=True,
+            extra_body={"pruning": {"keep_ratio": 0.25}},
+        )
+    )
+    with_pruning = [c for c in chunks if (c.model_extra or {}).get("pruning")]
+    assert len(with_pruning) == 1 and with_pruning[0] is chunks[-1]
+    assert with_pruning[0].model_extra["pruning"]["image_tokens_after"] == 144
+    # On the wire: the pruning event is the one right before [DONE].
+    raw = requests.post(
+        f"{server.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "messages": messages(), "max_tokens": 3, "stream": True,
+              "pruning": {"keep_ratio": 0.25}},
+        timeout=120,
+    )
+    events = [e for e in raw.text.split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["pruning"]["image_tokens_after"] == 144
+
+
+@pytest.mark.parametrize("seed,ratio", [(0, 0.25), (3, 0.5)])
+def test_diagnostics_match_the_torch_reference(client, reference, seed, ratio):
+    k = round(N * ratio)
+    response = chat(client, images=(seed,), pruning={"keep_ratio": ratio, "diagnostics": True})
+    (image,) = pruning_of(response)["per_image"]
+    scores, kept, q_ids = reference(seed, QUESTION, k)
+    assert image["grid"] == [24, 24]
+    assert len(image["scores"]) == 24 and all(len(row) == 24 for row in image["scores"])
+    torch.testing.assert_close(torch.tensor(image["scores"]).flatten(), scores, atol=1e-4, rtol=1e-4)
+    assert image["kept_indices"] == kept.tolist()
+    assert image["method"] == "simignore" and "heatmap_png" not in image
+    top = image["top_query_tokens"]
+    assert 0 < len(top) <= 5
+    assert all(t["id"] in q_ids and t["votes"] > 0 for t in top)
+    assert [t["votes"] for t in top] == sorted((t["votes"] for t in top), reverse=True)
+
+
+def test_heatmap_is_a_png_over_the_image(client):
+    response = chat(client, pruning={"keep_ratio": 0.25, "diagnostics": "heatmap"})
+    (image,) = pruning_of(response)["per_image"]
+    png = Image.open(io.BytesIO(base64.b64decode(image["heatmap_png"])))
+    assert png.format == "PNG" and png.size == (336, 336)
+    assert len(image["kept_indices"]) == 144
+
+
+def test_two_images_each_with_diagnostics(client, reference):
+    response = chat(client, images=(0, 1), pruning={"keep_ratio": 0.25, "diagnostics": True})
+    p = pruning_of(response)
+    assert p["image_tokens_before"] == 2 * N and p["image_tokens_after"] == 2 * 144
+    for seed, image in zip((0, 1), p["per_image"]):
+        assert image["kept_indices"] == reference(seed, QUESTION, 144)[1].tolist()
+
+
+def post(server, body, *, key=API_KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return requests.post(f"{server.url}/v1/chat/completions", data=raw, headers={**headers, "Content-Type": "application/json"}, timeout=120)
+    return requests.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def good_body(**over):
+    return {"model": MODEL, "messages": messages(), "max_tokens": 2, **over}
+
+
+def not_an_image_url():
+    return "data:image/png;base64," + base64.b64encode(b"this is plain text, not a PNG").decode()
+
+
+BAD = {
+    "keep_ratio 0": (good_body(pruning={"keep_ratio": 0}), "pruning.keep_ratio"),
+    "keep_ratio -1": (good_body(pruning={"keep_ratio": -1}), "pruning.keep_ratio"),
+    "keep_ratio 1.5": (good_body(pruning={"keep_ratio": 1.5}), "pruning.keep_ratio"),
+    "keep_ratio abc": (good_body(pruning={"keep_ratio": "abc"}), "pruning.keep_ratio"),
+    "unknown method": (good_body(pruning={"method": "best"}), "pruning.method"),
+    "diagnostics wrong type": (good_body(pruning={"diagnostics": "yes"}), "pruning.diagnostics"),
+    "diagnostics number": (good_body(pruning={"diagnostics": 5}), "pruning.diagnostics"),
+    "unknown pruning key": (good_body(pruning={"keep": 0.5}), "pruning.keep"),
+    "pruning not an object": (good_body(pruning=0.5), "pruning"),
+    "raw kwarg bad": (good_body(mm_processor_kwargs={"keep_ratio": 2}), "mm_processor_kwargs.keep_ratio"),
+    "raw foreign kwarg": (good_body(mm_processor_kwargs={"do_resize": False}), "mm_processor_kwargs"),
+    "raw internal kwarg": (good_body(mm_processor_kwargs={"prune_diagnostics": 5}), "mm_processor_kwargs.prune_diagnostics"),
+    "corrupt base64": (
+        good_body(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64@@@"}},
+            {"type": "text", "text": "hi"}]}]),
+        None,
+    ),
+    "data url not an image": (
+        good_body(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": not_an_image_url()}},
+            {"type": "text", "text": "hi"}]}]),
+        None,
+    ),
+    "too many images": (good_body(messages=messages(images=tuple(range(MAX_IMAGES + 1)))), None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_is_a_400_and_the_server_keeps_serving(server, client, case):
+    body, param = BAD[case]
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == 400 and error["type"] and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+        assert param.split(".")[-1] in error["message"]
+    assert pruning_of(chat(client, pruning={"keep_ratio": 0.25}))["image_tokens_after"] == 144
+
+
+def test_empty_body_is_a_400(server):
+    for raw in (b"", b"{}", b"not json"):
+        response = post(server, None, raw=raw)
+        assert response.status_code == 400, (raw, response.status_code, response.text)
+        assert response.json()["error"]["message"]
+
+
+def test_api_key_guards_everything_but_health_and_metrics(server):
+    for path in ("/v1/models",):
+        assert requests.get(f"{server.url}{path}", timeout=30).status_code == 401
+    assert post(server, good_body(pruning={"keep_ratio": 0.25}), key=None).status_code == 401
+    assert post(server, good_body(pruning={"keep_ratio": 0}), key="wrong").status_code == 401
+    assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert requests.get(f"{server.url}/metrics", timeout=30).status_code == 200
+    assert requests.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).status_code == 200
+
+
+def test_openai_client_sees_a_bad_request_error(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, pruning={"method": "best"})
+    assert "pruning.method" in str(err.value)
