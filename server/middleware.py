@@ -65,17 +65,20 @@ class PruningMiddleware:
             payload = None
         if not isinstance(payload, dict):  # vLLM answers malformed bodies itself
             return await self.app(scope, _replay(body, receive), send)
+        had_pruning = "pruning" in payload
         try:
             request = prepare_request(payload, ROUTES[path], state)
         except BadRequest as err:
             return await _send_error(send, err.message, err.param)
-        if request is None:
+        if request is None and not had_pruning:
             return await self.app(scope, _replay(body, receive), send)
 
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        await self.app(scope, _replay(body, receive), ResponseRewriter(request, state, send))
+        if request is not None:
+            send = ResponseRewriter(request, state, send)
+        await self.app(scope, _replay(body, receive), send)
 
 
 @dataclass
@@ -113,12 +116,14 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
             "pruning.diagnostics",
         )
 
+    # vLLM's /v1/completions takes text and token prompts only: pruning is validated there, but
+    # there is no image to prune, as in a chat request without one.
     images = image_urls(payload) if kind == "chat" else []
-    if kind == "chat" and not images:
-        return None  # no image, nothing to prune: leave the request as vLLM's
+    if not images:
+        return None
     mm_kwargs = dict(raw_kwargs or {})
     mm_kwargs.update(pruning.mm_processor_kwargs())
-    if kind == "chat" and options.QUERY not in mm_kwargs:
+    if options.QUERY not in mm_kwargs:
         if query := user_text(payload.get("messages")):
             mm_kwargs[options.QUERY] = query
     request = PreparedRequest(

@@ -75,11 +75,21 @@ def test_raw_mm_processor_kwargs_still_work(client):
     assert pruning_of(response)["image_tokens_after"] == 144
 
 
-def test_text_only_request_is_untouched(client):
+def test_requests_without_images_get_no_pruning_object(client):
     response = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=2
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=2,
+        extra_body={"pruning": {"keep_ratio": 0.25}},
     )
     assert "pruning" not in (response.model_extra or {})
+    completion = client.completions.create(
+        model=MODEL, prompt="USER: hello ASSISTANT:", max_tokens=2,
+        extra_body={"pruning": {"keep_ratio": 0.25}},
+    )
+    assert completion.usage.prompt_tokens > 0 and "pruning" not in (completion.model_extra or {})
+    with pytest.raises(openai.BadRequestError, match="pruning.keep_ratio"):
+        client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=2, extra_body={"pruning": {"keep_ratio": 2}}
+        )
 
 
 def test_streaming_carries_pruning_in_the_last_chunk_before_done(server, client):
