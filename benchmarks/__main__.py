@@ -1,0 +1,129 @@
+"""``python -m lvlm_prune.benchmarks NAME [...]`` / ``lvlm-prune bench NAME [...]``.
+
+NAME: latency, throughput, overhead, fidelity, prefill-gpu, or all. Each prints a markdown table
+and writes ``NAME-MODEL.{json,md}`` (and a PNG where it plots) to ``--out`` (default
+``benchmarks/results/``; with ``--smoke``, ``benchmarks/results/smoke/``, which git ignores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import common
+
+common.setup_environment()  # before anything imports vLLM
+
+from . import fidelity, latency, overhead, prefill_gpu, throughput  # noqa: E402
+
+BENCHMARKS = {
+    "latency": latency,
+    "throughput": throughput,
+    "overhead": overhead,
+    "fidelity": fidelity,
+    "prefill-gpu": prefill_gpu,
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None,
+        help="tiny | bench (built-in random-weight LLaVA-1.5 shapes) | a local checkpoint folder "
+             "(default: bench; tiny with --smoke)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="seconds-long version on the tiny model")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON / markdown / PNG")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvlm-prune bench",
+        description="Pruned vs stock vLLM, side by side: every benchmark runs keep_ratio 1.0 and the "
+                    "pruned settings interleaved in one process and reports medians and ratios.",
+    )
+    sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name, module in BENCHMARKS.items():
+        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
+                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        module.add_arguments(p)
+    p = sub.add_parser("all", help="every benchmark above with its defaults, one shared engine")
+    _add_common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.name == "fidelity" and args.make_synthetic:
+        items = fidelity.make_synthetic(args.items or 60)
+        fidelity.write_jsonl(items, Path(args.make_synthetic))
+        print(f"wrote {len(items)} synthetic items to {args.make_synthetic}")
+        return 0
+    if args.name == "all":
+        rest = argv[1:]
+        names = list(BENCHMARKS)
+        runs = [parser.parse_args([name, *rest]) for name in names]
+    else:
+        runs = [args]
+    sections = []
+    command = common.command_line(argv)
+    for run_args in runs:
+        section = run_one(run_args, command)
+        if section:
+            sections.append(section)
+    if args.name == "all" and sections:
+        out = _out_dir(args)
+        label = _model_name(args)
+        path = out / f"summary-{label}.md"
+        path.write_text(
+            f"# lvlm-prune benchmarks — model `{label}`\n\n"
+            + "\n\n".join(sections) + "\n"
+        )
+        print(f"\nsummary: {path}")
+    return 0
+
+
+def _model_name(args) -> str:
+    return args.model or ("tiny" if args.smoke else "bench")
+
+
+def _out_dir(args) -> Path:
+    return args.out or (common.SMOKE_DIR if args.smoke else common.RESULTS_DIR)
+
+
+def run_one(args: argparse.Namespace, command: str) -> str | None:
+    """Run one benchmark, write its files, print its table; return its markdown section."""
+    module = BENCHMARKS[args.name]
+    machine = common.machine_info()
+    if module is prefill_gpu:
+        result = module.run(args)
+        if result is None:
+            return f"### LLM prefill on a GPU\n\n{prefill_gpu.NO_CUDA}"
+        stem = f"{args.name}-{'tiny-cpu' if args.smoke else 'llava7b-shape'}"
+    else:
+        model_dir, label = common.resolve_model(_model_name(args))
+        llm = common.get_llm(model_dir, max_model_len=args.max_model_len)
+        result = module.run(args, llm, label)
+        result["model_path"] = model_dir
+        stem = f"{args.name}-{label}"
+    result["machine"] = machine
+    result["command"] = command
+    out = _out_dir(args)
+    files = common.write_results(out, stem, result, "")  # JSON first; markdown below
+    plotted = hasattr(module, "plot") and module.plot(result, out / f"{stem}.png")
+    section = module.markdown(result)
+    if plotted:
+        section += f"\n\n![{args.name}]({stem}.png)"
+    section += "\n\n" + common.machine_markdown(result["machine"], command)
+    files["md"].write_text(section + "\n")
+    print("\n" + section + "\n")
+    print(f"wrote {files['json']}, {files['md']}" + (f", {out / (stem + '.png')}" if plotted else ""))
+    return section
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""What every benchmark shares: environment, model, engine, requests, statistics, result files.
+
+Each benchmark runs stock (keep_ratio 1.0) and pruned configurations in the same process and
+interleaves them (round-robin over configurations in every repeat), so slow drift of a shared
+machine hits all of them alike; tables report medians and ratios to stock, never one-off times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    # Unset, vLLM on CPU takes most of the machine's memory for KV cache.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # In-process engine: loads in seconds, and the overhead benchmark can reach the model.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SMOKE_DIR = RESULTS_DIR / "smoke"  # git-ignored
+
+QUESTION = "What is the color of the car on the street?"
+RATIOS = (1.0, 0.5, 0.25, 0.11)  # 0.11 of 576 keeps 64 tokens
+METHODS = ("simignore", "uniform")
+
+
+def setup_environment() -> None:
+    """Set the defaults above unless the caller set them; must run before vLLM reads them."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations and requests
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One pruning setting; keep_ratio 1.0 is stock vLLM (the plugin changes nothing)."""
+
+    keep_ratio: float
+    method: str = "simignore"
+
+    @property
+    def stock(self) -> bool:
+        return self.keep_ratio >= 1.0
+
+    @property
+    def name(self) -> str:
+        return "stock" if self.stock else f"{self.method}@{self.keep_ratio:g}"
+
+    def mm_kwargs(self) -> dict:
+        if self.stock:
+            return {"keep_ratio": 1.0}
+        return {"keep_ratio": self.keep_ratio, "prune_method": self.method}
+
+
+def configs_for(ratios: Sequence[float], methods: Sequence[str]) -> list[Config]:
+    """Stock first, then every (ratio, method) below 1.0."""
+    out = [Config(1.0)]
+    for ratio in ratios:
+        if ratio < 1.0:
+            out.extend(Config(ratio, method) for method in methods)
+    return out
+
+
+def make_image(seed: int, size: int = 336):
+    """A random RGB image; a new seed per request keeps every cache (prefix, encoder) cold."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def prompt_for(question: str = QUESTION) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def request(config: Config, image, question: str = QUESTION) -> dict:
+    return {
+        "prompt": prompt_for(question),
+        "multi_modal_data": {"image": image},
+        "mm_processor_kwargs": config.mm_kwargs(),
+    }
+
+
+def rotated(items: Sequence, shift: int) -> list:
+    """Round-robin order for repeat ``shift``: every config takes every position equally often."""
+    shift %= max(len(items), 1)
+    return list(items[shift:]) + list(items[:shift])
+
+
+# --------------------------------------------------------------------------------------------
+# Model and engine
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """``tiny`` / ``bench`` (built offline, cached) or a local checkpoint path → (path, label)."""
+    from lvlm_prune.vllm_plugin.tiny_models import SPECS, build_tiny_llava
+
+    if name in SPECS:
+        return str(build_tiny_llava(SPECS[name])), name
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise SystemExit(f"--model must be one of {sorted(SPECS)} or a local checkpoint folder: {name!r}")
+    return str(path), path.name
+
+
+_ENGINES: dict = {}
+
+
+def get_llm(model_dir: str, *, max_model_len: int = 2048):
+    """One in-process engine per model for the whole run (``all`` shares it between benchmarks).
+
+    Prefix caching is off, so a repeat never reuses an earlier repeat's prefill; stats logging is
+    on, so each ``RequestOutput`` carries its timestamps (``metrics``).
+    """
+    key = (model_dir, max_model_len)
+    if key not in _ENGINES:
+        from vllm import LLM
+
+        from lvlm_prune.vllm_plugin import WORKER_EXTENSION
+
+        _ENGINES[key] = LLM(
+            model_dir,
+            dtype="auto",
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            limit_mm_per_prompt={"image": 1},
+            enable_prefix_caching=False,
+            disable_log_stats=False,
+            worker_extension_cls=WORKER_EXTENSION,
+            seed=0,
+        )
+    return _ENGINES[key]
+
+
+def model_of(llm):
+    """The model object of an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    (model,) = llm.apply_model(lambda m: m)
+    return model
+
+
+def kv_cache_info(llm) -> dict:
+    """Blocks, block size and bytes per token of the engine's KV cache, as vLLM sized it at init."""
+    vllm_config = llm.llm_engine.vllm_config
+    cache = vllm_config.cache_config
+    text = vllm_config.model_config.hf_text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dtype_bytes = _dtype_bytes(cache.cache_dtype, vllm_config.model_config.dtype)
+    bytes_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    num_blocks = int(cache.num_gpu_blocks)
+    return {
+        "num_blocks": num_blocks,
+        "block_size": int(cache.block_size),
+        "tokens": num_blocks * int(cache.block_size),
+        "bytes_per_token": bytes_per_token,
+        "bytes": num_blocks * int(cache.block_size) * bytes_per_token,
+        "source": "llm.llm_engine.vllm_config.cache_config.num_gpu_blocks / block_size after init",
+    }
+
+
+def _dtype_bytes(cache_dtype: str, model_dtype) -> int:
+    import torch
+
+    if cache_dtype and cache_dtype != "auto":
+        return 1 if "fp8" in cache_dtype else 2
+    return torch.empty((), dtype=model_dtype).element_size()
+
+
+def ttft_seconds(output) -> float:
+    """vLLM's own TTFT: request arrival (before input processing) to the first token's output.
+
+    ``RequestOutput.metrics.first_token_latency`` (vLLM 0.32, ``RequestStateStats``); needs stats
+    logging on (``disable_log_stats=False``).
+    """
+    metrics = output.metrics
+    if metrics is None or not metrics.first_token_latency:
+        raise RuntimeError("RequestOutput.metrics is empty: create the engine with disable_log_stats=False")
+    return float(metrics.first_token_latency)
+
+
+def engine_prefill_seconds(output) -> float:
+    """Engine-core time from scheduling to the first token (monotonic, engine-side)."""
+    metrics = output.metrics
+    return float(metrics.first_token_ts - metrics.scheduled_ts)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def summary(values: Sequence[float]) -> dict:
+    values = [float(v) for v in values]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
+
+
+def summary_or_none(values: Sequence[float | None]) -> dict | None:
+    values = [v for v in values if v is not None]
+    return summary(values) if values else None
+
+
+def share(summary_: dict | None) -> str:
+    return "n/a" if summary_ is None else f"{100 * summary_['median']:.0f}%"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sane at 0, 1 and small n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# --------------------------------------------------------------------------------------------
+# Machine and result files
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": _mem_gib(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": _loadavg(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+    for module, dist in (("torch", "torch"), ("vllm", "vllm-cpu"), ("transformers", "transformers")):
+        info[module] = _version(module, dist)
+    try:
+        import torch
+
+        info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - machine info must never fail a run
+        pass
+    info["env"] = {k: os.environ.get(k) for k in (*ENV_DEFAULTS, "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _version(module: str, dist: str) -> str | None:
+    from importlib import metadata
+
+    for name in (dist, module):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as the user would type it again (console script or ``python -m``)."""
+    prog = "lvlm-prune bench" if Path(sys.argv[0]).name == "lvlm-prune" else "python -m lvlm_prune.benchmarks"
+    return " ".join([prog, *(shlex.quote(a) for a in argv)])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(headers) - 1)
+    marks = {"l": ":--", "r": "--:", "c": ":-:"}
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(marks[a] for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_markdown(machine: dict, command: str) -> str:
+    env = ", ".join(f"{k}={v}" for k, v in machine.get("env", {}).items() if v is not None)
+    return "\n".join([
+        f"- command: `{command}`",
+        f"- machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['logical_cpus']} "
+        f"logical CPUs, {machine['memory_gib']} GiB; GPU: {machine.get('cuda_device') or 'none'}",
+        f"- software: torch {machine['torch']}, vllm {machine['vllm']}, transformers "
+        f"{machine['transformers']}, Python {machine['python']}; commit {machine['git_commit']}",
+        f"- load average (1/5/15 min) at start {machine['loadavg_at_start']}, at end "
+        f"{machine.get('loadavg_at_end')}; date {machine['date_utc']}",
+        f"- environment: {env}",
+    ])
+
+
+def write_results(out_dir: Path, stem: str, payload: dict, markdown: str) -> dict[str, Path]:
+    """``<stem>.json`` and ``<stem>.md`` under ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload["machine"]["loadavg_at_end"] = _loadavg()
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    paths["md"].write_text(markdown.rstrip() + "\n")
+    return paths
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def pyplot():
+    """matplotlib with the Agg backend, or None where matplotlib is missing (the PNG is skipped)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'lvlm-prune[bench]'): no PNG", file=sys.stderr)
+        return None
+    return plt
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+
+class Timer:
+    """Wall time of a block, and the share of the machine's CPU that *other* processes used meanwhile.
+
+    ``cotenant_cpu_share`` = (all CPUs' busy ticks − this process's ticks) / (wall × CPUs), from
+    /proc/stat and /proc/self/stat (10 ms ticks: coarse on short blocks; None off Linux). On a
+    shared machine it says which samples ran beside someone else's work.
+    """
+
+    def __enter__(self):
+        self._ticks = _cpu_ticks()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self.cotenant_cpu_share = None
+        end = _cpu_ticks()
+        if self._ticks and end:
+            busy, own = end[0] - self._ticks[0], end[1] - self._ticks[1]
+            capacity = self.seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+            self.cotenant_cpu_share = max(0.0, min(1.0, (busy - own) / capacity))
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+    except (OSError, ValueError, IndexError):
+        return None

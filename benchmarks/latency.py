@@ -1,0 +1,170 @@
+"""TTFT and end-to-end latency of one image request: stock vs pruned, interleaved, same engine.
+
+TTFT is vLLM's own per-request number, ``RequestOutput.metrics.first_token_latency`` (vLLM 0.32):
+from the request's arrival, before its image is preprocessed, to the engine output that carries
+its first token. So it covers input processing (HF image processor + our processor), scheduling,
+the vision tower, the selection, the LLM prefill and the first sample. End-to-end is the wall time
+of ``llm.generate`` for one request with a fixed number of output tokens (``ignore_eos``).
+One request at a time, prefix caching off and a fresh random image per request: no repeat is
+cheaper than the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import common
+
+NAME = "latency"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 12; smoke 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds first (default 2; smoke 1)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 16; smoke 4)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
+    parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
+
+
+def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+    from vllm import SamplingParams
+
+    repeats = args.repeats or (2 if args.smoke else 12)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+    max_tokens = args.max_tokens or (4 if args.smoke else 16)
+    configs = common.configs_for(args.ratios, args.methods)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    samples = {c.name: {"ttft": [], "prefill": [], "e2e": [], "cotenant": [], "prompt_tokens": set()} for c in configs}
+
+    bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({model_label})")
+    for round_ in range(warmup + repeats):
+        for i, config in enumerate(common.rotated(configs, round_)):
+            image = common.make_image(10_000 * round_ + i)
+            with common.Timer() as t:
+                (out,) = llm.generate([common.request(config, image)], sampling, use_tqdm=False)
+            bar.update()
+            if round_ < warmup:
+                continue
+            s = samples[config.name]
+            s["ttft"].append(common.ttft_seconds(out))
+            s["prefill"].append(common.engine_prefill_seconds(out))
+            s["e2e"].append(t.seconds)
+            s["cotenant"].append(t.cotenant_cpu_share)
+            s["prompt_tokens"].add(len(out.prompt_token_ids))
+            assert len(out.outputs[0].token_ids) == max_tokens
+    bar.close()
+
+    stock_tokens = _one(samples["stock"]["prompt_tokens"])
+    rows = []
+    for config in configs:
+        s = samples[config.name]
+        tokens = _one(s["prompt_tokens"])
+        rows.append({
+            "config": config.name,
+            "keep_ratio": config.keep_ratio,
+            "method": None if config.stock else config.method,
+            "prompt_tokens": tokens,
+            "token_bound": tokens / stock_tokens,
+            "ttft": common.summary(s["ttft"]),
+            "engine_prefill": common.summary(s["prefill"]),
+            "e2e": common.summary(s["e2e"]),
+            "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
+        })
+    stock = rows[0]
+    for row in rows:
+        for key in ("ttft", "engine_prefill", "e2e"):
+            row[f"{key}_ratio"] = row[key]["median"] / stock[key]["median"]
+            # Paired by round: each pruned request against the stock request of the same round.
+            row[f"{key}_paired_ratio_median"] = common.summary(
+                [a / b for a, b in zip(row[key]["values"], stock[key]["values"])]
+            )["median"]
+    return {
+        "benchmark": NAME,
+        "model": model_label,
+        "settings": {
+            "repeats": repeats, "warmup": warmup, "max_tokens": max_tokens,
+            "ratios": args.ratios, "methods": args.methods, "prefix_caching": False,
+            "image_per_request": "fresh random 336x336 image (seeded by round and position)",
+            "order": "round-robin over configs, rotated by one position each round",
+        },
+        "ttft_source": (
+            "RequestOutput.metrics.first_token_latency: request arrival (before input processing) "
+            "to the first token's output; engine_prefill = metrics.first_token_ts - scheduled_ts"
+        ),
+        "cotenant_cpu_share_median": common.summary_or_none(
+            [x for c in configs for x in samples[c.name]["cotenant"]]
+        ),
+        "rows": rows,
+    }
+
+
+def _one(values: set[int]) -> int:
+    assert len(values) == 1, f"prompt length varied within one config: {sorted(values)}"
+    return next(iter(values))
+
+
+def _ms(summary: dict) -> str:
+    return f"{summary['median'] * 1e3:.1f} ({summary['min'] * 1e3:.0f}–{summary['max'] * 1e3:.0f})"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    headers = [
+        "config", "prompt tokens", "token bound", "TTFT ms median (min–max)", "TTFT ratio",
+        "engine prefill ms", "prefill ratio", "e2e ms median (min–max)", "e2e ratio",
+        "co-tenant CPU",
+    ]
+    rows = [
+        [
+            r["config"], r["prompt_tokens"], f"{r['token_bound']:.3f}", _ms(r["ttft"]),
+            f"**{r['ttft_ratio']:.3f}**", f"{r['engine_prefill']['median'] * 1e3:.1f}",
+            f"{r['engine_prefill_ratio']:.3f}", _ms(r["e2e"]), f"{r['e2e_ratio']:.3f}",
+            common.share(r["cotenant_cpu_share"]),
+        ]
+        for r in result["rows"]
+    ]
+    return "\n".join([
+        f"### Latency — model `{result['model']}`",
+        "",
+        f"{s['repeats']} measured rounds after {s['warmup']} warm-up rounds; {s['order']}; "
+        f"{s['image_per_request']}; prefix caching off; {s['max_tokens']} output tokens (ignore_eos).",
+        f"TTFT: {result['ttft_source']}. Ratios are median / stock median; "
+        "token bound = prompt tokens / stock prompt tokens (what a cost linear in tokens would give). "
+        "Co-tenant CPU: median share of the machine's CPU that other processes used during the "
+        "config's requests (another workload on a shared machine).",
+        "",
+        common.markdown_table(headers, rows),
+    ])
+
+
+def plot(result: dict, path) -> bool:
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    rows = result["rows"]
+    stock = rows[0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "ttft", "TTFT"), (axes[1], "e2e", "end-to-end")):
+        for method, marker in (("simignore", "o"), ("uniform", "s"), ("random", "^")):
+            pts = [stock] + [r for r in rows if r["method"] == method]
+            if len(pts) < 2:
+                continue
+            xs = [r["keep_ratio"] for r in pts]
+            med = [r[key]["median"] * 1e3 for r in pts]
+            err = [[m - r[key]["min"] * 1e3 for m, r in zip(med, pts)],
+                   [r[key]["max"] * 1e3 - m for m, r in zip(med, pts)]]
+            ax.errorbar(xs, med, yerr=err, marker=marker, capsize=3, label=f"{method} (median, min–max)")
+        bound = [stock] + [r for r in rows if r["method"] == "simignore"]
+        ax.plot([r["keep_ratio"] for r in bound],
+                [stock[key]["median"] * 1e3 * r["token_bound"] for r in bound],
+                "k--", lw=1, label="stock × token bound")
+        ax.set_xlabel("keep ratio (1.0 = stock vLLM)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{title} — model {result['model']}")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

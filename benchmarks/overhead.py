@@ -1,0 +1,243 @@
+"""Where TTFT goes: input processing, vision tower, projector, the selection, the LLM prefill.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the benchmark can time
+the pieces from outside the product code: forward hooks on the model's vision tower, projector and
+language model; a timing wrapper around the model instance's ``embed_multimodal`` and around
+``select_tokens`` as the plugin module calls it; a wrapper around our processor's ``apply`` (it
+runs in the API process, here the same one). All of it is installed for the run and removed after.
+The plugin's own record of the selection time (``diagnostics.STORE.record_timing``) is read too,
+as a cross-check. One request at a time with ``max_tokens=1``, so the LLM forward is the prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import time
+
+from . import common
+
+NAME = "overhead"
+PIECES = ("processor", "vision_tower", "projector", "selection", "embed_multimodal", "llm_forward")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 6; smoke 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 1)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
+    parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
+
+
+class Probe:
+    """Accumulates wall seconds per piece; CUDA work is synchronised before each clock read."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._undo: list = []
+        import torch
+
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def _now(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    def module(self, name: str, module) -> None:
+        starts: list[float] = []
+
+        def pre(_mod, _args):
+            starts.append(self._now())
+
+        def post(_mod, _args, _out):
+            self.seconds[name] += self._now() - starts.pop()
+
+        self._undo.append(module.register_forward_pre_hook(pre).remove)
+        self._undo.append(module.register_forward_hook(post).remove)
+
+    def attribute(self, name: str, owner, attr: str, *, instance: bool = False) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = self._now()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[name] += self._now() - start
+
+        setattr(owner, attr, timed)
+        if instance:  # shadowing a bound method on the instance: delete to restore the class's
+            self._undo.append(lambda: delattr(owner, attr))
+        else:
+            self._undo.append(lambda: setattr(owner, attr, original))
+
+    def take(self) -> dict[str, float]:
+        out = {name: self.seconds.get(name, 0.0) for name in PIECES}
+        self.seconds.clear()
+        return out
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+@contextlib.contextmanager
+def instrumented(llm):
+    from lvlm_prune.vllm_plugin import llava as plugin_llava
+
+    model = common.model_of(llm)
+    probe = Probe()
+    try:
+        probe.module("vision_tower", model.vision_tower)
+        probe.module("projector", model.multi_modal_projector)
+        # NOTE(vLLM 0.32): @support_torch_compile's __call__ calls self.forward directly, so
+        # forward hooks on the language model never fire; wrap the instance's forward instead.
+        probe.attribute("llm_forward", model.language_model.model, "forward", instance=True)
+        probe.attribute("embed_multimodal", model, "embed_multimodal", instance=True)
+        probe.attribute("selection", plugin_llava, "select_tokens")
+        probe.attribute("processor", plugin_llava.LlavaPruneMultiModalProcessor, "apply")
+        yield probe, model
+    finally:
+        probe.remove()
+
+
+def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+    from vllm import SamplingParams
+
+    from lvlm_prune.vllm_plugin import diagnostics
+
+    repeats = args.repeats or (1 if args.smoke else 6)
+    warmup = args.warmup if args.warmup is not None else 1
+    configs = common.configs_for(args.ratios, args.methods)
+    sampling = SamplingParams(max_tokens=1, temperature=0.0)
+    samples = {c.name: collections.defaultdict(list) for c in configs}
+    prompt_tokens: dict[str, int] = {}
+
+    bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({model_label})")
+    with instrumented(llm) as (probe, model):
+        for round_ in range(warmup + repeats):
+            for i, config in enumerate(common.rotated(configs, round_)):
+                image = common.make_image(2_000_000 + 10_000 * round_ + i)
+                probe.take()
+                diagnostics.STORE.drain_timings()
+                with common.Timer() as t:
+                    (out,) = llm.generate([common.request(config, image)], sampling, use_tqdm=False)
+                pieces = probe.take()
+                recorded = sum(s for s, _ in diagnostics.STORE.drain_timings())
+                bar.update()
+                if round_ < warmup:
+                    continue
+                s = samples[config.name]
+                ttft = common.ttft_seconds(out)
+                s["ttft"].append(ttft)
+                for piece, seconds in pieces.items():
+                    s[piece].append(seconds)
+                # Derived per request, then medians (medians of parts do not add up).
+                s["pruning_other"].append(
+                    pieces["embed_multimodal"] - pieces["vision_tower"] - pieces["projector"]
+                    - pieces["selection"]
+                )
+                s["engine_other"].append(
+                    ttft - pieces["processor"] - pieces["embed_multimodal"] - pieces["llm_forward"]
+                )
+                s["selection_share"].append(pieces["selection"] / ttft)
+                s["cotenant"].append(t.cotenant_cpu_share or 0.0)
+                s["selection_recorded_by_plugin"].append(recorded)
+                prompt_tokens[config.name] = len(out.prompt_token_ids)
+        hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+    bar.close()
+
+    rows = []
+    for config in configs:
+        s = samples[config.name]
+        med = {k: common.summary(v)["median"] for k, v in s.items()}
+        rows.append({
+            "config": config.name,
+            "keep_ratio": config.keep_ratio,
+            "prompt_tokens": prompt_tokens[config.name],
+            "median_seconds": med,
+            "selection_share_of_ttft": med["selection_share"],
+            "samples": {k: list(v) for k, v in s.items()},
+        })
+    stock = rows[0]["median_seconds"]
+    vision = stock["vision_tower"] + stock["projector"]
+    flops = estimated_flops(hf_config, rows[0]["prompt_tokens"])
+    return {
+        "benchmark": NAME,
+        "model": model_label,
+        "settings": {"repeats": repeats, "warmup": warmup, "max_tokens": 1, "prefix_caching": False},
+        "method": (
+            "forward hooks on vision_tower / multi_modal_projector, timing wrappers on "
+            "language_model.model.forward, the model's embed_multimodal, the plugin's select_tokens "
+            "and the processor's apply; "
+            "installed by the benchmark in-process, removed after"
+        ),
+        "llm_to_vision_time_ratio_stock": stock["llm_forward"] / vision if vision else None,
+        "estimated_flops_stock": flops,
+        "rows": rows,
+    }
+
+
+def estimated_flops(hf_config, prompt_tokens: int) -> dict:
+    """Matmul + attention FLOPs of one stock prefill (2 per multiply-add), vision vs LLM."""
+    v, t = hf_config.vision_config, hf_config.text_config
+    n_img = (v.image_size // v.patch_size) ** 2
+    n_vis = n_img + 1  # CLS
+    feature_layer = getattr(hf_config, "vision_feature_layer", -2)
+    if isinstance(feature_layer, (list, tuple)):
+        feature_layer = max(feature_layer, key=lambda x: x % (v.num_hidden_layers + 1))
+    layers_run = feature_layer % (v.num_hidden_layers + 1)
+    h, inter = v.hidden_size, v.intermediate_size
+    vision = layers_run * (2 * n_vis * (4 * h * h + 2 * h * inter) + 4 * n_vis * n_vis * h)
+    vision += 2 * n_img * 3 * v.patch_size**2 * h  # patch embedding
+    th = t.hidden_size
+    projector = 2 * n_img * (h * th + th * th)
+    kv_heads = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+    head_dim = getattr(t, "head_dim", None) or th // t.num_attention_heads
+    attn_proj = 2 * th * t.num_attention_heads * head_dim + 2 * th * kv_heads * head_dim
+    llm = t.num_hidden_layers * (
+        2 * prompt_tokens * (attn_proj + 3 * th * t.intermediate_size)
+        + 4 * prompt_tokens * prompt_tokens * t.num_attention_heads * head_dim
+    )
+    return {
+        "vision_tower": vision,
+        "projector": projector,
+        "llm": llm,
+        "vision_layers_run": layers_run,
+        "llm_to_vision_ratio": llm / (vision + projector),
+        "prompt_tokens": prompt_tokens,
+    }
+
+
+def markdown(result: dict) -> str:
+    headers = [
+        "config", "prompt tokens", "TTFT", "processor", "vision tower", "projector", "selection",
+        "query embed + gather", "LLM forward", "engine other", "selection / TTFT", "co-tenant CPU",
+    ]
+    rows = []
+    for r in result["rows"]:
+        m = r["median_seconds"]
+        ms = lambda k: f"{m[k] * 1e3:.1f}"  # noqa: E731
+        rows.append([
+            r["config"], r["prompt_tokens"], ms("ttft"), ms("processor"), ms("vision_tower"),
+            ms("projector"), ms("selection"), ms("pruning_other"), ms("llm_forward"),
+            ms("engine_other"), f"**{100 * r['selection_share_of_ttft']:.2f}%**",
+            f"{100 * m['cotenant']:.0f}%",
+        ])
+    fl = result["estimated_flops_stock"]
+    measured = result["llm_to_vision_time_ratio_stock"]
+    return "\n".join([
+        f"### Overhead breakdown — model `{result['model']}`",
+        "",
+        f"Medians in ms over {result['settings']['repeats']} rounds (one request at a time, "
+        "max_tokens=1). Method: " + result["method"] + ". `engine other` = TTFT − processor − "
+        "embed_multimodal − LLM forward (scheduling, input batch, logits, sampling, output); "
+        "derived columns are computed per request, then the median (so a row need not add up).",
+        "",
+        common.markdown_table(headers, rows),
+        "",
+        f"Stock prefill, LLM : vision (tower + projector): measured time "
+        f"{measured:.1f} : 1; estimated FLOPs {fl['llm_to_vision_ratio']:.1f} : 1 "
+        f"({fl['llm'] / 1e9:.1f} vs {(fl['vision_tower'] + fl['projector']) / 1e9:.1f} GFLOP, "
+        f"{fl['vision_layers_run']} vision layers run, {fl['prompt_tokens']} prompt tokens).",
+    ])
