@@ -88,13 +88,13 @@ TINY = TinyLlavaSpec()
 """The test / default-serve model: vision-dominated, ~1 MB, builds in seconds."""
 
 BENCH = TinyLlavaSpec(
-    vision_hidden=256,
-    vision_layers=4,
-    vision_heads=4,
-    text_hidden=1024,
+    vision_hidden=512,
+    vision_layers=5,  # vision_feature_layer=-2: vLLM runs 4 of them
+    vision_heads=8,
+    text_hidden=2048,
     text_layers=8,
-    text_heads=8,
-    text_intermediate=2816,
+    text_heads=16,
+    text_intermediate=5632,
     vocab_size=320,
 )
 """Bench-sized: the language model dominates prefill, as in LLaVA-1.5-7B (see benchmarks/)."""
