@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.name == "fidelity" and args.make_synthetic:
-        items = fidelity.make_synthetic(args.items or 60)
+        items = fidelity.make_synthetic(args.items or 40)
         fidelity.write_jsonl(items, Path(args.make_synthetic))
         print(f"wrote {len(items)} synthetic items to {args.make_synthetic}")
         return 0

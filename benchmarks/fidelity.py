@@ -36,7 +36,7 @@ RANDOM_WEIGHTS_NOTE = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="JSONL set; default: a synthetic set made on the fly")
-    parser.add_argument("--items", type=int, default=None, help="synthetic set size (default 60; smoke 6)")
+    parser.add_argument("--items", type=int, default=None, help="synthetic set size (default 40; smoke 6)")
     parser.add_argument("--make-synthetic", metavar="PATH", help="write a synthetic JSONL set and exit")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     if args.data:
         items, source = load_jsonl(Path(args.data)), str(args.data)
     else:
-        n = args.items or (6 if args.smoke else 60)
+        n = args.items or (6 if args.smoke else 40)
         items, source = make_synthetic(n), f"synthetic ({n} items, generated in memory, seed 0)"
     letter_ids = letter_token_ids(llm.get_tokenizer(), max(len(item["options"]) for item in items))
     images = [load_image(item) for item in items]

@@ -19,17 +19,22 @@ NAME = "latency"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 12; smoke 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 15; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds first (default 2; smoke 1)")
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 16; smoke 4)")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
+    parser.add_argument(
+        "--quiet-below", type=float, default=0.1,
+        help="also report TTFT over requests during which other processes used less than this "
+             "share of the machine's CPU (default 0.1)",
+    )
 
 
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     from vllm import SamplingParams
 
-    repeats = args.repeats or (2 if args.smoke else 12)
+    repeats = args.repeats or (2 if args.smoke else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     max_tokens = args.max_tokens or (4 if args.smoke else 16)
     configs = common.configs_for(args.ratios, args.methods)
@@ -71,7 +76,13 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
         })
     stock = rows[0]
+    quiet = _quiet_ttft(samples, configs, args.quiet_below)
     for row in rows:
+        row["ttft_quiet"] = quiet[row["config"]]
+        row["ttft_quiet_ratio"] = (
+            quiet[row["config"]]["median"] / quiet["stock"]["median"]
+            if quiet[row["config"]] and quiet["stock"] else None
+        )
         for key in ("ttft", "engine_prefill", "e2e"):
             row[f"{key}_ratio"] = row[key]["median"] / stock[key]["median"]
             # Paired by round: each pruned request against the stock request of the same round.
@@ -86,6 +97,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             "ratios": args.ratios, "methods": args.methods, "prefix_caching": False,
             "image_per_request": "fresh random 336x336 image (seeded by round and position)",
             "order": "round-robin over configs, rotated by one position each round",
+            "quiet_below": args.quiet_below,
         },
         "ttft_source": (
             "RequestOutput.metrics.first_token_latency: request arrival (before input processing) "
@@ -96,6 +108,17 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         ),
         "rows": rows,
     }
+
+
+def _quiet_ttft(samples: dict, configs, threshold: float) -> dict:
+    """TTFT over the requests during which other processes used < ``threshold`` of the CPU."""
+    out = {}
+    for config in configs:
+        s = samples[config.name]
+        out[config.name] = common.summary_or_none(
+            [t for t, c in zip(s["ttft"], s["cotenant"]) if c is not None and c < threshold]
+        )
+    return out
 
 
 def _one(values: set[int]) -> int:
@@ -112,7 +135,7 @@ def markdown(result: dict) -> str:
     headers = [
         "config", "prompt tokens", "token bound", "TTFT ms median (min–max)", "TTFT ratio",
         "engine prefill ms", "prefill ratio", "e2e ms median (min–max)", "e2e ratio",
-        "co-tenant CPU",
+        "co-tenant CPU", "quiet TTFT ratio (n)",
     ]
     rows = [
         [
@@ -120,6 +143,8 @@ def markdown(result: dict) -> str:
             f"**{r['ttft_ratio']:.3f}**", f"{r['engine_prefill']['median'] * 1e3:.1f}",
             f"{r['engine_prefill_ratio']:.3f}", _ms(r["e2e"]), f"{r['e2e_ratio']:.3f}",
             common.share(r["cotenant_cpu_share"]),
+            "n/a" if r["ttft_quiet_ratio"] is None
+            else f"{r['ttft_quiet_ratio']:.3f} ({r['ttft_quiet']['n']})",
         ]
         for r in result["rows"]
     ]
@@ -131,7 +156,8 @@ def markdown(result: dict) -> str:
         f"TTFT: {result['ttft_source']}. Ratios are median / stock median; "
         "token bound = prompt tokens / stock prompt tokens (what a cost linear in tokens would give). "
         "Co-tenant CPU: median share of the machine's CPU that other processes used during the "
-        "config's requests (another workload on a shared machine).",
+        "config's requests (another workload on a shared machine); quiet TTFT ratio: the same "
+        f"ratio over only the requests with co-tenant CPU < {100 * s['quiet_below']:.0f}% (n of them).",
         "",
         common.markdown_table(headers, rows),
     ])

@@ -21,7 +21,7 @@ NAME = "throughput"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=None, help="requests per batch (default 16; smoke 3)")
+    parser.add_argument("--batch", type=int, default=None, help="requests per batch (default 12; smoke 3)")
     parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 3; smoke 1)")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 0)")
     parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 8; smoke 2)")
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     from vllm import SamplingParams
 
-    batch = args.batch or (3 if args.smoke else 16)
+    batch = args.batch or (3 if args.smoke else 12)
     repeats = args.repeats or (1 if args.smoke else 3)
     warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 1)
     max_tokens = args.max_tokens or (2 if args.smoke else 8)
