@@ -26,6 +26,16 @@ BENCHMARKS = {
 }
 
 
+SUMMARY_NOTE = (
+    "Stock (keep_ratio 1.0) and every pruned setting ran in one process, one engine, interleaved "
+    "round-robin in every repeat; read the ratios, not the absolute times. The machine may be "
+    "shared (on the project's 2-core machines another developer's tests and servers run beside "
+    "the benchmark): the `co-tenant CPU` columns say how much of the CPU other processes used "
+    "during the measured requests. See benchmarks/README.md for the model shapes and how each "
+    "number is measured."
+)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None,
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         label = _model_name(args)
         path = out / f"summary-{label}.md"
         path.write_text(
-            f"# lvlm-prune benchmarks — model `{label}`\n\n"
+            f"# lvlm-prune benchmarks — model `{label}`\n\n{SUMMARY_NOTE}\n\n"
             + "\n\n".join(sections) + "\n"
         )
         print(f"\nsummary: {path}")
