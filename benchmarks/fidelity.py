@@ -197,7 +197,9 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             "agreement_ci95": common.wilson_interval(agree, len(items)),
             "predictions": [LETTERS[p] for p in pred],
         })
-    random_weights = model_label in ("tiny", "bench")
+    # The built-in models (tiny_models.py) leave a spec file beside their random weights.
+    model_path = Path(llm.llm_engine.vllm_config.model_config.model)
+    random_weights = (model_path / "lvlm_prune_spec.json").exists()
     return {
         "benchmark": NAME,
         "model": model_label,

@@ -208,3 +208,26 @@ def test_synthetic_set_round_trips_and_images_load_every_way(tmp_path):
     bad.write_text(json.dumps({"image": "a.png", "question": "q", "options": ["x", "y"]}) + "\n")
     with pytest.raises(ValueError, match="missing"):
         fidelity.load_jsonl(bad)
+
+
+def test_fidelity_reads_a_jsonl_with_image_files(tmp_path):
+    """A user's set on disk (images as files beside the JSONL) through the real engine."""
+    items = fidelity.make_synthetic(4, seed=3)
+    for i, item in enumerate(items):
+        fidelity.load_image(item).save(tmp_path / f"img{i}.png")
+        item["image"] = f"img{i}.png"
+        item["answer"] = fidelity.answer_index(item)  # as an index this time
+    fidelity.write_jsonl(items, tmp_path / "set.jsonl")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvlm_prune.benchmarks", "fidelity", "--smoke", "--data",
+         str(tmp_path / "set.jsonl"), "--ratios", "1.0", "0.25", "--methods", "uniform",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "fidelity-tiny.json").read_text())
+    assert [r["config"] for r in result["rows"]] == ["stock", "uniform@0.25", "stock (repeat)"]
+    assert result["n_items"] == 4 and result["data"].endswith("set.jsonl")
+    assert result["rows"][-1]["agreement_with_stock"] == 1.0
+    assert "only agreement" in result["note"]
