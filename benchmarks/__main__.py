@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import common
+from lvlm_prune.vllm_plugin.local_env import use_offline_cpu_env
 
-common.setup_environment()  # before anything imports vLLM
+use_offline_cpu_env()  # before anything imports vLLM
 
-from . import fidelity, latency, overhead, prefill_gpu, throughput  # noqa: E402
+from . import common, fidelity, latency, overhead, prefill_gpu, throughput  # noqa: E402
 
 BENCHMARKS = {
     "latency": latency,

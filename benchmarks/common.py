@@ -21,16 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    # Unset, vLLM on CPU takes most of the machine's memory for KV cache.
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    # In-process engine: loads in seconds, and the overhead benchmark can reach the model.
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
+from lvlm_prune.vllm_plugin.local_env import OFFLINE_CPU_ENV
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_DIR = RESULTS_DIR / "smoke"  # git-ignored
@@ -38,12 +29,6 @@ SMOKE_DIR = RESULTS_DIR / "smoke"  # git-ignored
 QUESTION = "What is the color of the car on the street?"
 RATIOS = (1.0, 0.5, 0.25, 0.11)  # 0.11 of 576 keeps 64 tokens
 METHODS = ("simignore", "uniform")
-
-
-def setup_environment() -> None:
-    """Set the defaults above unless the caller set them; must run before vLLM reads them."""
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +249,7 @@ def machine_info() -> dict:
         info["torch_threads"] = torch.get_num_threads()
     except Exception:  # noqa: BLE001 - machine info must never fail a run
         pass
-    info["env"] = {k: os.environ.get(k) for k in (*ENV_DEFAULTS, "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}
+    info["env"] = {k: os.environ.get(k) for k in (*OFFLINE_CPU_ENV, "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}
     return info
 
 

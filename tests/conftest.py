@@ -5,17 +5,15 @@ Environment first: these must be set before vLLM is imported anywhere in the ses
 
 import os
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    # Unset, vLLM on CPU takes most of the machine's memory for KV cache.
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    # In-process engine: loads in seconds instead of ~30 s, and tests reach the worker.
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}.items():
-    os.environ.setdefault(_key, _value)
+import torch
+
+from lvlm_prune.vllm_plugin.local_env import use_offline_cpu_env
+
+use_offline_cpu_env()
+# Triton has no CPU backend: without CUDA the kernel tests run in its interpreter, which must be
+# on before anything (vLLM, a benchmark module) first imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -5,8 +5,9 @@ no packages, and a second ``conftest.py`` would replace ``tests/conftest.py`` as
 module that other tests import from.
 
 Triton has no CPU backend; without CUDA its kernels run in the interpreter, which must be switched
-on (``TRITON_INTERPRET=1``) before ``triton`` is first imported. If something imported it earlier,
-the Triton tests skip and say so; ``TRITON_INTERPRET=1 pytest tests/kernels`` always works.
+on (``TRITON_INTERPRET=1``) before ``triton`` is first imported; ``tests/conftest.py`` does that.
+If something imported triton earlier anyway, collection fails loudly rather than skipping the
+Triton tests in silence.
 """
 
 from __future__ import annotations
@@ -27,15 +28,12 @@ from lvlm_prune.kernels._triton_utils import HAS_TRITON, interpreter_active  # n
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-if not HAS_TRITON:
-    _SKIP = "triton is not installed (pip install triton)"
-elif not CUDA and not interpreter_active():
-    _SKIP = (
+if HAS_TRITON and not CUDA and not interpreter_active():
+    raise RuntimeError(
         "no CUDA, and triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
         "is off: run `TRITON_INTERPRET=1 python -m pytest tests/kernels`"
     )
-else:
-    _SKIP = None
+_SKIP = "triton is not installed (pip install triton)" if not HAS_TRITON else None
 requires_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU-only shapes: needs a CUDA GPU")
 
