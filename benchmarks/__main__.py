@@ -118,7 +118,9 @@ def run_one(args: argparse.Namespace, command: str) -> str | None:
         model_dir, label = common.resolve_model(_model_name(args))
         llm = common.get_llm(model_dir, max_model_len=args.max_model_len)
         result = module.run(args, llm, label)
-        result["model_path"] = model_dir
+        # A built-in model is named by its spec and content key, never by where it is cached.
+        name = _model_name(args)
+        result["model_source"] = f"built-in {name}: {Path(model_dir).name}" if name == label else model_dir
         stem = f"{args.name}-{label}"
     result["machine"] = machine
     result["command"] = command
