@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._triton_utils import to_device
+from ._triton_utils import HAS_TRITON, to_device
 from .relevance import relevance_ref
 from .topk_select import merge_dropped_ref, topk_select_batched_ref
 
@@ -73,12 +73,13 @@ class Selection:
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """``triton`` for CUDA tensors, ``torch`` elsewhere; ``backend`` or $LVLM_PRUNE_BACKEND force one."""
+    """``triton`` for CUDA tensors (if Triton is installed), ``torch`` elsewhere; ``backend`` or
+    $LVLM_PRUNE_BACKEND force one."""
     choice = backend or os.environ.get(BACKEND_ENV, "auto")
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} / backend must be one of {BACKENDS}, got {choice!r}")
     if choice == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
     return choice
 
 

@@ -12,6 +12,7 @@ API key is refused before anything here runs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -27,7 +28,7 @@ from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lvlm_prune.vllm_plugin import options
-from lvlm_prune.vllm_plugin.accounting import COUNTS
+from lvlm_prune.vllm_plugin.accounting import LEDGER
 
 from . import metrics
 from .heatmap import render_heatmap
@@ -76,9 +77,13 @@ class PruningMiddleware:
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        if request is not None:
-            send = ResponseRewriter(request, state, send)
-        await self.app(scope, _replay(body, receive), send)
+        if request is None:
+            return await self.app(scope, _replay(body, receive), send)
+        rewriter = ResponseRewriter(request, state, send)
+        try:
+            await self.app(scope, _replay(body, receive), rewriter)
+        finally:
+            await rewriter.release()  # a disconnect or an error must not leave entries behind
 
 
 @dataclass
@@ -96,7 +101,7 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
     if raw_kwargs is not None:
         if not isinstance(raw_kwargs, dict):
             raise BadRequest("mm_processor_kwargs must be an object", "mm_processor_kwargs")
-        check_raw_kwargs(raw_kwargs, trust_all=state.trust_request_mm_kwargs)
+        check_raw_kwargs(raw_kwargs)
 
     pruning = PruningRequest()
     if raw_pruning is not None:
@@ -108,13 +113,8 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
             first = err.errors()[0]
             param = f"pruning.{first['loc'][0]}" if first["loc"] else "pruning"
             raise BadRequest(f"{param}: {first['msg']}", param) from None
-    if pruning.diagnostics and not state.diagnostics_available:
-        raise BadRequest(
-            "pruning.diagnostics needs the server started with "
-            "--worker-extension-cls lvlm_prune.vllm_plugin.diagnostics.PruneWorkerExtension "
-            "(lvlm-prune serve sets it)",
-            "pruning.diagnostics",
-        )
+    if pruning.diagnostics and state.diagnostics_unavailable:
+        raise BadRequest(state.diagnostics_unavailable, "pruning.diagnostics")
 
     # vLLM's /v1/completions takes text and token prompts only: pruning is validated there, but
     # there is no image to prune, as in a chat request without one.
@@ -123,9 +123,8 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
         return None
     mm_kwargs = dict(raw_kwargs or {})
     mm_kwargs.update(pruning.mm_processor_kwargs())
-    if options.QUERY not in mm_kwargs:
-        if query := user_text(payload.get("messages")):
-            mm_kwargs[options.QUERY] = query
+    # Even when empty: then simignore falls back to uniform instead of ranking template words.
+    mm_kwargs.setdefault(options.QUERY, user_text(payload.get("messages")))
     request = PreparedRequest(
         tag=uuid.uuid4().hex, diagnostics_id=None, heatmap=pruning.diagnostics == "heatmap"
     )
@@ -135,23 +134,21 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
         request.images = images
     mm_kwargs[options.TAG] = request.tag
     payload["mm_processor_kwargs"] = mm_kwargs
+    LEDGER.expect(request.tag, request.diagnostics_id)
     return request
 
 
-def check_raw_kwargs(raw: dict, *, trust_all: bool) -> None:
-    """Raw ``mm_processor_kwargs``: our options always (validated), others only if trusted."""
+def check_raw_kwargs(raw: dict) -> None:
+    """Raw ``mm_processor_kwargs``: our options validated here, with the field in the error.
+
+    Other keys are vLLM's to accept or refuse (``--trust-request-mm-kwargs``), see plugin.py.
+    """
     internal = set(raw) & (options.OWN_KWARGS - CLIENT_KWARGS)
     if internal:
         key = sorted(internal)[0]
-        raise BadRequest(f"mm_processor_kwargs.{key} is set by the server, not by clients", f"mm_processor_kwargs.{key}")
-    foreign = set(raw) - CLIENT_KWARGS
-    if foreign and not trust_all:
         raise BadRequest(
-            f"Per-request mm_processor_kwargs other than the pruning options {sorted(CLIENT_KWARGS)} "
-            "are disabled by default because they can change multimodal preprocessing resource "
-            "usage; start the server with --trust-request-mm-kwargs only when clients are trusted "
-            f"(got {sorted(foreign)})",
-            "mm_processor_kwargs",
+            f"mm_processor_kwargs.{key} is set by the server, not by clients",
+            f"mm_processor_kwargs.{key}",
         )
     try:
         options.PruneOptions.from_kwargs(raw)
@@ -242,7 +239,7 @@ class ResponseRewriter:
 
     async def _stream(self, message: Message) -> Message:
         data = message.get("body", b"")
-        done_at = data.find(b"data: [DONE]")
+        done_at = _done_event_at(data)
         self._remember_chunk(data if done_at < 0 else data[:done_at])
         if done_at >= 0 and not self.done:
             info = await self._finish(model=self.last_chunk.get("model"))
@@ -261,6 +258,13 @@ class ResponseRewriter:
             await self._finish()
         return message
 
+    async def release(self) -> None:
+        """Take the request's entries out of the stores if the response never finished."""
+        if not self.done:
+            self.done = True
+            LEDGER.pop(self.request.tag)
+            await self.state.pop_diagnostics(self.request.diagnostics_id)
+
     def _remember_chunk(self, data: bytes) -> None:
         for line in data.split(b"\n"):
             if line.startswith(b"data: {"):
@@ -274,14 +278,14 @@ class ResponseRewriter:
         if self.done:
             return None
         self.done = True
-        counts = COUNTS.pop(self.request.tag)
+        counts = LEDGER.pop(self.request.tag)
         entries = await self.state.pop_diagnostics(self.request.diagnostics_id)
         if counts is None or self.mode == "passthrough":
             return None
         metrics.observe_request(model or self.state.model_name, counts)
         per_image = [ImagePruning(tokens_before=b, tokens_after=a) for b, a in counts.per_image]
-        for i, (image, entry) in enumerate(zip(per_image, entries)):
-            self._fill_diagnostics(image, entry, i)
+        if entries:  # reshaping, decoding tokens and drawing PNGs: off the event loop
+            await asyncio.to_thread(self._fill_all_diagnostics, per_image, entries)
         return PruningInfo(
             image_tokens_before=counts.before,
             image_tokens_after=counts.after,
@@ -290,6 +294,10 @@ class ResponseRewriter:
             merge=counts.merge,
             per_image=per_image,
         ).model_dump(exclude_none=True)
+
+    def _fill_all_diagnostics(self, per_image: list[ImagePruning], entries: list[dict]) -> None:
+        for i, (image, entry) in enumerate(zip(per_image, entries)):
+            self._fill_diagnostics(image, entry, i)
 
     def _fill_diagnostics(self, image: ImagePruning, entry: dict, index: int) -> None:
         image.method = entry["method"]
@@ -322,6 +330,18 @@ def _decode_data_url(url: str | None) -> Image.Image | None:
         return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     except Exception:  # noqa: BLE001 - a heatmap without the picture under it is still useful
         return None
+
+
+DONE_EVENT = b"data: [DONE]"
+
+
+def _done_event_at(data: bytes) -> int:
+    """Where the ``[DONE]`` event starts in a body chunk, or -1; only at an event boundary, so a
+    model that writes "data: [DONE]" in its text (JSON-escaped inside an event) cannot match."""
+    if data.startswith(DONE_EVENT):
+        return 0
+    at = data.find(b"\n\n" + DONE_EVENT)
+    return at + 2 if at >= 0 else -1
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -1,21 +1,24 @@
 """vLLM endpoint plugin (``vllm.endpoint_plugins``): the HTTP half of lvlm-prune.
 
 vLLM 0.32 pairs a general plugin (engine side: our model, processor, worker RPCs) with an endpoint
-plugin (HTTP side). This one adds ``PruningMiddleware`` to vLLM's own app, so chat and completion
-requests gain ``pruning`` without a second chat-completions implementation, and it drains the
-workers' selection timings into Prometheus. Loaded when ``VLLM_PLUGINS`` names ``lvlm_prune_api``
-(``lvlm-prune serve`` does; with ``vllm serve`` set it yourself).
+plugin (HTTP side). This one adds ``PruningMiddleware`` to vLLM's own app, so chat requests gain
+``pruning`` without a second chat-completions implementation, lets the pruning options through
+vLLM's per-request ``mm_processor_kwargs`` gate, and drains the workers' selection timings into
+Prometheus. Loaded when ``VLLM_PLUGINS`` names ``lvlm_prune_api`` (``lvlm-prune serve`` does; with
+``vllm serve`` set it yourself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from argparse import Namespace
 
 from fastapi import FastAPI
 
-from lvlm_prune.vllm_plugin import WORKER_EXTENSION
+from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options
+from lvlm_prune.vllm_plugin.accounting import LEDGER
 
 from . import metrics
 from .middleware import PruningMiddleware
@@ -23,27 +26,101 @@ from .middleware import PruningMiddleware
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0
+RPC_TIMEOUT_SECONDS = 10.0
+
+# NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's
+# validate_request_mm_kwargs by name and call it on every request that can carry images.
+_GATED_MODULES = ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")
+
+
+def allow_pruning_kwargs_per_request() -> None:
+    """Let the pruning options through vLLM's per-request ``mm_processor_kwargs`` gate.
+
+    vLLM refuses every per-request processor kwarg unless the server runs with
+    ``--trust-request-mm-kwargs``. Ours are validated and only ever shrink the work, so they pass
+    on every route; any other key still meets vLLM's own check, untouched, and so does
+    ``media_io_kwargs``. The server-set keys (request tag, diagnostics id) pass only if our
+    middleware issued them, so a client cannot forge them.
+    """
+    for name in _GATED_MODULES:
+        module = importlib.import_module(name)
+        original = getattr(module, "validate_request_mm_kwargs", None)
+        if original is None:
+            logger.warning("lvlm-prune: %s has no validate_request_mm_kwargs to extend", name)
+            continue
+        if getattr(original, "_lvlm_prune", False):
+            continue
+        module.validate_request_mm_kwargs = _gate_allowing_pruning(original)
+
+
+def _gate_allowing_pruning(original):
+    def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
+        if mm_processor_kwargs and not trust_request_mm_kwargs:
+            _check_server_set_kwargs(mm_processor_kwargs)
+            mm_processor_kwargs = options.without_own_kwargs(mm_processor_kwargs) or None
+        return original(
+            mm_processor_kwargs=mm_processor_kwargs,
+            media_io_kwargs=media_io_kwargs,
+            trust_request_mm_kwargs=trust_request_mm_kwargs,
+        )
+
+    validate_request_mm_kwargs._lvlm_prune = True
+    return validate_request_mm_kwargs
+
+
+def _check_server_set_kwargs(kwargs: dict) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    tag, diag = kwargs.get(options.TAG), kwargs.get(options.DIAGNOSTICS)
+    if options.QUERY_IDS in kwargs or (
+        (tag is not None or diag is not None) and not LEDGER.is_expected(tag, diag)
+    ):
+        key = next(k for k in (options.QUERY_IDS, options.DIAGNOSTICS, options.TAG) if k in kwargs)
+        raise VLLMValidationError(
+            f"mm_processor_kwargs.{key} is set by the server, not by clients",
+            parameter=f"mm_processor_kwargs.{key}",
+        )
+
+
+def serves_pruned_llava(model_config) -> bool:
+    """Our processor only runs for LLaVA checkpoints (Pixtral-HF shares the name, unpruned)."""
+    hf_config = model_config.hf_config
+    vision = getattr(hf_config, "vision_config", None)
+    return bool(set(model_config.architectures or ()) & set(MODELS)) and (
+        getattr(vision, "model_type", None) != "pixtral"
+    )
 
 
 class ServerState:
     """What the middleware needs from the engine, on ``app.state.lvlm_prune``."""
 
-    def __init__(self, engine_client, args: Namespace, *, trust_request_mm_kwargs: bool) -> None:
+    def __init__(self, engine_client, args: Namespace) -> None:
         self.engine_client = engine_client
-        self.trust_request_mm_kwargs = trust_request_mm_kwargs
         names = getattr(args, "served_model_name", None)
         self.model_name = names[0] if names else args.model
-        self.diagnostics_available = WORKER_EXTENSION in (getattr(args, "worker_extension_cls", "") or "")
+        self.diagnostics_unavailable = None
+        if WORKER_EXTENSION not in (getattr(args, "worker_extension_cls", "") or ""):
+            self.diagnostics_unavailable = (
+                f"pruning.diagnostics needs the server started with --worker-extension-cls "
+                f"{WORKER_EXTENSION} (lvlm-prune serve sets it)"
+            )
+        elif (getattr(args, "data_parallel_size", 1) or 1) > 1:
+            # NOTE(vLLM 0.32): collective_rpc answers from the first data-parallel engine only.
+            self.diagnostics_unavailable = "pruning.diagnostics is not available with --data-parallel-size > 1"
         self.tokenizer = engine_client.get_tokenizer()
         self.poller: asyncio.Task | None = None
 
     async def pop_diagnostics(self, diag_id: int | None) -> list[dict]:
         if diag_id is None:
             return []
-        # Every tensor-parallel rank ran the same selection; pop all, use the first.
-        per_worker = await self.engine_client.collective_rpc(
-            "lvlm_prune_pop_diagnostics", args=([diag_id],)
-        )
+        try:
+            per_worker = await self.engine_client.collective_rpc(
+                "lvlm_prune_pop_diagnostics", timeout=RPC_TIMEOUT_SECONDS, args=([diag_id],)
+            )
+        except Exception:  # noqa: BLE001 - the answer goes out without diagnostics, not a 500
+            logger.exception("lvlm-prune: fetching diagnostics from the workers failed")
+            return []
+        # Every tensor-parallel rank ran the same selection; all were popped, use the first.
         for result in per_worker:
             if diag_id in result:
                 return result[diag_id]
@@ -59,10 +136,11 @@ class ServerState:
             await asyncio.sleep(POLL_SECONDS)
 
     async def drain_once(self) -> None:
-        timings = await self.engine_client.collective_rpc("lvlm_prune_drain_timings")
-        for seconds, _num_images in timings[0] if timings else []:
+        rpc = self.engine_client.collective_rpc
+        timings = await rpc("lvlm_prune_drain_timings", timeout=RPC_TIMEOUT_SECONDS)
+        for seconds, _num_images in timings[0] if timings else []:  # rank 0: one per selection
             metrics.SELECTION_SECONDS.labels(self.model_name).observe(seconds)
-        sizes = await self.engine_client.collective_rpc("lvlm_prune_store_size")
+        sizes = await rpc("lvlm_prune_store_size", timeout=RPC_TIMEOUT_SECONDS)
         metrics.DIAGNOSTICS_PENDING.labels(self.model_name).set(max(sizes, default=0))
 
 
@@ -71,22 +149,17 @@ class PruningEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        args = app.state.args
-        # Pruning options only ever shrink the work and are validated, so they are accepted per
-        # request; every other per-request mm_processor_kwarg still needs the user's own
-        # --trust-request-mm-kwargs, enforced in the middleware. vLLM reads this flag after
-        # build_app, when it builds its serving objects.
-        self.trust_request_mm_kwargs = bool(args.trust_request_mm_kwargs)
-        args.trust_request_mm_kwargs = True
+        allow_pruning_kwargs_per_request()
         # Added before vLLM adds its authentication middleware, so ours runs inside it.
         app.add_middleware(PruningMiddleware)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:  # the CPU-only render server has no engine
             return
-        server = ServerState(
-            engine_client, args, trust_request_mm_kwargs=self.trust_request_mm_kwargs
-        )
+        if not serves_pruned_llava(engine_client.model_config):
+            logger.warning("lvlm-prune: %s is not a pruned LLaVA model; API layer off", args.model)
+            return
+        server = ServerState(engine_client, args)
         state.lvlm_prune = server
-        if server.diagnostics_available:
+        if server.diagnostics_unavailable is None:
             server.poller = asyncio.get_running_loop().create_task(server.poll_workers())

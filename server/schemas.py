@@ -28,9 +28,9 @@ class PruningRequest(BaseModel):
     merge: StrictBool | None = None
     diagnostics: bool | Literal["heatmap"] = False
     """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
-    query: str | None = None
-    """Relevance query; default: the text of the user's messages."""
-    seed: StrictInt | None = None
+    query: Annotated[str, Field(max_length=20_000)] | None = None
+    """Relevance query; default: the text of the user's messages (its last 512 tokens are used)."""
+    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)] | None = None
 
     @field_validator("diagnostics", mode="before")
     @classmethod

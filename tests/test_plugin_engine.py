@@ -213,7 +213,7 @@ BAD_KWARGS = [
     ({"prune_method": 3}, "prune_method must be one of"),
     ({"prune_merge": "yes"}, "prune_merge must be true or false"),
     ({"prune_query": 5}, "prune_query must be a string"),
-    ({"prune_seed": 1.5}, "prune_seed must be an integer"),
+    ({"prune_seed": 1.5}, "prune_seed must be a 64-bit integer"),
     ({"prune_diagnostics": "x"}, "prune_diagnostics must be a positive 63-bit integer id"),
 ]
 

@@ -1,9 +1,11 @@
-"""API-process record of what the processor decided for each tagged request.
+"""API-process ledger of the requests our server tagged, and what the processor decided for them.
 
-The server tags a request (``prune_tag``, kept out of the multimodal hash) and reads back, once
-the response is done, how many image tokens each image had before and after pruning and which
-options were in force (server default merged with the request). Exact also on processor-cache
-hits, since ``apply`` runs for every request. Bounded: untaken entries are evicted oldest-first.
+The server's middleware opens an entry (``expect``) with a fresh tag, and the diagnostics id when
+diagnostics were asked for, before vLLM sees the request; the processor adds each image's token
+counts before/after pruning and the options in force (``add``, also on processor-cache hits since
+``apply`` runs for every request); the middleware takes the entry when the response is done
+(``pop``). Tags and diagnostics ids that no entry expects are refused at the API (``is_expected``),
+so a client cannot forge one. Bounded: entries nobody takes are evicted oldest-first.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import collections
 import dataclasses
 import threading
 
-MAX_ENTRIES = 4096
+MAX_ENTRIES = 16384
 
 
 @dataclasses.dataclass
@@ -31,28 +33,48 @@ class RequestCounts:
         return sum(a for _, a in self.per_image)
 
 
-class CountsStore:
+@dataclasses.dataclass
+class _Entry:
+    diagnostics_id: int | None
+    counts: RequestCounts | None = None
+
+
+class RequestLedger:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[str, RequestCounts] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, tag: str, counts: RequestCounts) -> None:
+    def expect(self, tag: str, diagnostics_id: int | None = None) -> None:
         with self._lock:
-            if tag in self._entries:  # several prompts in one request (n > 1 completions)
-                self._entries[tag].per_image.extend(counts.per_image)
-            else:
-                self._entries[tag] = counts
+            self._entries[tag] = _Entry(diagnostics_id)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
+    def is_expected(self, tag: object, diagnostics_id: object) -> bool:
+        with self._lock:
+            entry = self._entries.get(tag) if isinstance(tag, str) else None
+        return entry is not None and entry.diagnostics_id == diagnostics_id
+
+    def add(self, tag: str, counts: RequestCounts) -> None:
+        """Record counts for an expected tag (several prompts of one request add up)."""
+        with self._lock:
+            entry = self._entries.get(tag)
+            if entry is None:
+                return
+            if entry.counts is None:
+                entry.counts = counts
+            else:
+                entry.counts.per_image.extend(counts.per_image)
+
     def pop(self, tag: str) -> RequestCounts | None:
         with self._lock:
-            return self._entries.pop(tag, None)
+            entry = self._entries.pop(tag, None)
+        return entry.counts if entry else None
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
 
 
-COUNTS = CountsStore()
+LEDGER = RequestLedger()

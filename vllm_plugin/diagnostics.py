@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import torch
 
@@ -22,7 +23,7 @@ class DiagnosticsStore:
         self.max_entries = max_entries
         self._entries: collections.OrderedDict[int, list[dict]] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.selection_seconds: list[tuple[float, int]] = []
+        self._timers: list[tuple[object, object, int]] = []
 
     def put(
         self,
@@ -52,15 +53,37 @@ class DiagnosticsStore:
         with self._lock:
             return {i: self._entries.pop(i) for i in diag_ids if i in self._entries}
 
-    def record_timing(self, seconds: float, num_images: int) -> None:
+    def start_timer(self, device: torch.device):
+        """CUDA events on a GPU (read when drained, seconds later: no sync in the forward pass),
+        the wall clock elsewhere."""
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def stop_timer(self, start, *, num_images: int) -> None:
+        if isinstance(start, float):
+            stop: object = time.perf_counter()
+        else:
+            stop = torch.cuda.Event(enable_timing=True)
+            stop.record()
         with self._lock:
-            self.selection_seconds.append((seconds, num_images))
-            del self.selection_seconds[:-MAX_ENTRIES]
+            self._timers.append((start, stop, num_images))
+            del self._timers[:-MAX_ENTRIES]
 
     def drain_timings(self) -> list[tuple[float, int]]:
+        """(seconds, images) per selection since the last drain."""
         with self._lock:
-            out, self.selection_seconds = self.selection_seconds, []
-            return out
+            timers, self._timers = self._timers, []
+        out = []
+        for start, stop, num_images in timers:
+            if isinstance(start, float):
+                out.append((stop - start, num_images))
+            else:
+                stop.synchronize()
+                out.append((start.elapsed_time(stop) / 1e3, num_images))
+        return out
 
     def __len__(self) -> int:
         with self._lock:

@@ -10,7 +10,6 @@ question. Model (worker): runs the stock vision tower + projector, then keeps K 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from lvlm_prune.kernels import PRUNE_METHODS, keep_count, select_tokens
 
 from . import diagnostics, options
-from .accounting import COUNTS, RequestCounts
+from .accounting import LEDGER, RequestCounts
 from .options import PruneOptions
 
 # Per-image fields the processor adds for the model. Every processed image carries all of them
@@ -63,7 +62,7 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         if isinstance(tag, str) and "image" in mm_items:
             after = [p.length for p in result["mm_placeholders"].get("image", [])]
             before = [self._num_image_tokens(mm_items, i) for i in range(len(after))]
-            COUNTS.add(
+            LEDGER.add(
                 tag,
                 RequestCounts(opts.keep_ratio, opts.method, opts.merge, list(zip(before, after))),
             )
@@ -79,9 +78,12 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         """The relevance query: ``prune_query`` if given, else the prompt's text tokens."""
         tokenizer = self.info.get_tokenizer()
         if opts.query is not None:
-            return list(tokenizer.encode(opts.query, add_special_tokens=False))
-        skip = set(tokenizer.all_special_ids) | {self.info.get_hf_config().image_token_index}
-        return [t for t in prompt if t not in skip]
+            ids = tokenizer.encode(opts.query, add_special_tokens=False)
+        else:
+            skip = set(tokenizer.all_special_ids) | {self.info.get_hf_config().image_token_index}
+            ids = [t for t in prompt if t not in skip]
+        # The last tokens: in a long conversation, the latest question.
+        return list(ids[-options.MAX_QUERY_TOKENS :])
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         # NOTE(vLLM 0.32): InputProcessingContext.call_hf_processor merges the server-wide
@@ -114,7 +116,12 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
         if isinstance(images, ImageEmbeddingItems):
             return images.get_feature_size(item_idx)
-        size = images.get_image_size(item_idx)
+        try:
+            size = images.get_image_size(item_idx)
+        except (ValueError, AssertionError):
+            # An image sent by uuid only (already cached) has no size here; LLaVA-1.5's CLIP
+            # resizes every image to one size, so N is the same for all of them.
+            return self.info.get_max_image_tokens()
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs):
@@ -165,18 +172,20 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
         if fields[KEEP_FIELD] is None or len(embeds) == 0:
             return embeds
         images = list(embeds)  # [B, N, D] tensor or tuple of [N_b, D]
-        keep = _per_image(fields[KEEP_FIELD])
-        if all(k >= image.shape[0] for k, image in zip(keep, images)) and not any(
-            _per_image(fields[DIAGNOSTICS_FIELD])
-        ):
+        keep, diag_ids = _per_image(fields[KEEP_FIELD]), _per_image(fields[DIAGNOSTICS_FIELD])
+        if all(k >= image.shape[0] for k, image in zip(keep, images)) and not any(diag_ids):
             return embeds
 
+        # NOTE: with LoRA, embed_tokens is a wrapper whose indices belong to the current batch.
         embed_tokens = self.language_model.model.embed_tokens
+        embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
         device = images[0].device
         query_ids = _per_image_tensors(fields[QUERY_FIELD])
-        queries = [embed_tokens(ids.to(device)) for ids in query_ids]
-        diag_ids = _per_image(fields[DIAGNOSTICS_FIELD])
-        start = time.perf_counter()
+        queries = [
+            embed_tokens(ids.to(device)) if ids.numel() else image.new_empty((0, image.shape[1]))
+            for ids, image in zip(query_ids, images)
+        ]
+        timer = diagnostics.STORE.start_timer(device)
         selections = select_tokens(
             images,
             queries,
@@ -186,9 +195,7 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
             seeds=_per_image(fields[SEED_FIELD]),
             need_scores=any(diag_ids),
         )
-        if device.type == "cuda":  # the clock must not stop at kernel launch
-            torch.cuda.synchronize(device)
-        diagnostics.STORE.record_timing(time.perf_counter() - start, len(images))
+        diagnostics.STORE.stop_timer(timer, num_images=len(images))
         for sel, diag_id, ids, image, query in zip(selections, diag_ids, query_ids, images, queries):
             if diag_id:
                 diagnostics.STORE.put(diag_id, sel, image=image, query=query, query_ids=ids)

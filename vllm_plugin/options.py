@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 
 from lvlm_prune.kernels import PRUNE_METHODS
@@ -34,6 +33,10 @@ keys vLLM's processor, encoder and prefix caches by question."""
 
 OWN_KWARGS = frozenset((*USER_KWARGS, TAG, QUERY_IDS))
 """Everything of ours that must never reach the HF processor."""
+
+MAX_QUERY_TOKENS = 512
+"""The relevance query is cut to its last this-many tokens: a query is [T, D] per image in the
+worker, and T must not be the client's to choose without bound."""
 
 
 class PruneOptionError(ValueError):
@@ -67,9 +70,10 @@ class PruneOptions:
         """Validate our kwargs out of merged ``mm_processor_kwargs`` (others are ignored)."""
         opts = cls()
         if (v := kwargs.get(KEEP_RATIO)) is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            # Ints too (1 is a ratio); checked without float(): 10**400 must be a 400, not a crash.
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
                 raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}")
-            if not 0.0 < v <= 1.0:
+            if not 0 < v <= 1:
                 raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be in (0, 1], got {v!r}")
             opts = dataclasses.replace(opts, keep_ratio=float(v))
         if (v := kwargs.get(METHOD)) is not None:
@@ -85,8 +89,8 @@ class PruneOptions:
                 raise PruneOptionError(QUERY, f"{QUERY} must be a string, got {v!r}")
             opts = dataclasses.replace(opts, query=v)
         if (v := kwargs.get(SEED)) is not None:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise PruneOptionError(SEED, f"{SEED} must be an integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not -(2**63) <= v < 2**63:
+                raise PruneOptionError(SEED, f"{SEED} must be a 64-bit integer, got {v!r}")
             opts = dataclasses.replace(opts, seed=v)
         if (v := kwargs.get(DIAGNOSTICS)) is not None:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**63:

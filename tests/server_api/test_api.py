@@ -176,6 +176,12 @@ BAD = {
     "raw kwarg bad": (good_body(mm_processor_kwargs={"keep_ratio": 2}), "mm_processor_kwargs.keep_ratio"),
     "raw foreign kwarg": (good_body(mm_processor_kwargs={"do_resize": False}), "mm_processor_kwargs"),
     "raw internal kwarg": (good_body(mm_processor_kwargs={"prune_diagnostics": 5}), "mm_processor_kwargs.prune_diagnostics"),
+    "forged request tag": (good_body(mm_processor_kwargs={"prune_tag": "abc"}), "mm_processor_kwargs.prune_tag"),
+    "media_io_kwargs stay gated": (good_body(media_io_kwargs={"image": {"mode": "L"}}), "media_io_kwargs"),
+    "seed beyond int64": (good_body(pruning={"seed": 2**63}), "pruning.seed"),
+    "raw seed beyond int64": (good_body(mm_processor_kwargs={"prune_seed": 2**63}), "mm_processor_kwargs.prune_seed"),
+    "raw huge keep_ratio": (good_body(mm_processor_kwargs={"keep_ratio": 10**400}), "mm_processor_kwargs.keep_ratio"),
+    "query too long": (good_body(pruning={"query": "x" * 20_001}), "pruning.query"),
     "corrupt base64": (
         good_body(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64@@@"}},
@@ -203,6 +209,27 @@ def test_bad_input_is_a_400_and_the_server_keeps_serving(server, client, case):
         assert error["param"] == param, error
         assert param.split(".")[-1] in error["message"]
     assert pruning_of(chat(client, pruning={"keep_ratio": 0.25}))["image_tokens_after"] == 144
+
+
+def test_long_query_is_cut_to_its_last_tokens(client, tiny_model_dir):
+    from lvlm_prune.vllm_plugin.options import MAX_QUERY_TOKENS
+
+    question = " ".join(f"w{i}" for i in range(2000))
+    response = chat(client, pruning={"keep_ratio": 0.25, "diagnostics": True, "query": question})
+    (image,) = pruning_of(response)["per_image"]
+    ids = ref.load(tiny_model_dir)[1].tokenizer.encode(question, add_special_tokens=False)
+    assert len(ids) > MAX_QUERY_TOKENS
+    assert {t["id"] for t in image["top_query_tokens"]} <= set(ids[-MAX_QUERY_TOKENS:])
+    assert len(image["kept_indices"]) == 144
+
+
+def test_done_event_is_found_only_at_an_event_boundary():
+    from lvlm_prune.server.middleware import _done_event_at
+
+    assert _done_event_at(b"data: [DONE]\n\n") == 0
+    chunk = b'data: {"x": 1}\n\ndata: [DONE]\n\n'
+    assert _done_event_at(chunk) == chunk.index(b"data: [DONE]")
+    assert _done_event_at(b'data: {"content": "say data: [DONE] now"}\n\n') == -1
 
 
 def test_empty_body_is_a_400(server):
