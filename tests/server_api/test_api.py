@@ -253,3 +253,28 @@ def test_openai_client_sees_a_bad_request_error(client):
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, pruning={"method": "best"})
     assert "pruning.method" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,param",
+    [
+        ({"keep_ratio": 0.25}, 200, None),
+        ({"prune_tag": "forged"}, 400, "mm_processor_kwargs.prune_tag"),
+        ({"prune_diagnostics": 5}, 400, "mm_processor_kwargs.prune_diagnostics"),
+        ({"do_resize": False}, 400, "mm_processor_kwargs"),
+    ],
+)
+def test_vllm_gate_on_routes_outside_the_middleware(server, kwargs, status, param):
+    """/tokenize is vLLM's, not ours: pruning keys pass vLLM's per-request gate there too, server-set
+    keys only when our middleware issued them, any other key only with --trust-request-mm-kwargs."""
+    response = requests.post(
+        f"{server.url}/tokenize",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "messages": messages(), "mm_processor_kwargs": kwargs},
+        timeout=120,
+    )
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["tokens"].count(ref.IMAGE_TOKEN_ID) == 144
+    else:
+        assert param in response.json()["error"]["message"]
