@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 IMAGE_PART_TYPES = {"image_url", "image", "image_pil", "image_embeds", "input_image"}
-CLIENT_KWARGS = frozenset(options.USER_KWARGS) - {options.DIAGNOSTICS}
-"""Pruning kwargs a client may send raw in ``mm_processor_kwargs``."""
 TOP_QUERY_TOKENS = 5
 
 
@@ -130,9 +128,11 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
     )
     if pruning.diagnostics:
         request.diagnostics_id = secrets.randbits(63) or 1
-        mm_kwargs[options.DIAGNOSTICS] = request.diagnostics_id
         request.images = images
-    mm_kwargs[options.TAG] = request.tag
+    # A tag or diagnostics id the client sent itself stays, for vLLM's gate to refuse (plugin.py).
+    if request.diagnostics_id is not None:
+        mm_kwargs.setdefault(options.DIAGNOSTICS, request.diagnostics_id)
+    mm_kwargs.setdefault(options.TAG, request.tag)
     payload["mm_processor_kwargs"] = mm_kwargs
     LEDGER.expect(request.tag, request.diagnostics_id)
     return request
@@ -141,15 +141,8 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
 def check_raw_kwargs(raw: dict) -> None:
     """Raw ``mm_processor_kwargs``: our options validated here, with the field in the error.
 
-    Other keys are vLLM's to accept or refuse (``--trust-request-mm-kwargs``), see plugin.py.
+    Other keys, and keys only the server may set, are for vLLM's gate to refuse (plugin.py).
     """
-    internal = set(raw) & (options.OWN_KWARGS - CLIENT_KWARGS)
-    if internal:
-        key = sorted(internal)[0]
-        raise BadRequest(
-            f"mm_processor_kwargs.{key} is set by the server, not by clients",
-            f"mm_processor_kwargs.{key}",
-        )
     try:
         options.PruneOptions.from_kwargs(raw)
     except options.PruneOptionError as err:

@@ -39,8 +39,8 @@ def allow_pruning_kwargs_per_request() -> None:
     vLLM refuses every per-request processor kwarg unless the server runs with
     ``--trust-request-mm-kwargs``. Ours are validated and only ever shrink the work, so they pass
     on every route; any other key still meets vLLM's own check, untouched, and so does
-    ``media_io_kwargs``. The server-set keys (request tag, diagnostics id) pass only if our
-    middleware issued them, so a client cannot forge them.
+    ``media_io_kwargs``. The server-set keys (request tag, diagnostics id, query ids) pass only
+    as our middleware issued them, trusted server or not, so a client cannot forge them.
     """
     for name in _GATED_MODULES:
         module = importlib.import_module(name)
@@ -55,9 +55,10 @@ def allow_pruning_kwargs_per_request() -> None:
 
 def _gate_allowing_pruning(original):
     def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
-        if mm_processor_kwargs and not trust_request_mm_kwargs:
+        if mm_processor_kwargs:
             _check_server_set_kwargs(mm_processor_kwargs)
-            mm_processor_kwargs = options.without_own_kwargs(mm_processor_kwargs) or None
+            if not trust_request_mm_kwargs:
+                mm_processor_kwargs = options.without_own_kwargs(mm_processor_kwargs) or None
         return original(
             mm_processor_kwargs=mm_processor_kwargs,
             media_io_kwargs=media_io_kwargs,

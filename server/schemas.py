@@ -1,7 +1,8 @@
 """The ``pruning`` object: what a client may ask for, and what it gets back.
 
 Requests validate strictly (no "0.5" for a number, no unknown keys), so a typo is a 400 that names
-the field instead of a silently unpruned request.
+the field instead of a silently unpruned request. pydantic checks the types; the value rules are
+``PruneOptions``', the same for this object, raw ``mm_processor_kwargs`` and the offline engine.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class PruningRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keep_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] | None = None
+    keep_ratio: Annotated[float, Field(strict=True)] | None = None
     """Share of each image's tokens kept, in (0, 1]; default: the server's (1.0 unless set)."""
     method: PruneMethod | None = None
     merge: StrictBool | None = None
@@ -30,7 +31,17 @@ class PruningRequest(BaseModel):
     """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
     query: Annotated[str, Field(max_length=20_000)] | None = None
     """Relevance query; default: the text of the user's messages (its last 512 tokens are used)."""
-    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)] | None = None
+    seed: StrictInt | None = None
+
+    @field_validator("keep_ratio", "seed")
+    @classmethod
+    def _in_range(cls, value, info):
+        kwarg = {"keep_ratio": options.KEEP_RATIO, "seed": options.SEED}[info.field_name]
+        try:
+            options.PruneOptions.from_kwargs({kwarg: value})
+        except options.PruneOptionError as err:
+            raise ValueError(str(err)) from None
+        return value
 
     @field_validator("diagnostics", mode="before")
     @classmethod

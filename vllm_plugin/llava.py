@@ -181,10 +181,12 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
         embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
         device = images[0].device
         query_ids = _per_image_tensors(fields[QUERY_FIELD])
-        queries = [
-            embed_tokens(ids.to(device)) if ids.numel() else image.new_empty((0, image.shape[1]))
-            for ids, image in zip(query_ids, images)
-        ]
+        # One embedding call (one all-reduce under tensor parallelism) for the whole batch.
+        all_ids = torch.cat(query_ids).to(device)
+        if all_ids.numel():
+            queries = list(torch.split(embed_tokens(all_ids), [ids.numel() for ids in query_ids]))
+        else:
+            queries = [image.new_empty((0, image.shape[1])) for image in images]
         timer = diagnostics.STORE.start_timer(device)
         selections = select_tokens(
             images,
