@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-$(VLLM)
 SERVE_ARGS ?= --keep-ratio 0.25
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(VENV)/bin/lvlm-prune bench all

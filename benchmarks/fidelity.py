@@ -36,8 +36,12 @@ RANDOM_WEIGHTS_NOTE = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="JSONL set; default: a synthetic set made on the fly")
-    parser.add_argument("--items", type=int, default=None, help="synthetic set size (default 40; smoke 6)")
-    parser.add_argument("--make-synthetic", metavar="PATH", help="write a synthetic JSONL set and exit")
+    parser.add_argument(
+        "--items", type=int, default=None, help="synthetic set size (default 40; smoke 6)"
+    )
+    parser.add_argument(
+        "--make-synthetic", metavar="PATH", help="write a synthetic JSONL set and exit"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
 
@@ -45,10 +49,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # Data
 
-_SUBJECTS = ["the car", "the sky", "the dog", "the sign", "the cup", "the house", "the tree", "the bird"]
+_SUBJECTS = [
+    "the car",
+    "the sky",
+    "the dog",
+    "the sign",
+    "the cup",
+    "the house",
+    "the tree",
+    "the bird",
+]
 _ASPECTS = ["color", "shape", "position", "size", "material"]
-_WORDS = ["red", "blue", "green", "left", "right", "round", "square", "small", "large", "wooden",
-          "metal", "top", "bottom", "yellow", "white", "black"]
+_WORDS = [
+    "red",
+    "blue",
+    "green",
+    "left",
+    "right",
+    "round",
+    "square",
+    "small",
+    "large",
+    "wooden",
+    "metal",
+    "top",
+    "bottom",
+    "yellow",
+    "white",
+    "black",
+]
 
 
 def make_synthetic(n: int, *, seed: int = 0) -> list[dict]:
@@ -59,13 +88,15 @@ def make_synthetic(n: int, *, seed: int = 0) -> list[dict]:
         options = rng.sample(_WORDS, rng.choice([2, 3, 4]))
         buf = io.BytesIO()
         common.make_image(3_000_000 + seed * 100_000 + i).save(buf, format="PNG")
-        items.append({
-            "id": f"synthetic-{seed}-{i}",
-            "image": base64.b64encode(buf.getvalue()).decode(),
-            "question": f"What is the {rng.choice(_ASPECTS)} of {rng.choice(_SUBJECTS)}?",
-            "options": options,
-            "answer": LETTERS[rng.randrange(len(options))],
-        })
+        items.append(
+            {
+                "id": f"synthetic-{seed}-{i}",
+                "image": base64.b64encode(buf.getvalue()).decode(),
+                "question": f"What is the {rng.choice(_ASPECTS)} of {rng.choice(_SUBJECTS)}?",
+                "options": options,
+                "answer": LETTERS[rng.randrange(len(options))],
+            }
+        )
     return items
 
 
@@ -138,7 +169,9 @@ def letter_token_ids(tokenizer, count: int) -> list[int]:
                 ids.append(encoded[0])
                 break
         else:
-            raise ValueError(f"the tokenizer has no single-token form of the option letter {letter}")
+            raise ValueError(
+                f"the tokenizer has no single-token form of the option letter {letter}"
+            )
     if len(set(ids)) != len(ids):
         raise ValueError(f"option letters share token ids: {ids}")
     return ids
@@ -160,8 +193,12 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     images = [load_image(item) for item in items]
     truth = [answer_index(item) for item in items]
     sampling = [
-        SamplingParams(max_tokens=1, temperature=0.0, logprobs=1,
-                       allowed_token_ids=letter_ids[: len(item["options"])])
+        SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=1,
+            allowed_token_ids=letter_ids[: len(item["options"])],
+        )
         for item in items
     ]
     configs = common.configs_for(args.ratios, args.methods)
@@ -171,8 +208,11 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     bar = common.progress(len(runs) * len(items), f"{NAME} ({model_label})")
     for name, config in runs:
         reqs = [
-            {"prompt": prompt_for(item), "multi_modal_data": {"image": image},
-             "mm_processor_kwargs": config.mm_kwargs()}
+            {
+                "prompt": prompt_for(item),
+                "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": config.mm_kwargs(),
+            }
             for item, image in zip(items, images)
         ]
         outs = llm.generate(reqs, sampling, use_tqdm=False)
@@ -186,17 +226,19 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         pred = predictions[name]
         correct = sum(p == t for p, t in zip(pred, truth))
         agree = sum(p == s for p, s in zip(pred, stock))
-        rows.append({
-            "config": name,
-            "keep_ratio": config.keep_ratio,
-            "method": None if config.stock else config.method,
-            "n": len(items),
-            "accuracy": correct / len(items),
-            "accuracy_ci95": common.wilson_interval(correct, len(items)),
-            "agreement_with_stock": agree / len(items),
-            "agreement_ci95": common.wilson_interval(agree, len(items)),
-            "predictions": [LETTERS[p] for p in pred],
-        })
+        rows.append(
+            {
+                "config": name,
+                "keep_ratio": config.keep_ratio,
+                "method": None if config.stock else config.method,
+                "n": len(items),
+                "accuracy": correct / len(items),
+                "accuracy_ci95": common.wilson_interval(correct, len(items)),
+                "agreement_with_stock": agree / len(items),
+                "agreement_ci95": common.wilson_interval(agree, len(items)),
+                "predictions": [LETTERS[p] for p in pred],
+            }
+        )
     # The built-in models (tiny_models.py) leave a spec file beside their random weights.
     model_path = Path(llm.llm_engine.vllm_config.model_config.model)
     random_weights = (model_path / "lvlm_prune_spec.json").exists()

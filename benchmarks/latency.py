@@ -19,15 +19,26 @@ NAME = "latency"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 15; smoke 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds first (default 2; smoke 1)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 16; smoke 4)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="measured rounds (default 15; smoke 2)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured rounds first (default 2; smoke 1)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="output tokens per request (default 16; smoke 4)",
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
     parser.add_argument(
-        "--quiet-below", type=float, default=0.1,
+        "--quiet-below",
+        type=float,
+        default=0.1,
         help="also report TTFT over requests during which other processes used less than this "
-             "share of the machine's CPU (default 0.1)",
+        "share of the machine's CPU (default 0.1)",
     )
 
 
@@ -39,7 +50,10 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     max_tokens = args.max_tokens or (4 if args.smoke else 16)
     configs = common.configs_for(args.ratios, args.methods)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    samples = {c.name: {"ttft": [], "prefill": [], "e2e": [], "cotenant": [], "prompt_tokens": set()} for c in configs}
+    samples = {
+        c.name: {"ttft": [], "prefill": [], "e2e": [], "cotenant": [], "prompt_tokens": set()}
+        for c in configs
+    }
 
     bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({model_label})")
     for round_ in range(warmup + repeats):
@@ -64,24 +78,27 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     for config in configs:
         s = samples[config.name]
         tokens = _one(s["prompt_tokens"])
-        rows.append({
-            "config": config.name,
-            "keep_ratio": config.keep_ratio,
-            "method": None if config.stock else config.method,
-            "prompt_tokens": tokens,
-            "token_bound": tokens / stock_tokens,
-            "ttft": common.summary(s["ttft"]),
-            "engine_prefill": common.summary(s["prefill"]),
-            "e2e": common.summary(s["e2e"]),
-            "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
-        })
+        rows.append(
+            {
+                "config": config.name,
+                "keep_ratio": config.keep_ratio,
+                "method": None if config.stock else config.method,
+                "prompt_tokens": tokens,
+                "token_bound": tokens / stock_tokens,
+                "ttft": common.summary(s["ttft"]),
+                "engine_prefill": common.summary(s["prefill"]),
+                "e2e": common.summary(s["e2e"]),
+                "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
+            }
+        )
     stock = rows[0]
     quiet = _quiet_ttft(samples, configs, args.quiet_below)
     for row in rows:
         row["ttft_quiet"] = quiet[row["config"]]
         row["ttft_quiet_ratio"] = (
             quiet[row["config"]]["median"] / quiet["stock"]["median"]
-            if quiet[row["config"]] and quiet["stock"] else None
+            if quiet[row["config"]] and quiet["stock"]
+            else None
         )
         for key in ("ttft", "engine_prefill", "e2e"):
             row[f"{key}_ratio"] = row[key]["median"] / stock[key]["median"]
@@ -93,8 +110,12 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         "benchmark": NAME,
         "model": model_label,
         "settings": {
-            "repeats": repeats, "warmup": warmup, "max_tokens": max_tokens,
-            "ratios": args.ratios, "methods": args.methods, "prefix_caching": False,
+            "repeats": repeats,
+            "warmup": warmup,
+            "max_tokens": max_tokens,
+            "ratios": args.ratios,
+            "methods": args.methods,
+            "prefix_caching": False,
             "image_per_request": "fresh random 336x336 image (seeded by round and position)",
             "order": "round-robin over configs, rotated by one position each round",
             "quiet_below": args.quiet_below,
@@ -133,34 +154,51 @@ def _ms(summary: dict) -> str:
 def markdown(result: dict) -> str:
     s = result["settings"]
     headers = [
-        "config", "prompt tokens", "token bound", "TTFT ms median (min–max)", "TTFT ratio",
-        "engine prefill ms", "prefill ratio", "e2e ms median (min–max)", "e2e ratio",
-        "co-tenant CPU", "quiet TTFT ratio (n)",
+        "config",
+        "prompt tokens",
+        "token bound",
+        "TTFT ms median (min–max)",
+        "TTFT ratio",
+        "engine prefill ms",
+        "prefill ratio",
+        "e2e ms median (min–max)",
+        "e2e ratio",
+        "co-tenant CPU",
+        "quiet TTFT ratio (n)",
     ]
     rows = [
         [
-            r["config"], r["prompt_tokens"], f"{r['token_bound']:.3f}", _ms(r["ttft"]),
-            f"**{r['ttft_ratio']:.3f}**", f"{r['engine_prefill']['median'] * 1e3:.1f}",
-            f"{r['engine_prefill_ratio']:.3f}", _ms(r["e2e"]), f"{r['e2e_ratio']:.3f}",
+            r["config"],
+            r["prompt_tokens"],
+            f"{r['token_bound']:.3f}",
+            _ms(r["ttft"]),
+            f"**{r['ttft_ratio']:.3f}**",
+            f"{r['engine_prefill']['median'] * 1e3:.1f}",
+            f"{r['engine_prefill_ratio']:.3f}",
+            _ms(r["e2e"]),
+            f"{r['e2e_ratio']:.3f}",
             common.share(r["cotenant_cpu_share"]),
-            "n/a" if r["ttft_quiet_ratio"] is None
+            "n/a"
+            if r["ttft_quiet_ratio"] is None
             else f"{r['ttft_quiet_ratio']:.3f} ({r['ttft_quiet']['n']})",
         ]
         for r in result["rows"]
     ]
-    return "\n".join([
-        f"### Latency — model `{result['model']}`",
-        "",
-        f"{s['repeats']} measured rounds after {s['warmup']} warm-up rounds; {s['order']}; "
-        f"{s['image_per_request']}; prefix caching off; {s['max_tokens']} output tokens (ignore_eos).",
-        f"TTFT: {result['ttft_source']}. Ratios are median / stock median; "
-        "token bound = prompt tokens / stock prompt tokens (what a cost linear in tokens would give). "
-        "Co-tenant CPU: median share of the machine's CPU that other processes used during the "
-        "config's requests (another workload on a shared machine); quiet TTFT ratio: the same "
-        f"ratio over only the requests with co-tenant CPU < {100 * s['quiet_below']:.0f}% (n of them).",
-        "",
-        common.markdown_table(headers, rows),
-    ])
+    return "\n".join(
+        [
+            f"### Latency — model `{result['model']}`",
+            "",
+            f"{s['repeats']} measured rounds after {s['warmup']} warm-up rounds; {s['order']}; "
+            f"{s['image_per_request']}; prefix caching off; {s['max_tokens']} output tokens (ignore_eos).",
+            f"TTFT: {result['ttft_source']}. Ratios are median / stock median; "
+            "token bound = prompt tokens / stock prompt tokens (what a cost linear in tokens would give). "
+            "Co-tenant CPU: median share of the machine's CPU that other processes used during the "
+            "config's requests (another workload on a shared machine); quiet TTFT ratio: the same "
+            f"ratio over only the requests with co-tenant CPU < {100 * s['quiet_below']:.0f}% (n of them).",
+            "",
+            common.markdown_table(headers, rows),
+        ]
+    )
 
 
 def plot(result: dict, path) -> bool:
@@ -177,13 +215,21 @@ def plot(result: dict, path) -> bool:
                 continue
             xs = [r["keep_ratio"] for r in pts]
             med = [r[key]["median"] * 1e3 for r in pts]
-            err = [[m - r[key]["min"] * 1e3 for m, r in zip(med, pts)],
-                   [r[key]["max"] * 1e3 - m for m, r in zip(med, pts)]]
-            ax.errorbar(xs, med, yerr=err, marker=marker, capsize=3, label=f"{method} (median, min–max)")
+            err = [
+                [m - r[key]["min"] * 1e3 for m, r in zip(med, pts)],
+                [r[key]["max"] * 1e3 - m for m, r in zip(med, pts)],
+            ]
+            ax.errorbar(
+                xs, med, yerr=err, marker=marker, capsize=3, label=f"{method} (median, min–max)"
+            )
         bound = [stock] + [r for r in rows if r["method"] == "simignore"]
-        ax.plot([r["keep_ratio"] for r in bound],
-                [stock[key]["median"] * 1e3 * r["token_bound"] for r in bound],
-                "k--", lw=1, label="stock × token bound")
+        ax.plot(
+            [r["keep_ratio"] for r in bound],
+            [stock[key]["median"] * 1e3 * r["token_bound"] for r in bound],
+            "k--",
+            lw=1,
+            label="stock × token bound",
+        )
         ax.set_xlabel("keep ratio (1.0 = stock vLLM)")
         ax.set_ylabel("ms")
         ax.set_title(f"{title} — model {result['model']}")

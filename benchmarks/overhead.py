@@ -23,8 +23,12 @@ PIECES = ("processor", "vision_tower", "projector", "selection", "embed_multimod
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 6; smoke 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="measured rounds (default 6; smoke 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 1)"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
 
@@ -134,7 +138,9 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
                     s[piece].append(seconds)
                 # Derived per request, then medians (medians of parts do not add up).
                 s["pruning_other"].append(
-                    pieces["embed_multimodal"] - pieces["vision_tower"] - pieces["projector"]
+                    pieces["embed_multimodal"]
+                    - pieces["vision_tower"]
+                    - pieces["projector"]
                     - pieces["selection"]
                 )
                 s["engine_other"].append(
@@ -151,21 +157,28 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     for config in configs:
         s = samples[config.name]
         med = {k: common.summary(v)["median"] for k, v in s.items()}
-        rows.append({
-            "config": config.name,
-            "keep_ratio": config.keep_ratio,
-            "prompt_tokens": prompt_tokens[config.name],
-            "median_seconds": med,
-            "selection_share_of_ttft": med["selection_share"],
-            "samples": {k: list(v) for k, v in s.items()},
-        })
+        rows.append(
+            {
+                "config": config.name,
+                "keep_ratio": config.keep_ratio,
+                "prompt_tokens": prompt_tokens[config.name],
+                "median_seconds": med,
+                "selection_share_of_ttft": med["selection_share"],
+                "samples": {k: list(v) for k, v in s.items()},
+            }
+        )
     stock = rows[0]["median_seconds"]
     vision = stock["vision_tower"] + stock["projector"]
     flops = estimated_flops(hf_config, rows[0]["prompt_tokens"])
     return {
         "benchmark": NAME,
         "model": model_label,
-        "settings": {"repeats": repeats, "warmup": warmup, "max_tokens": 1, "prefix_caching": False},
+        "settings": {
+            "repeats": repeats,
+            "warmup": warmup,
+            "max_tokens": 1,
+            "prefix_caching": False,
+        },
         "method": (
             "forward hooks on vision_tower / multi_modal_projector, timing wrappers on "
             "language_model.model.forward, the model's embed_multimodal, the plugin's select_tokens "
@@ -211,33 +224,55 @@ def estimated_flops(hf_config, prompt_tokens: int) -> dict:
 
 def markdown(result: dict) -> str:
     headers = [
-        "config", "prompt tokens", "TTFT", "processor", "vision tower", "projector", "selection",
-        "query embed + gather", "LLM forward", "engine other", "selection / TTFT", "co-tenant CPU",
+        "config",
+        "prompt tokens",
+        "TTFT",
+        "processor",
+        "vision tower",
+        "projector",
+        "selection",
+        "query embed + gather",
+        "LLM forward",
+        "engine other",
+        "selection / TTFT",
+        "co-tenant CPU",
     ]
     rows = []
     for r in result["rows"]:
         m = r["median_seconds"]
-        ms = lambda k: f"{m[k] * 1e3:.1f}"  # noqa: E731
-        rows.append([
-            r["config"], r["prompt_tokens"], ms("ttft"), ms("processor"), ms("vision_tower"),
-            ms("projector"), ms("selection"), ms("pruning_other"), ms("llm_forward"),
-            ms("engine_other"), f"**{100 * r['selection_share_of_ttft']:.2f}%**",
-            f"{100 * m['cotenant']:.0f}%",
-        ])
+        ms = lambda k, m=m: f"{m[k] * 1e3:.1f}"
+        rows.append(
+            [
+                r["config"],
+                r["prompt_tokens"],
+                ms("ttft"),
+                ms("processor"),
+                ms("vision_tower"),
+                ms("projector"),
+                ms("selection"),
+                ms("pruning_other"),
+                ms("llm_forward"),
+                ms("engine_other"),
+                f"**{100 * r['selection_share_of_ttft']:.2f}%**",
+                f"{100 * m['cotenant']:.0f}%",
+            ]
+        )
     fl = result["estimated_flops_stock"]
     measured = result["llm_to_vision_time_ratio_stock"]
-    return "\n".join([
-        f"### Overhead breakdown — model `{result['model']}`",
-        "",
-        f"Medians in ms over {result['settings']['repeats']} rounds (one request at a time, "
-        "max_tokens=1). Method: " + result["method"] + ". `engine other` = TTFT − processor − "
-        "embed_multimodal − LLM forward (scheduling, input batch, logits, sampling, output); "
-        "derived columns are computed per request, then the median (so a row need not add up).",
-        "",
-        common.markdown_table(headers, rows),
-        "",
-        f"Stock prefill, LLM : vision (tower + projector): measured time "
-        f"{measured:.1f} : 1; estimated FLOPs {fl['llm_to_vision_ratio']:.1f} : 1 "
-        f"({fl['llm'] / 1e9:.1f} vs {(fl['vision_tower'] + fl['projector']) / 1e9:.1f} GFLOP, "
-        f"{fl['vision_layers_run']} vision layers run, {fl['prompt_tokens']} prompt tokens).",
-    ])
+    return "\n".join(
+        [
+            f"### Overhead breakdown — model `{result['model']}`",
+            "",
+            f"Medians in ms over {result['settings']['repeats']} rounds (one request at a time, "
+            "max_tokens=1). Method: " + result["method"] + ". `engine other` = TTFT − processor − "
+            "embed_multimodal − LLM forward (scheduling, input batch, logits, sampling, output); "
+            "derived columns are computed per request, then the median (so a row need not add up).",
+            "",
+            common.markdown_table(headers, rows),
+            "",
+            f"Stock prefill, LLM : vision (tower + projector): measured time "
+            f"{measured:.1f} : 1; estimated FLOPs {fl['llm_to_vision_ratio']:.1f} : 1 "
+            f"({fl['llm'] / 1e9:.1f} vs {(fl['vision_tower'] + fl['projector']) / 1e9:.1f} GFLOP, "
+            f"{fl['vision_layers_run']} vision layers run, {fl['prompt_tokens']} prompt tokens).",
+        ]
+    )

@@ -17,12 +17,22 @@ from . import common
 
 NAME = "prefill-gpu"
 LLAVA_7B = dict(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
 )
 TINY_SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, vocab_size=320, max_position_embeddings=4096,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=320,
+    max_position_embeddings=4096,
 )
 IMAGE_TOKENS = (576, 288, 144, 64)
 NO_CUDA = (
@@ -32,8 +42,12 @@ NO_CUDA = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 20; smoke 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds (default 3; smoke 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="measured rounds (default 20; smoke 2)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured rounds (default 3; smoke 1)"
+    )
     parser.add_argument("--text-tokens", type=int, default=60)
     parser.add_argument("--image-tokens", type=int, nargs="+", default=list(IMAGE_TOKENS))
 
@@ -72,8 +86,10 @@ def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> d
         torch.set_default_dtype(default_dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     embeds = {
-        k: torch.randn(1, k + args.text_tokens, shape["hidden_size"], generator=gen, device=device,
-                       dtype=dtype) * 0.02
+        k: torch.randn(
+            1, k + args.text_tokens, shape["hidden_size"], generator=gen, device=device, dtype=dtype
+        )
+        * 0.02
         for k in counts
     }
 
@@ -104,44 +120,65 @@ def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> d
     rows = []
     for k in counts:
         s = common.summary(samples[k])
-        rows.append({
-            "image_tokens": k,
-            "prompt_tokens": k + args.text_tokens,
-            "token_bound": (k + args.text_tokens) / (full + args.text_tokens),
-            "prefill": s,
-        })
+        rows.append(
+            {
+                "image_tokens": k,
+                "prompt_tokens": k + args.text_tokens,
+                "token_bound": (k + args.text_tokens) / (full + args.text_tokens),
+                "prefill": s,
+            }
+        )
     for row in rows:
         row["ratio"] = row["prefill"]["median"] / rows[0]["prefill"]["median"]
     return {
         "benchmark": NAME,
-        "model": "tiny-llama (smoke, CPU)" if args.smoke else "LLaVA-1.5-7B-shaped Llama (random, bf16)",
+        "model": "tiny-llama (smoke, CPU)"
+        if args.smoke
+        else "LLaVA-1.5-7B-shaped Llama (random, bf16)",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "timing": "CUDA events around one forward" if cuda else "perf_counter around one forward (CPU)",
+        "timing": "CUDA events around one forward"
+        if cuda
+        else "perf_counter around one forward (CPU)",
         "settings": {
-            "shape": shape, "dtype": str(dtype), "text_tokens": args.text_tokens,
-            "repeats": repeats, "warmup": warmup, "order": "round-robin, rotated each round",
-            "attention": "sdpa", "logits_to_keep": 1,
+            "shape": shape,
+            "dtype": str(dtype),
+            "text_tokens": args.text_tokens,
+            "repeats": repeats,
+            "warmup": warmup,
+            "order": "round-robin, rotated each round",
+            "attention": "sdpa",
+            "logits_to_keep": 1,
         },
         "rows": rows,
     }
 
 
 def markdown(result: dict) -> str:
-    headers = ["image tokens", "prompt tokens", "token bound", "prefill ms median (min–max)", "ratio"]
+    headers = [
+        "image tokens",
+        "prompt tokens",
+        "token bound",
+        "prefill ms median (min–max)",
+        "ratio",
+    ]
     rows = [
         [
-            r["image_tokens"], r["prompt_tokens"], f"{r['token_bound']:.3f}",
+            r["image_tokens"],
+            r["prompt_tokens"],
+            f"{r['token_bound']:.3f}",
             f"{r['prefill']['median'] * 1e3:.2f} ({r['prefill']['min'] * 1e3:.2f}–"
             f"{r['prefill']['max'] * 1e3:.2f})",
             f"**{r['ratio']:.3f}**",
         ]
         for r in result["rows"]
     ]
-    return "\n".join([
-        f"### LLM prefill — {result['model']} on {result['device']}",
-        "",
-        f"{result['timing']}; {result['settings']['repeats']} rounds after "
-        f"{result['settings']['warmup']} warm-up, {result['settings']['order']}.",
-        "",
-        common.markdown_table(headers, rows),
-    ])
+    return "\n".join(
+        [
+            f"### LLM prefill — {result['model']} on {result['device']}",
+            "",
+            f"{result['timing']}; {result['settings']['repeats']} rounds after "
+            f"{result['settings']['warmup']} warm-up, {result['settings']['order']}.",
+            "",
+            common.markdown_table(headers, rows),
+        ]
+    )

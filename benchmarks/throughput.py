@@ -21,10 +21,21 @@ NAME = "throughput"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=None, help="requests per batch (default 12; smoke 3)")
-    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (default 3; smoke 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 0)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 8; smoke 2)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="requests per batch (default 12; smoke 3)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="measured rounds (default 3; smoke 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 0)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="output tokens per request (default 8; smoke 2)",
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--method", default="simignore")
 
@@ -39,7 +50,10 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     configs = [common.Config(r, args.method) for r in sorted(set(args.ratios), reverse=True)]
     assert configs[0].stock, "the ratios must include 1.0 (stock)"
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    samples = {c.name: {"seconds": [], "cotenant": [], "prompt_tokens": None, "output_tokens": None} for c in configs}
+    samples = {
+        c.name: {"seconds": [], "cotenant": [], "prompt_tokens": None, "output_tokens": None}
+        for c in configs
+    }
 
     bar = common.progress((warmup + repeats) * len(configs) * batch, f"{NAME} ({model_label})")
     for round_ in range(warmup + repeats):
@@ -68,19 +82,21 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         wall = common.summary(s["seconds"])
         per_request = s["prompt_tokens_per_request"]
         blocks = math.ceil((per_request + max_tokens) / kv["block_size"])
-        rows.append({
-            "config": config.name,
-            "keep_ratio": config.keep_ratio,
-            "prompt_tokens_per_request": per_request,
-            "wall_seconds": wall,
-            "requests_per_s": batch / wall["median"],
-            "prompt_tokens_per_s": s["prompt_tokens"] / wall["median"],
-            "output_tokens_per_s": s["output_tokens"] / wall["median"],
-            "kv_blocks_per_request": blocks,
-            "kv_capacity_requests": kv["num_blocks"] // blocks,
-            "kv_capacity_requests_token_granular": kv["tokens"] // (per_request + max_tokens),
-            "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
-        })
+        rows.append(
+            {
+                "config": config.name,
+                "keep_ratio": config.keep_ratio,
+                "prompt_tokens_per_request": per_request,
+                "wall_seconds": wall,
+                "requests_per_s": batch / wall["median"],
+                "prompt_tokens_per_s": s["prompt_tokens"] / wall["median"],
+                "output_tokens_per_s": s["output_tokens"] / wall["median"],
+                "kv_blocks_per_request": blocks,
+                "kv_capacity_requests": kv["num_blocks"] // blocks,
+                "kv_capacity_requests_token_granular": kv["tokens"] // (per_request + max_tokens),
+                "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
+            }
+        )
     stock = rows[0]
     for row in rows:
         row["requests_per_s_ratio"] = row["requests_per_s"] / stock["requests_per_s"]
@@ -89,8 +105,12 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         "benchmark": NAME,
         "model": model_label,
         "settings": {
-            "batch": batch, "repeats": repeats, "warmup": warmup, "max_tokens": max_tokens,
-            "method": args.method, "prefix_caching": False,
+            "batch": batch,
+            "repeats": repeats,
+            "warmup": warmup,
+            "max_tokens": max_tokens,
+            "method": args.method,
+            "prefix_caching": False,
             "order": "round-robin over ratios, rotated each round",
         },
         "kv_cache": kv,
@@ -105,31 +125,45 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
 def markdown(result: dict) -> str:
     s, kv = result["settings"], result["kv_cache"]
     headers = [
-        "config", "prompt tokens / req", "batch wall s median (min–max)", "req/s", "× stock",
-        "prompt tok/s", "KV blocks / req", "requests in KV cache", "× stock", "co-tenant CPU",
+        "config",
+        "prompt tokens / req",
+        "batch wall s median (min–max)",
+        "req/s",
+        "× stock",
+        "prompt tok/s",
+        "KV blocks / req",
+        "requests in KV cache",
+        "× stock",
+        "co-tenant CPU",
     ]
     rows = [
         [
-            r["config"], r["prompt_tokens_per_request"],
+            r["config"],
+            r["prompt_tokens_per_request"],
             f"{r['wall_seconds']['median']:.2f} ({r['wall_seconds']['min']:.2f}–{r['wall_seconds']['max']:.2f})",
-            f"{r['requests_per_s']:.2f}", f"**{r['requests_per_s_ratio']:.2f}**",
-            f"{r['prompt_tokens_per_s']:.0f}", r["kv_blocks_per_request"],
+            f"{r['requests_per_s']:.2f}",
+            f"**{r['requests_per_s_ratio']:.2f}**",
+            f"{r['prompt_tokens_per_s']:.0f}",
+            r["kv_blocks_per_request"],
             f"{r['kv_capacity_requests']} ({r['kv_capacity_requests_token_granular']} by tokens)",
-            f"**{r['kv_capacity_ratio']:.2f}**", common.share(r["cotenant_cpu_share"]),
+            f"**{r['kv_capacity_ratio']:.2f}**",
+            common.share(r["cotenant_cpu_share"]),
         ]
         for r in result["rows"]
     ]
-    return "\n".join([
-        f"### Throughput and KV capacity — model `{result['model']}`",
-        "",
-        f"Batches of {s['batch']} image requests (method {s['method']}), {s['max_tokens']} output "
-        f"tokens each, {s['repeats']} measured rounds after {s['warmup']} warm-up, {s['order']}.",
-        f"KV cache: {kv['num_blocks']} blocks × {kv['block_size']} tokens = {kv['tokens']} tokens, "
-        f"{kv['bytes_per_token']} bytes/token, {kv['bytes'] / 2**30:.2f} GiB. Capacity = "
-        f"{result['kv_capacity_method']}.",
-        "",
-        common.markdown_table(headers, rows),
-    ])
+    return "\n".join(
+        [
+            f"### Throughput and KV capacity — model `{result['model']}`",
+            "",
+            f"Batches of {s['batch']} image requests (method {s['method']}), {s['max_tokens']} output "
+            f"tokens each, {s['repeats']} measured rounds after {s['warmup']} warm-up, {s['order']}.",
+            f"KV cache: {kv['num_blocks']} blocks × {kv['block_size']} tokens = {kv['tokens']} tokens, "
+            f"{kv['bytes_per_token']} bytes/token, {kv['bytes'] / 2**30:.2f} GiB. Capacity = "
+            f"{result['kv_capacity_method']}.",
+            "",
+            common.markdown_table(headers, rows),
+        ]
+    )
 
 
 def plot(result: dict, path) -> bool:
@@ -143,7 +177,9 @@ def plot(result: dict, path) -> bool:
     axes[0].set_ylabel("requests / s")
     axes[0].set_title(f"offline throughput, batch {result['settings']['batch']}")
     axes[1].plot(xs, [r["kv_capacity_requests"] for r in rows], "o-", label="block granular")
-    axes[1].plot(xs, [r["kv_capacity_requests_token_granular"] for r in rows], "s--", label="token granular")
+    axes[1].plot(
+        xs, [r["kv_capacity_requests_token_granular"] for r in rows], "s--", label="token granular"
+    )
     axes[1].set_ylabel("concurrent image requests")
     axes[1].set_title(f"KV capacity ({result['kv_cache']['bytes'] / 2**30:.2f} GiB cache)")
     axes[1].legend(fontsize=8)

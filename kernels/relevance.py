@@ -199,8 +199,18 @@ def relevance_triton(
     precision = "ieee" if torch.float32 in (image.dtype, query.dtype) else "tf32"
     t_hint = triton.next_power_of_2(max(1, query.shape[0] // num_images))
     args = (
-        image, image_offsets, query, query_offsets, out, num_images, image.shape[1], t_hint,
-        image.stride(0), image.stride(1), query.stride(0), query.stride(1),
+        image,
+        image_offsets,
+        query,
+        query_offsets,
+        out,
+        num_images,
+        image.shape[1],
+        t_hint,
+        image.stride(0),
+        image.stride(1),
+        query.stride(0),
+        query.stride(1),
     )
     meta = dict(
         REDUCE_MAX=reduce == "max",

@@ -147,9 +147,7 @@ def select_tokens(
     else:
         topk_batched, merge_dropped = topk_select_batched_ref, merge_dropped_ref
 
-    want = [
-        q.shape[0] > 0 and (m == "simignore" or need_scores) for q, m in zip(queries, methods)
-    ]
+    want = [q.shape[0] > 0 and (m == "simignore" or need_scores) for q, m in zip(queries, methods)]
     scored = [b for b, w in enumerate(want) if w]
     scores: list[torch.Tensor | None] = [None] * len(images)
     kept_by_score: dict[int, torch.Tensor] = {}
@@ -163,7 +161,7 @@ def select_tokens(
         # Top-K of every image pruned by score in one batched call; K = 0 skips an image.
         by_score = [methods[b] == "simignore" and keep[b] < images[b].shape[0] for b in scored]
         ks = [keep[b] if use else 0 for b, use in zip(scored, by_score)]
-        for b, use, k, n in zip(scored, by_score, ks, lengths):
+        for use, k, n in zip(by_score, ks, lengths):
             if use and k < 1:
                 raise ValueError(f"k must be in [1, {n}], got {k}")
         if any(by_score):

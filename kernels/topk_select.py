@@ -331,14 +331,34 @@ def merge_dropped_triton(image: torch.Tensor, kept: torch.Tensor) -> torch.Tenso
     precision = "ieee" if image.dtype == torch.float32 else "tf32"  # bf16/fp16 are exact in tf32
     target = torch.empty(n, dtype=torch.int32, device=image.device)
     _merge_assign_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        image, kept, target, n, k, d, image.stride(0), image.stride(1),
-        DOT_PRECISION=precision, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        image,
+        kept,
+        target,
+        n,
+        k,
+        d,
+        image.stride(0),
+        image.stride(1),
+        DOT_PRECISION=precision,
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=4,
     )
     out = torch.empty(k, d, dtype=image.dtype, device=image.device)
     _merge_reduce_kernel[(k, triton.cdiv(d, cfg["BLOCK_DR"]))](
-        image, kept, target, out, n, d, image.stride(0), image.stride(1),
-        out.stride(0), out.stride(1), BLOCK_R=cfg["BLOCK_R"], BLOCK_DR=cfg["BLOCK_DR"],
+        image,
+        kept,
+        target,
+        out,
+        n,
+        d,
+        image.stride(0),
+        image.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_DR=cfg["BLOCK_DR"],
         num_warps=4,
     )
     return out

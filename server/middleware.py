@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -54,7 +55,12 @@ class PruningMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         state = getattr(scope.get("app") and scope["app"].state, "lvlm_prune", None)
-        if scope["type"] != "http" or scope.get("method") != "POST" or path not in ROUTES or state is None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or path not in ROUTES
+            or state is None
+        ):
             return await self.app(scope, receive, send)
 
         body = await _read_body(receive)
@@ -174,7 +180,13 @@ def user_text(messages) -> str:
         if isinstance(content, str):
             texts.append(content)
         elif isinstance(content, list):
-            texts += [p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+            texts += [
+                p["text"]
+                for p in content
+                if isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+            ]
     return "\n".join(t for t in texts if t.strip())
 
 
@@ -261,10 +273,8 @@ class ResponseRewriter:
     def _remember_chunk(self, data: bytes) -> None:
         for line in data.split(b"\n"):
             if line.startswith(b"data: {"):
-                try:
+                with contextlib.suppress(ValueError):
                     self.last_chunk = json.loads(line[6:])
-                except ValueError:
-                    pass
 
     async def _finish(self, model: str | None = None) -> dict | None:
         """Take this request's counts and diagnostics out of the stores; build ``pruning``."""
@@ -313,7 +323,9 @@ class ResponseRewriter:
         ]
         if self.request.heatmap and image.grid and scores is not None:
             url = self.request.images[index] if index < len(self.request.images) else None
-            image.heatmap_png = render_heatmap(image.scores, image.kept_indices, image=_decode_data_url(url))
+            image.heatmap_png = render_heatmap(
+                image.scores, image.kept_indices, image=_decode_data_url(url)
+            )
 
 
 def _decode_data_url(url: str | None) -> Image.Image | None:
@@ -366,14 +378,21 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 async def _send_error(send: Send, message: str, param: str | None) -> None:
     from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
-    body = ErrorResponse(
-        error=ErrorInfo(message=message, type="BadRequestError", param=param, code=400)
-    ).model_dump_json().encode()
+    body = (
+        ErrorResponse(
+            error=ErrorInfo(message=message, type="BadRequestError", param=param, code=400)
+        )
+        .model_dump_json()
+        .encode()
+    )
     await send(
         {
             "type": "http.response.start",
             "status": 400,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -54,7 +54,9 @@ def allow_pruning_kwargs_per_request() -> None:
 
 
 def _gate_allowing_pruning(original):
-    def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
+    def validate_request_mm_kwargs(
+        *, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs
+    ):
         if mm_processor_kwargs:
             _check_server_set_kwargs(mm_processor_kwargs)
             if not trust_request_mm_kwargs:
@@ -107,7 +109,9 @@ class ServerState:
             )
         elif (getattr(args, "data_parallel_size", 1) or 1) > 1:
             # NOTE(vLLM 0.32): collective_rpc answers from the first data-parallel engine only.
-            self.diagnostics_unavailable = "pruning.diagnostics is not available with --data-parallel-size > 1"
+            self.diagnostics_unavailable = (
+                "pruning.diagnostics is not available with --data-parallel-size > 1"
+            )
         self.tokenizer = engine_client.get_tokenizer()
         self.poller: asyncio.Task | None = None
 
@@ -118,7 +122,7 @@ class ServerState:
             per_worker = await self.engine_client.collective_rpc(
                 "lvlm_prune_pop_diagnostics", timeout=RPC_TIMEOUT_SECONDS, args=([diag_id],)
             )
-        except Exception:  # noqa: BLE001 - the answer goes out without diagnostics, not a 500
+        except Exception:
             logger.exception("lvlm-prune: fetching diagnostics from the workers failed")
             return []
         # Every tensor-parallel rank ran the same selection; all were popped, use the first.
@@ -132,7 +136,7 @@ class ServerState:
         while True:
             try:
                 await self.drain_once()
-            except Exception:  # noqa: BLE001 - metrics must never take the server down
+            except Exception:
                 logger.exception("lvlm-prune: draining worker metrics failed")
             await asyncio.sleep(POLL_SECONDS)
 

@@ -4,6 +4,7 @@ Environment first: these must be set before vLLM is imported anywhere in the ses
 """
 
 import os
+import random
 
 import torch
 
@@ -23,3 +24,29 @@ from lvlm_prune.vllm_plugin.tiny_models import build_tiny_llava
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     return str(build_tiny_llava())
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (printed, so a failure shows it); LVLM_PRUNE_TEST_SEED replays one."""
+    value = int(os.environ.get("LVLM_PRUNE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"seed={value} (replay: LVLM_PRUNE_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """``torch.empty`` returns NaN-filled (float) or -1-filled (int) memory, so any output element
+    a kernel forgets to write fails the comparison instead of passing on lucky zeros."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        elif out.dtype != torch.bool:
+            out.fill_(-1)
+        return out
+
+    monkeypatch.setattr(torch, "empty", poisoned)

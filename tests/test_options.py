@@ -11,8 +11,17 @@ from lvlm_prune.vllm_plugin.options import PruneOptionError, PruneOptions
 
 @pytest.mark.parametrize(
     "n,ratio,k",
-    [(576, 1.0, 576), (576, 0.5, 288), (576, 0.25, 144), (576, 0.11, 64), (576, 1e-9, 1),
-     (100, 0.07, 7), (1, 0.5, 1), (577, 0.5, 289), (0, 0.5, 0)],
+    [
+        (576, 1.0, 576),
+        (576, 0.5, 288),
+        (576, 0.25, 144),
+        (576, 0.11, 64),
+        (576, 1e-9, 1),
+        (100, 0.07, 7),
+        (1, 0.5, 1),
+        (577, 0.5, 289),
+        (0, 0.5, 0),
+    ],
 )
 def test_keep_count(n, ratio, k):
     assert keep_count(n, ratio) == k
@@ -37,13 +46,20 @@ def test_options_parse_and_hash_the_query():
     opts = PruneOptions.from_kwargs(
         {"keep_ratio": 0.25, "prune_method": "random", "prune_merge": True, "prune_diagnostics": 9}
     )
-    assert (opts.keep_ratio, opts.method, opts.merge, opts.diagnostics_id) == (0.25, "random", True, 9)
+    assert (opts.keep_ratio, opts.method, opts.merge, opts.diagnostics_id) == (
+        0.25,
+        "random",
+        True,
+        9,
+    )
     a, b = opts.hashed_kwargs([5, 6, 7]), opts.hashed_kwargs([5, 6, 8])
     assert a != b and a["prune_seed"] != b["prune_seed"]
     assert opts.hashed_kwargs([5, 6, 7]) == a
 
 
-@pytest.mark.parametrize("kwargs", [{"keep_ratio": 2}, {"prune_method": "top"}, {"prune_seed": "1"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"keep_ratio": 2}, {"prune_method": "top"}, {"prune_seed": "1"}]
+)
 def test_options_errors_are_value_errors_naming_the_kwarg(kwargs):
     with pytest.raises(PruneOptionError, match=next(iter(kwargs))):
         PruneOptions.from_kwargs(kwargs)
@@ -51,7 +67,8 @@ def test_options_errors_are_value_errors_naming_the_kwarg(kwargs):
 
 def test_entry_point_and_idempotent_register():
     (ep,) = [
-        ep for ep in importlib.metadata.entry_points(group="vllm.general_plugins")
+        ep
+        for ep in importlib.metadata.entry_points(group="vllm.general_plugins")
         if ep.name == "lvlm_prune"
     ]
     register = ep.load()

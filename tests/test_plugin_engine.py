@@ -5,12 +5,11 @@ Logprobs make the comparisons sharp: the greedy ids of a random model barely dep
 but its logprobs move measurably when other rows, or the same rows in another order, go in.
 """
 
+import hf_reference as ref
 import pytest
 import torch
-from vllm import SamplingParams
-
 from helpers import close_llm, make_image, make_llm
-import hf_reference as ref
+from vllm import SamplingParams
 
 N = 576  # 336 px / 14 px patches, squared
 MAX_TOKENS = 6
@@ -118,15 +117,20 @@ def test_prefix_cache_never_hands_one_question_the_other_questions_selection(llm
         assert_matches_reference(
             tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, image, kept[question])]
         )
-    assert not torch.equal(kept[QUESTION], kept[OTHER_QUESTION]), "questions must select differently"
+    assert not torch.equal(kept[QUESTION], kept[OTHER_QUESTION]), (
+        "questions must select differently"
+    )
     first, again = outs[QUESTION]
     assert again.num_cached_tokens > 0, "the repeated request should hit the prefix cache"
     assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
-    assert max(
-        abs(a - b)
-        for sa, sb in zip(vllm_logprobs(again), vllm_logprobs(first))
-        for a, b in zip(sa.values(), sb.values())
-    ) < LOGPROB_ATOL
+    assert (
+        max(
+            abs(a - b)
+            for sa, sb in zip(vllm_logprobs(again), vllm_logprobs(first))
+            for a, b in zip(sa.values(), sb.values())
+        )
+        < LOGPROB_ATOL
+    )
 
 
 def test_two_images_each_pruned_by_its_own_k(llm, tiny_model_dir):
@@ -164,7 +168,10 @@ def test_diagnostics_scores_and_kept_match_the_reference(llm, tiny_model_dir):
     q = ref.embed(tiny_model_dir, q_ids)
     scores = ref.relevance_ref(feats, torch.tensor([0, N]), q, torch.tensor([0, len(q_ids)]))
     torch.testing.assert_close(torch.tensor(diag["scores"]), scores, atol=1e-5, rtol=1e-5)
-    assert diag["kept_indices"] == ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 288).tolist()
+    assert (
+        diag["kept_indices"]
+        == ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 288).tolist()
+    )
     assert diag["num_tokens"] == N
 
 
@@ -182,11 +189,16 @@ def test_random_method_is_seeded_and_reproducible(llm):
     kept = []
     for diag_id, seed in ((31, 5), (32, 5), (33, 6)):
         out = generate(
-            llm, request(keep_ratio=0.25, prune_method="random", prune_seed=seed, prune_diagnostics=diag_id)
+            llm,
+            request(
+                keep_ratio=0.25, prune_method="random", prune_seed=seed, prune_diagnostics=diag_id
+            ),
         )
         assert sum(t == ref.IMAGE_TOKEN_ID for t in out.prompt_token_ids) == 144
         (diag,) = pop_diagnostics(llm, diag_id)
-        assert len(diag["kept_indices"]) == 144 and diag["kept_indices"] == sorted(set(diag["kept_indices"]))
+        assert len(diag["kept_indices"]) == 144 and diag["kept_indices"] == sorted(
+            set(diag["kept_indices"])
+        )
         kept.append(diag["kept_indices"])
     assert kept[0] == kept[1], "same seed, same tokens"
     assert kept[0] != kept[2], "another seed, other tokens"

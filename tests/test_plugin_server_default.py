@@ -4,10 +4,9 @@ The batch budget (64 tokens) is smaller than every prompt here, so each prefill 
 the outputs must still equal the transformers reference of the same selection.
 """
 
-import pytest
-
-from helpers import close_llm, make_llm
 import hf_reference as ref
+import pytest
+from helpers import close_llm, make_llm
 from test_plugin_engine import N, assert_matches_reference, generate, request
 
 
@@ -30,7 +29,9 @@ def test_server_default_prunes_and_chunked_prefill_matches_reference(llm, tiny_m
     assert len(out.prompt_token_ids) > 64, "the prompt must not fit in one chunk"
     q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
     kept = ref.reference_kept(tiny_model_dir, ref_image(), q_ids, 144)
-    assert_matches_reference(tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, ref_image(), kept)])
+    assert_matches_reference(
+        tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, ref_image(), kept)]
+    )
 
 
 def test_request_overrides_server_default(llm, tiny_model_dir):
@@ -65,7 +66,13 @@ def test_hf_processor_never_sees_our_kwargs(llm, monkeypatch):
 
     monkeypatch.setattr(LlavaProcessor, "__call__", spy)
     # A fresh image and question: a processor-cache miss, so the HF processor really runs.
-    out = generate(llm, {**request(images=(9,)), "mm_processor_kwargs": {"prune_method": "uniform", "prune_merge": True}})
+    out = generate(
+        llm,
+        {
+            **request(images=(9,)),
+            "mm_processor_kwargs": {"prune_method": "uniform", "prune_merge": True},
+        },
+    )
     assert sum(t == ref.IMAGE_TOKEN_ID for t in out.prompt_token_ids) == 144
     assert seen, "the HF processor was not called"
     assert all(not (keys & OWN_KWARGS) for keys in seen), seen

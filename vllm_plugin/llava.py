@@ -103,13 +103,17 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         opts = PruneOptions.from_kwargs(hf_kwargs)
         query = torch.tensor(hf_kwargs.get(options.QUERY_IDS, ()), dtype=torch.int64)
         num = len(images)
-        counts = [keep_count(self._num_image_tokens(mm_items, i), opts.keep_ratio) for i in range(num)]
+        counts = [
+            keep_count(self._num_image_tokens(mm_items, i), opts.keep_ratio) for i in range(num)
+        ]
         processed[KEEP_FIELD] = torch.tensor(counts, dtype=torch.int64)
         processed[QUERY_FIELD] = query.expand(num, -1).clone()
         processed[METHOD_FIELD] = torch.full((num,), PRUNE_METHODS.index(opts.method))
         processed[MERGE_FIELD] = torch.full((num,), opts.merge, dtype=torch.bool)
         processed[SEED_FIELD] = torch.full((num,), int(hf_kwargs[options.SEED]), dtype=torch.int64)
-        processed[DIAGNOSTICS_FIELD] = torch.full((num,), opts.diagnostics_id or 0, dtype=torch.int64)
+        processed[DIAGNOSTICS_FIELD] = torch.full(
+            (num,), opts.diagnostics_id or 0, dtype=torch.int64
+        )
         return processed
 
     def _num_image_tokens(self, mm_items: MultiModalDataItems, item_idx: int) -> int:
@@ -147,7 +151,9 @@ def _shorten(update: PromptReplacement, ratio: float) -> PromptReplacement:
         tokens = stock(item_idx) if callable(stock) else stock
         return tokens[: keep_count(len(tokens), ratio)]
 
-    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+    return PromptReplacement(
+        modality=update.modality, target=update.target, replacement=replacement
+    )
 
 
 def _build_processor(info, dummy_inputs):
@@ -198,7 +204,9 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
             need_scores=any(diag_ids),
         )
         diagnostics.STORE.stop_timer(timer, num_images=len(images))
-        for sel, diag_id, ids, image, query in zip(selections, diag_ids, query_ids, images, queries):
+        for sel, diag_id, ids, image, query in zip(
+            selections, diag_ids, query_ids, images, queries
+        ):
             if diag_id:
                 diagnostics.STORE.put(diag_id, sel, image=image, query=query, query_ids=ids)
         return [sel.rows for sel in selections]

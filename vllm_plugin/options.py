@@ -72,13 +72,17 @@ class PruneOptions:
         if (v := kwargs.get(KEEP_RATIO)) is not None:
             # Ints too (1 is a ratio); checked without float(): 10**400 must be a 400, not a crash.
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}")
+                raise PruneOptionError(
+                    KEEP_RATIO, f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}"
+                )
             if not 0 < v <= 1:
                 raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be in (0, 1], got {v!r}")
             opts = dataclasses.replace(opts, keep_ratio=float(v))
         if (v := kwargs.get(METHOD)) is not None:
             if v not in PRUNE_METHODS:
-                raise PruneOptionError(METHOD, f"{METHOD} must be one of {list(PRUNE_METHODS)}, got {v!r}")
+                raise PruneOptionError(
+                    METHOD, f"{METHOD} must be one of {list(PRUNE_METHODS)}, got {v!r}"
+                )
             opts = dataclasses.replace(opts, method=v)
         if (v := kwargs.get(MERGE)) is not None:
             if not isinstance(v, bool):
@@ -94,7 +98,8 @@ class PruneOptions:
             opts = dataclasses.replace(opts, seed=v)
         if (v := kwargs.get(DIAGNOSTICS)) is not None:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**63:
-                raise PruneOptionError(DIAGNOSTICS, f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
+                raise PruneOptionError(
+                    DIAGNOSTICS, f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
                 )
             opts = dataclasses.replace(opts, diagnostics_id=v)
         return opts

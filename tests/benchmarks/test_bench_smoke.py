@@ -39,7 +39,9 @@ def smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "lvlm_prune.benchmarks", "all", "--smoke", "--out", str(out)],
-        capture_output=True, text=True, timeout=800,
+        capture_output=True,
+        text=True,
+        timeout=800,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {p.stem.split("-tiny")[0]: json.loads(p.read_text()) for p in out.glob("*.json")}
@@ -49,7 +51,13 @@ def smoke(tmp_path_factory) -> dict:
 def test_all_writes_every_benchmark_and_a_summary(smoke):
     assert set(smoke["results"]) == {"latency", "throughput", "overhead", "fidelity", "prefill-gpu"}
     summary = (smoke["out"] / "summary-tiny.md").read_text()
-    for title in ("### Latency", "### Throughput", "### Overhead", "### Fidelity", "### LLM prefill"):
+    for title in (
+        "### Latency",
+        "### Throughput",
+        "### Overhead",
+        "### Fidelity",
+        "### LLM prefill",
+    ):
         assert title in summary
     for result in smoke["results"].values():
         machine = result["machine"]
@@ -112,7 +120,9 @@ def test_overhead_instrumentation_saw_every_piece(smoke):
         assert m["llm_forward"] > 0, f"{name}: the LLM forward wrapper never fired"
         assert m["embed_multimodal"] >= m["vision_tower"], name
         assert 0 <= row["selection_share_of_ttft"] < 1
-    assert rows["stock"]["median_seconds"]["selection"] == 0, "keep_ratio 1.0 must skip the selection"
+    assert rows["stock"]["median_seconds"]["selection"] == 0, (
+        "keep_ratio 1.0 must skip the selection"
+    )
     for name in PRUNED_CONFIGS:
         row = rows[name]
         assert row["median_seconds"]["selection"] > 0, name
@@ -146,7 +156,9 @@ def test_prefill_gpu_smoke_through_the_console_script(tmp_path):
     script = Path(sys.executable).with_name("lvlm-prune")
     proc = subprocess.run(
         [str(script), "bench", "prefill-gpu", "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "prefill-gpu-tiny-cpu.json").read_text())
@@ -163,7 +175,9 @@ def test_prefill_gpu_without_cuda_exits_cleanly(tmp_path):
         pytest.skip("a CUDA GPU is present: the full prefill-gpu benchmark would run")
     proc = subprocess.run(
         [sys.executable, "-m", "lvlm_prune.benchmarks", "prefill-gpu", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "needs a CUDA GPU" in proc.stdout
@@ -180,9 +194,19 @@ def test_wilson_interval():
 def test_synthetic_set_round_trips_and_images_load_every_way(tmp_path):
     path = tmp_path / "set.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "lvlm_prune.benchmarks", "fidelity", "--make-synthetic", str(path),
-         "--items", "5"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lvlm_prune.benchmarks",
+            "fidelity",
+            "--make-synthetic",
+            str(path),
+            "--items",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     items = fidelity.load_jsonl(path)
@@ -220,10 +244,25 @@ def test_fidelity_reads_a_jsonl_with_image_files(tmp_path):
     fidelity.write_jsonl(items, tmp_path / "set.jsonl")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "lvlm_prune.benchmarks", "fidelity", "--smoke", "--data",
-         str(tmp_path / "set.jsonl"), "--ratios", "1.0", "0.25", "--methods", "uniform",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lvlm_prune.benchmarks",
+            "fidelity",
+            "--smoke",
+            "--data",
+            str(tmp_path / "set.jsonl"),
+            "--ratios",
+            "1.0",
+            "0.25",
+            "--methods",
+            "uniform",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "fidelity-tiny.json").read_text())

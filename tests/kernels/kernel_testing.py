@@ -2,7 +2,8 @@
 
 Every test module here imports this first. It is not a ``conftest.py`` on purpose: ``tests/`` has
 no packages, and a second ``conftest.py`` would replace ``tests/conftest.py`` as the ``conftest``
-module that other tests import from.
+module that other tests import from. The fixtures (``seed``, ``poison_outputs``) are in
+``tests/conftest.py``.
 
 Triton has no CPU backend; without CUDA its kernels run in the interpreter, which must be switched
 on (``TRITON_INTERPRET=1``) before ``triton`` is first imported; ``tests/conftest.py`` does that.
@@ -13,7 +14,6 @@ Triton tests in silence.
 from __future__ import annotations
 
 import os
-import random
 import sys
 
 import torch
@@ -47,32 +47,6 @@ SCORE_TOLS = [
 ]
 # Merged rows are means cast back to the model dtype: one rounding of that dtype.
 ROW_TOLS = {torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3), torch.float32: (1e-5, 1e-5)}
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test (printed, so a failure shows it); LVLM_PRUNE_TEST_SEED replays one."""
-    value = int(os.environ.get("LVLM_PRUNE_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    torch.manual_seed(value)
-    print(f"seed={value} (replay: LVLM_PRUNE_TEST_SEED={value})")
-    return value
-
-
-@pytest.fixture
-def poison_outputs(monkeypatch):
-    """``torch.empty`` returns NaN-filled (float) or -1-filled (int) memory, so any output element
-    a kernel forgets to write fails the comparison instead of passing on lucky zeros."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        elif out.dtype != torch.bool:
-            out.fill_(-1)
-        return out
-
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def assert_close(actual, expected, atol, rtol, what="", seed=None) -> None:

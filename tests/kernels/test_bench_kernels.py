@@ -16,7 +16,10 @@ MODULE = "lvlm_prune.benchmarks.bench_kernels"
 def _run(*args, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # its own choice
     return subprocess.run(
-        [sys.executable, "-m", MODULE, *args], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", MODULE, *args],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=timeout,
     )
 

@@ -10,10 +10,8 @@ from kernel_testing import (
     assert_close,
     needs_cuda,
     offsets,
-    poison_outputs,  # noqa: F401 - fixture
     relevance_f64,
     requires_triton,
-    seed,  # noqa: F401 - fixture
 )
 
 from lvlm_prune.kernels import relevance_ref, relevance_triton
@@ -159,6 +157,8 @@ def test_gpu_launch_config_and_batch_independence(monkeypatch, seed, reduce):
     shapes = [(100, 7), (1, 0), (130, 40)]
     images, queries = _inputs(shapes, 64, torch.bfloat16)
     batched = _run(relevance_triton, images, queries, reduce)
-    assert_close(batched, torch.cat(relevance_f64(images, queries, reduce)), 2e-5, 1e-4, "GPU config", seed)
+    assert_close(
+        batched, torch.cat(relevance_f64(images, queries, reduce)), 2e-5, 1e-4, "GPU config", seed
+    )
     alone = _run(relevance_triton, images[2:], queries[2:], reduce)
     assert torch.equal(alone, batched[101:]), f"batch changed the scores (seed {seed})"

@@ -12,10 +12,8 @@ from kernel_testing import (
     assert_equal,
     clear_margin_ks,
     needs_cuda,
-    poison_outputs,  # noqa: F401 - fixture
     relevance_f64,
     requires_triton,
-    seed,  # noqa: F401 - fixture
 )
 
 from lvlm_prune.kernels import (
@@ -156,8 +154,13 @@ def test_select_tokens_kept_sets(backend, d, tols, seed):
     for ratio in [0.05, 0.11, 0.5, 0.9]:
         keep = [keep_count(n, ratio) for n, _ in shapes]
         got = select_tokens(
-            images, queries, keep, methods=["simignore"] * 4, merge=[False] * 4,
-            seeds=[0] * 4, backend=backend,
+            images,
+            queries,
+            keep,
+            methods=["simignore"] * 4,
+            merge=[False] * 4,
+            seeds=[0] * 4,
+            backend=backend,
         )
         for b, (sel, scores64) in enumerate(zip(got, relevance_f64(images, queries))):
             k = keep[b]
@@ -191,7 +194,12 @@ def test_select_tokens_ties_from_duplicate_rows(backend, dtype, seed):
     row_scores = pool_scores[group.cpu()]  # exact ties by construction
     for k in [1, 7, 64, 150, 299]:
         sel = select_tokens(
-            [image], [query], [k], methods=["simignore"], merge=[False], seeds=[0],
+            [image],
+            [query],
+            [k],
+            methods=["simignore"],
+            merge=[False],
+            seeds=[0],
             backend=backend,
         )[0]
         assert_equal(sel.kept, _oracle(row_scores, k), f"K={k}", seed)
@@ -219,7 +227,8 @@ def _unambiguous_positions(image, kept, margin=1e-4):
 @requires_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "n,k,d", [(100, 11, 64), (100, 37, 128), (577, 64, 128), (5, 5, 64), (1, 1, 64)],
+    "n,k,d",
+    [(100, 11, 64), (100, 37, 128), (577, 64, 128), (5, 5, 64), (1, 1, 64)],
     ids=lambda v: str(v),
 )
 def test_merge_matches_reference(n, k, d, dtype, seed):
@@ -364,4 +373,3 @@ def test_gpu_select_and_merge_model_shapes(d, seed):
         want = merge_dropped_ref(images[b], sel.kept)
         ok = _unambiguous_positions(images[b], sel.kept).to(want.device)
         assert_close(sel.rows[ok], want[ok], *ROW_TOLS[torch.bfloat16], f"image {b} rows", seed)
-

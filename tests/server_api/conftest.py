@@ -16,17 +16,28 @@ def server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     cmd = [
-        sys.executable, "-m", "lvlm_prune.server.cli", "serve",
-        "--port", str(port),
-        "--keep-ratio", str(SERVER_KEEP_RATIO),
-        "--api-key", API_KEY,
-        "--dtype", "float32",  # diagnostics are compared with the torch reference
+        sys.executable,
+        "-m",
+        "lvlm_prune.server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--keep-ratio",
+        str(SERVER_KEEP_RATIO),
+        "--api-key",
+        API_KEY,
+        "--dtype",
+        "float32",  # diagnostics are compared with the torch reference
         "--enforce-eager",
-        "--max-model-len", "2048",
-        "--limit-mm-per-prompt", f'{{"image": {MAX_IMAGES}}}',
+        "--max-model-len",
+        "2048",
+        "--limit-mm-per-prompt",
+        f'{{"image": {MAX_IMAGES}}}',
     ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     srv = Server(port, proc, log)
     try:
         srv.wait_ready()

@@ -6,14 +6,14 @@ import base64
 import io
 import json
 
+import hf_reference as ref
 import openai
 import pytest
 import requests
 import torch
+from helpers import data_url, make_image
 from PIL import Image
 
-import hf_reference as ref
-from helpers import data_url, make_image
 from server_api.serving import API_KEY, MAX_IMAGES, MODEL, SERVER_KEEP_RATIO
 
 N = 576
@@ -30,8 +30,11 @@ def chat(client, *, question=QUESTION, images=(0,), pruning=None, max_tokens=4, 
     if pruning is not None:
         body["pruning"] = pruning
     return client.chat.completions.create(
-        model=MODEL, messages=messages(question, images), max_tokens=max_tokens,
-        temperature=0.0, extra_body=body or None,
+        model=MODEL,
+        messages=messages(question, images),
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body=body or None,
     )
 
 
@@ -62,7 +65,12 @@ def test_server_default_and_per_request_ratio(client):
     assert pruning_of(default)["image_tokens_after"] == k_default
     assert pruning_of(default)["keep_ratio"] == SERVER_KEEP_RATIO
     p = pruning_of(quarter)
-    assert (p["image_tokens_before"], p["image_tokens_after"], p["keep_ratio"], p["method"]) == (N, 144, 0.25, "uniform")
+    assert (p["image_tokens_before"], p["image_tokens_after"], p["keep_ratio"], p["method"]) == (
+        N,
+        144,
+        0.25,
+        "uniform",
+    )
     assert p["per_image"] == [{"tokens_before": N, "tokens_after": 144}]
     # The counts are the prompt: usage moves by exactly the tokens pruned.
     assert full.usage.prompt_tokens - quarter.usage.prompt_tokens == N - 144
@@ -77,12 +85,16 @@ def test_raw_mm_processor_kwargs_still_work(client):
 
 def test_requests_without_images_get_no_pruning_object(client):
     response = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=2,
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=2,
         extra_body={"pruning": {"keep_ratio": 0.25}},
     )
     assert "pruning" not in (response.model_extra or {})
     completion = client.completions.create(
-        model=MODEL, prompt="USER: hello ASSISTANT:", max_tokens=2,
+        model=MODEL,
+        prompt="USER: hello ASSISTANT:",
+        max_tokens=2,
         extra_body={"pruning": {"keep_ratio": 0.25}},
     )
     assert completion.usage.prompt_tokens > 0 and "pruning" not in (completion.model_extra or {})
@@ -95,7 +107,10 @@ def test_requests_without_images_get_no_pruning_object(client):
 def test_streaming_carries_pruning_in_the_last_chunk_before_done(server, client):
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=messages(), max_tokens=4, stream=True,
+            model=MODEL,
+            messages=messages(),
+            max_tokens=4,
+            stream=True,
             extra_body={"pruning": {"keep_ratio": 0.25}},
         )
     )
@@ -106,8 +121,13 @@ def test_streaming_carries_pruning_in_the_last_chunk_before_done(server, client)
     raw = requests.post(
         f"{server.url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {API_KEY}"},
-        json={"model": MODEL, "messages": messages(), "max_tokens": 3, "stream": True,
-              "pruning": {"keep_ratio": 0.25}},
+        json={
+            "model": MODEL,
+            "messages": messages(),
+            "max_tokens": 3,
+            "stream": True,
+            "pruning": {"keep_ratio": 0.25},
+        },
         timeout=120,
     )
     events = [e for e in raw.text.split("\n\n") if e.strip()]
@@ -123,7 +143,9 @@ def test_diagnostics_match_the_torch_reference(client, reference, seed, ratio):
     scores, kept, q_ids = reference(seed, QUESTION, k)
     assert image["grid"] == [24, 24]
     assert len(image["scores"]) == 24 and all(len(row) == 24 for row in image["scores"])
-    torch.testing.assert_close(torch.tensor(image["scores"]).flatten(), scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(image["scores"]).flatten(), scores, atol=1e-4, rtol=1e-4
+    )
     assert image["kept_indices"] == kept.tolist()
     assert image["method"] == "simignore" and "heatmap_png" not in image
     top = image["top_query_tokens"]
@@ -151,8 +173,15 @@ def test_two_images_each_with_diagnostics(client, reference):
 def post(server, body, *, key=API_KEY, raw=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if raw is not None:
-        return requests.post(f"{server.url}/v1/chat/completions", data=raw, headers={**headers, "Content-Type": "application/json"}, timeout=120)
-    return requests.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+        return requests.post(
+            f"{server.url}/v1/chat/completions",
+            data=raw,
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=120,
+        )
+    return requests.post(
+        f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120
+    )
 
 
 def good_body(**over):
@@ -173,25 +202,65 @@ BAD = {
     "diagnostics number": (good_body(pruning={"diagnostics": 5}), "pruning.diagnostics"),
     "unknown pruning key": (good_body(pruning={"keep": 0.5}), "pruning.keep"),
     "pruning not an object": (good_body(pruning=0.5), "pruning"),
-    "raw kwarg bad": (good_body(mm_processor_kwargs={"keep_ratio": 2}), "mm_processor_kwargs.keep_ratio"),
-    "raw foreign kwarg": (good_body(mm_processor_kwargs={"do_resize": False}), "mm_processor_kwargs"),
-    "raw internal kwarg": (good_body(mm_processor_kwargs={"prune_diagnostics": 5}), "mm_processor_kwargs.prune_diagnostics"),
-    "forged request tag": (good_body(mm_processor_kwargs={"prune_tag": "abc"}), "mm_processor_kwargs.prune_tag"),
-    "media_io_kwargs stay gated": (good_body(media_io_kwargs={"image": {"mode": "L"}}), "media_io_kwargs"),
+    "raw kwarg bad": (
+        good_body(mm_processor_kwargs={"keep_ratio": 2}),
+        "mm_processor_kwargs.keep_ratio",
+    ),
+    "raw foreign kwarg": (
+        good_body(mm_processor_kwargs={"do_resize": False}),
+        "mm_processor_kwargs",
+    ),
+    "raw internal kwarg": (
+        good_body(mm_processor_kwargs={"prune_diagnostics": 5}),
+        "mm_processor_kwargs.prune_diagnostics",
+    ),
+    "forged request tag": (
+        good_body(mm_processor_kwargs={"prune_tag": "abc"}),
+        "mm_processor_kwargs.prune_tag",
+    ),
+    "media_io_kwargs stay gated": (
+        good_body(media_io_kwargs={"image": {"mode": "L"}}),
+        "media_io_kwargs",
+    ),
     "seed beyond int64": (good_body(pruning={"seed": 2**63}), "pruning.seed"),
-    "raw seed beyond int64": (good_body(mm_processor_kwargs={"prune_seed": 2**63}), "mm_processor_kwargs.prune_seed"),
-    "raw huge keep_ratio": (good_body(mm_processor_kwargs={"keep_ratio": 10**400}), "mm_processor_kwargs.keep_ratio"),
+    "raw seed beyond int64": (
+        good_body(mm_processor_kwargs={"prune_seed": 2**63}),
+        "mm_processor_kwargs.prune_seed",
+    ),
+    "raw huge keep_ratio": (
+        good_body(mm_processor_kwargs={"keep_ratio": 10**400}),
+        "mm_processor_kwargs.keep_ratio",
+    ),
     "query too long": (good_body(pruning={"query": "x" * 20_001}), "pruning.query"),
     "corrupt base64": (
-        good_body(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64@@@"}},
-            {"type": "text", "text": "hi"}]}]),
+        good_body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64,@@@not-base64@@@"},
+                        },
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ]
+        ),
         None,
     ),
     "data url not an image": (
-        good_body(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": not_an_image_url()}},
-            {"type": "text", "text": "hi"}]}]),
+        good_body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": not_an_image_url()}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ]
+        ),
         None,
     ),
     "too many images": (good_body(messages=messages(images=tuple(range(MAX_IMAGES + 1)))), None),
@@ -246,7 +315,12 @@ def test_api_key_guards_everything_but_health_and_metrics(server):
     assert post(server, good_body(pruning={"keep_ratio": 0}), key="wrong").status_code == 401
     assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
     assert requests.get(f"{server.url}/metrics", timeout=30).status_code == 200
-    assert requests.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).status_code == 200
+    assert (
+        requests.get(
+            f"{server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+        ).status_code
+        == 200
+    )
 
 
 def test_openai_client_sees_a_bad_request_error(client):

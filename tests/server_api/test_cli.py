@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -28,18 +27,48 @@ def test_defaults_for_the_built_in_model(tiny_model_dir):
 
 
 def test_our_flags_fold_into_mm_processor_kwargs_and_vllm_options_pass_through():
-    args = build_serve_args([
-        "some/checkpoint", "--keep-ratio", "0.25", "--prune-method", "uniform",
-        "--mm-processor-kwargs", json.dumps({"keep_ratio": 0.9, "do_resize": True}),
-        "--max-model-len", "1234", "--api-key", "k", "--host", "0.0.0.0", "--port", "8123",
-    ])
+    args = build_serve_args(
+        [
+            "some/checkpoint",
+            "--keep-ratio",
+            "0.25",
+            "--prune-method",
+            "uniform",
+            "--mm-processor-kwargs",
+            json.dumps({"keep_ratio": 0.9, "do_resize": True}),
+            "--max-model-len",
+            "1234",
+            "--api-key",
+            "k",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8123",
+        ]
+    )
     assert args.model == "some/checkpoint"
-    assert args.mm_processor_kwargs == {"keep_ratio": 0.25, "prune_method": "uniform", "do_resize": True}
-    assert (args.max_model_len, args.api_key, args.host, args.port) == (1234, ["k"], "0.0.0.0", 8123)
+    assert args.mm_processor_kwargs == {
+        "keep_ratio": 0.25,
+        "prune_method": "uniform",
+        "do_resize": True,
+    }
+    assert (args.max_model_len, args.api_key, args.host, args.port) == (
+        1234,
+        ["k"],
+        "0.0.0.0",
+        8123,
+    )
 
 
-@pytest.mark.parametrize("argv", [["--keep-ratio", "0"], ["--keep-ratio", "2"], ["--prune-method", "best"],
-                                  ["--mm-processor-kwargs", '{"keep_ratio": -1}']])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--keep-ratio", "0"],
+        ["--keep-ratio", "2"],
+        ["--prune-method", "best"],
+        ["--mm-processor-kwargs", '{"keep_ratio": -1}'],
+    ],
+)
 def test_bad_server_defaults_fail_at_startup(argv):
     with pytest.raises((SystemExit, ValueError)):
         build_serve_args(argv)
@@ -50,8 +79,18 @@ def test_sigterm_stops_the_server_and_its_children(tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lvlm_prune.server.cli", "serve", "--port", str(port), "--enforce-eager"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+            [
+                sys.executable,
+                "-m",
+                "lvlm_prune.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--enforce-eager",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
             start_new_session=True,
         )
     server = Server(port, proc, log)

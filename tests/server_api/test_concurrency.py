@@ -7,17 +7,30 @@ import asyncio
 import re
 import time
 
+import hf_reference as ref
 import requests
 import torch
-
-import hf_reference as ref
 from helpers import data_url, make_image
+
 from server_api.serving import API_KEY, MODEL
 
 CONCURRENCY = 32
 ROUNDS = 3
 IMAGES = 4
-WORDS = ["car", "tree", "dog", "sky", "door", "sign", "cup", "table", "bike", "road", "grass", "box"]
+WORDS = [
+    "car",
+    "tree",
+    "dog",
+    "sky",
+    "door",
+    "sign",
+    "cup",
+    "table",
+    "bike",
+    "road",
+    "grass",
+    "box",
+]
 
 
 def question(i: int) -> str:
@@ -27,9 +40,15 @@ def question(i: int) -> str:
 async def one(client, urls, i: int, diagnostics: bool):
     response = await client.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": urls[i % IMAGES]}},
-            {"type": "text", "text": question(i)}]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": urls[i % IMAGES]}},
+                    {"type": "text", "text": question(i)},
+                ],
+            }
+        ],
         max_tokens=3,
         extra_body={"pruning": {"keep_ratio": 0.25, "diagnostics": diagnostics}},
     )
@@ -42,7 +61,9 @@ def test_concurrent_requests_get_their_own_diagnostics(server, tiny_model_dir):
     urls = [data_url(make_image(100 + s)) for s in range(IMAGES)]
 
     async def run():
-        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        client = AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300
+        )
         results = []
         for r in range(ROUNDS):
             jobs = [one(client, urls, r * CONCURRENCY + j, j % 2 == 0) for j in range(CONCURRENCY)]
@@ -78,7 +99,9 @@ def test_concurrent_requests_get_their_own_diagnostics(server, tiny_model_dir):
     pending = None
     while time.monotonic() < deadline:
         text = requests.get(f"{server.url}/metrics", timeout=30).text
-        match = re.search(r'^lvlm_prune_diagnostics_pending\{model_name="%s"\} (\S+)$' % MODEL, text, re.M)
+        match = re.search(
+            rf'^lvlm_prune_diagnostics_pending\{{model_name="{MODEL}"\}} (\S+)$', text, re.M
+        )
         if match and float(match.group(1)) == 0.0:
             pending = 0.0
             break

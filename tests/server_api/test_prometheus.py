@@ -11,9 +11,9 @@ from importlib import resources
 
 import pytest
 import requests
-
 from helpers import data_url, make_image
-from server_api.serving import API_KEY, MODEL, free_port
+
+from server_api.serving import MODEL, free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None, reason="needs the prometheus binary (Debian package)"
@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def dashboard() -> dict:
-    return json.loads(resources.files("lvlm_prune.server").joinpath("monitoring/grafana.json").read_text())
+    return json.loads(
+        resources.files("lvlm_prune.server").joinpath("monitoring/grafana.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,14 @@ def prometheus(server, tmp_path_factory):
     )
     port = free_port()
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(workdir / "log").open("w"),
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "log").open("w"),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -65,17 +72,32 @@ def test_every_dashboard_query_returns_data(prometheus, client):
     for phase in range(2):  # increases on both sides of a scrape, so every rate() is non-zero
         for ratio, method in ((0.25, "simignore"), (0.5, "uniform"), (1.0, "simignore")):
             client.chat.completions.create(
-                model=MODEL, max_tokens=2,
-                messages=[{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": data_url(make_image(50 + phase))}},
-                    {"type": "text", "text": f"what is here {ratio}?"}]}],
+                model=MODEL,
+                max_tokens=2,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": data_url(make_image(50 + phase))},
+                            },
+                            {"type": "text", "text": f"what is here {ratio}?"},
+                        ],
+                    }
+                ],
                 extra_body={"pruning": {"keep_ratio": ratio, "method": method}},
             )
         time.sleep(7)  # the server drains worker timings every 5 s; Prometheus scrapes every 1 s
 
-    assert MODEL in requests.get(
-        f"{prometheus}/api/v1/label/model_name/values", params={"match[]": "lvlm_prune_images_total"}, timeout=30
-    ).json()["data"]
+    assert (
+        MODEL
+        in requests.get(
+            f"{prometheus}/api/v1/label/model_name/values",
+            params={"match[]": "lvlm_prune_images_total"},
+            timeout=30,
+        ).json()["data"]
+    )
     targets = [t for panel in dashboard()["panels"] for t in panel["targets"]]
     assert len(targets) >= 8
     for target in targets:
@@ -89,16 +111,31 @@ def test_every_dashboard_query_returns_data(prometheus, client):
 def test_metrics_names_and_counts(server, client):
     before = _scrape(server)
     client.chat.completions.create(
-        model=MODEL, max_tokens=2,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(make_image(60))}},
-            {"type": "text", "text": "count me"}]}],
+        model=MODEL,
+        max_tokens=2,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(make_image(60))}},
+                    {"type": "text", "text": "count me"},
+                ],
+            }
+        ],
         extra_body={"pruning": {"keep_ratio": 0.25, "method": "uniform"}},
     )
     after = _scrape(server)
     key = f'{{model_name="{MODEL}"}}'
-    assert after[f"lvlm_prune_image_tokens_before_total{key}"] - before.get(f"lvlm_prune_image_tokens_before_total{key}", 0) == 576
-    assert after[f"lvlm_prune_image_tokens_after_total{key}"] - before.get(f"lvlm_prune_image_tokens_after_total{key}", 0) == 144
+    assert (
+        after[f"lvlm_prune_image_tokens_before_total{key}"]
+        - before.get(f"lvlm_prune_image_tokens_before_total{key}", 0)
+        == 576
+    )
+    assert (
+        after[f"lvlm_prune_image_tokens_after_total{key}"]
+        - before.get(f"lvlm_prune_image_tokens_after_total{key}", 0)
+        == 144
+    )
     uniform = f'lvlm_prune_requests_total{{method="uniform",model_name="{MODEL}"}}'
     assert after[uniform] - before.get(uniform, 0) == 1
 
