@@ -27,15 +27,28 @@ BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "LVLM_PRUNE_BACKEND"
 
 
+def check_keep_ratio(keep_ratio: object) -> float:
+    """The one rule for a keep ratio: a number in (0, 1]. Returns it as a float.
+
+    Ints count (1 is a ratio), bools do not; checked without ``float()`` first, so ``10**400`` is
+    a ``ValueError`` rather than an ``OverflowError``.
+    """
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or keep_ratio != keep_ratio  # NaN
+        or not 0 < keep_ratio <= 1
+    ):
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
 def keep_count(num_tokens: int, keep_ratio: float, *, min_keep: int = 1) -> int:
     """K = ceil(N * keep_ratio), at least ``min_keep``, at most N.
 
     Ceil, so a ratio never rounds an image down to nothing and 0.11 of 576 keeps 64.
     """
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
-        raise TypeError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    if not (0.0 < keep_ratio <= 1.0) or math.isnan(keep_ratio):
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    keep_ratio = check_keep_ratio(keep_ratio)
     if num_tokens <= 0:
         return 0
     # The epsilon absorbs float noise such as 0.07 * 100 = 7.000000000000001.

@@ -7,15 +7,12 @@ the field instead of a silently unpruned request. pydantic checks the types; the
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from lvlm_prune.kernels import PRUNE_METHODS
 from lvlm_prune.vllm_plugin import options
-
-PruneMethod = Literal["simignore", "uniform", "random"]
-assert get_args(PruneMethod) == PRUNE_METHODS, "keep the API's methods in step with kernels/"
 
 
 class PruningRequest(BaseModel):
@@ -25,7 +22,9 @@ class PruningRequest(BaseModel):
 
     keep_ratio: Annotated[float, Field(strict=True)] | None = None
     """Share of each image's tokens kept, in (0, 1]; default: the server's (1.0 unless set)."""
-    method: PruneMethod | None = None
+    method: Annotated[StrictStr, Field(json_schema_extra={"enum": list(PRUNE_METHODS)})] | None = (
+        None
+    )
     merge: StrictBool | None = None
     diagnostics: bool | Literal["heatmap"] = False
     """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
@@ -33,10 +32,12 @@ class PruningRequest(BaseModel):
     """Relevance query; default: the text of the user's messages (its last 512 tokens are used)."""
     seed: StrictInt | None = None
 
-    @field_validator("keep_ratio", "seed")
+    @field_validator("keep_ratio", "method", "seed")
     @classmethod
     def _in_range(cls, value, info):
-        kwarg = {"keep_ratio": options.KEEP_RATIO, "seed": options.SEED}[info.field_name]
+        kwarg = {"keep_ratio": options.KEEP_RATIO, "method": options.METHOD, "seed": options.SEED}[
+            info.field_name
+        ]
         try:
             options.PruneOptions.from_kwargs({kwarg: value})
         except options.PruneOptionError as err:

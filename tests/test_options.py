@@ -30,11 +30,9 @@ def test_keep_count(n, ratio, k):
 def test_keep_count_min_keep_and_bounds():
     assert keep_count(576, 0.001, min_keep=16) == 16
     assert keep_count(8, 0.1, min_keep=16) == 8
-    for ratio in (0, -0.5, 1.01, math.nan):
-        with pytest.raises(ValueError, match="keep_ratio"):
+    for ratio in (0, -0.5, 1.01, math.nan, "0.5", True, 10**400):
+        with pytest.raises(ValueError, match="keep_ratio must be a number in"):
             keep_count(576, ratio)
-    with pytest.raises(TypeError, match="keep_ratio"):
-        keep_count(576, "0.5")
 
 
 def test_options_defaults_are_stock():

@@ -215,9 +215,9 @@ def test_merge_folds_dropped_rows_into_kept_rows(llm, tiny_model_dir):
 
 
 BAD_KWARGS = [
-    ({"keep_ratio": 0}, "keep_ratio must be in (0, 1]"),
-    ({"keep_ratio": -1}, "keep_ratio must be in (0, 1]"),
-    ({"keep_ratio": 1.5}, "keep_ratio must be in (0, 1]"),
+    ({"keep_ratio": 0}, "keep_ratio must be a number in (0, 1]"),
+    ({"keep_ratio": -1}, "keep_ratio must be a number in (0, 1]"),
+    ({"keep_ratio": 1.5}, "keep_ratio must be a number in (0, 1]"),
     ({"keep_ratio": "abc"}, "keep_ratio must be a number"),
     ({"keep_ratio": True}, "keep_ratio must be a number"),
     ({"keep_ratio": float("nan")}, "keep_ratio must be a number"),

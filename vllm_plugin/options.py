@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from lvlm_prune.kernels import PRUNE_METHODS
+from lvlm_prune.kernels import PRUNE_METHODS, check_keep_ratio
 
 KEEP_RATIO = "keep_ratio"
 METHOD = "prune_method"
@@ -70,14 +70,10 @@ class PruneOptions:
         """Validate our kwargs out of merged ``mm_processor_kwargs`` (others are ignored)."""
         opts = cls()
         if (v := kwargs.get(KEEP_RATIO)) is not None:
-            # Ints too (1 is a ratio); checked without float(): 10**400 must be a 400, not a crash.
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                raise PruneOptionError(
-                    KEEP_RATIO, f"{KEEP_RATIO} must be a number in (0, 1], got {v!r}"
-                )
-            if not 0 < v <= 1:
-                raise PruneOptionError(KEEP_RATIO, f"{KEEP_RATIO} must be in (0, 1], got {v!r}")
-            opts = dataclasses.replace(opts, keep_ratio=float(v))
+            try:
+                opts = dataclasses.replace(opts, keep_ratio=check_keep_ratio(v))
+            except ValueError as err:
+                raise PruneOptionError(KEEP_RATIO, str(err)) from None
         if (v := kwargs.get(METHOD)) is not None:
             if v not in PRUNE_METHODS:
                 raise PruneOptionError(
