@@ -2,7 +2,8 @@
 
 NAME: latency, throughput, overhead, fidelity, prefill-gpu, or all. Each prints a markdown table
 and writes ``NAME-MODEL.{json,md}`` (and a PNG where it plots) to ``--out`` (default
-``benchmarks/results/``; with ``--smoke``, ``benchmarks/results/smoke/``, which git ignores).
+``./benchmarks/results/`` of the working directory; with ``--smoke``, its ``smoke/`` subfolder,
+which git ignores).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _model_name(args) -> str:
 
 
 def _out_dir(args) -> Path:
-    return args.out or (common.SMOKE_DIR if args.smoke else common.RESULTS_DIR)
+    return args.out or common.results_dir(smoke=args.smoke)
 
 
 def run_one(args: argparse.Namespace, command: str) -> str | None:

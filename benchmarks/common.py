@@ -23,8 +23,15 @@ from pathlib import Path
 
 from lvlm_prune.vllm_plugin.local_env import OFFLINE_CPU_ENV
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SMOKE_DIR = RESULTS_DIR / "smoke"  # git-ignored
+
+
+def results_dir(*, smoke: bool = False) -> Path:
+    """Where results go without ``--out``: ``benchmarks/results`` under the working directory (a
+    checkout of this repository, typically), never the installed package's folder. Smoke runs go
+    to its ``smoke/`` subfolder, which git ignores."""
+    root = Path.cwd() / "benchmarks" / "results"
+    return root / "smoke" if smoke else root
+
 
 QUESTION = "What is the color of the car on the street?"
 RATIOS = (1.0, 0.5, 0.25, 0.11)  # 0.11 of 576 keeps 64 tokens
