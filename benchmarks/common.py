@@ -24,7 +24,6 @@ from pathlib import Path
 from lvlm_prune.vllm_plugin.local_env import OFFLINE_CPU_ENV
 
 
-
 def results_dir(*, smoke: bool = False) -> Path:
     """Where results go without ``--out``: ``benchmarks/results`` under the working directory (a
     checkout of this repository, typically), never the installed package's folder. Smoke runs go
