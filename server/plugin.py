@@ -29,8 +29,9 @@ POLL_SECONDS = 5.0
 RPC_TIMEOUT_SECONDS = 10.0
 
 # NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's
-# validate_request_mm_kwargs by name and call it on every request that can carry images.
-_GATED_MODULES = ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")
+# validate_request_mm_kwargs by name and call it on every request that can carry images
+# (tests/test_vllm_internals.py checks this list against vLLM's source).
+GATED_MODULES = ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")
 
 
 def allow_pruning_kwargs_per_request() -> None:
@@ -42,15 +43,23 @@ def allow_pruning_kwargs_per_request() -> None:
     ``media_io_kwargs``. The server-set keys (request tag, diagnostics id, query ids) pass only
     as our middleware issued them, trusted server or not, so a client cannot forge them.
     """
-    for name in _GATED_MODULES:
+    missing = []
+    for name in GATED_MODULES:
         module = importlib.import_module(name)
         original = getattr(module, "validate_request_mm_kwargs", None)
         if original is None:
-            logger.warning("lvlm-prune: %s has no validate_request_mm_kwargs to extend", name)
-            continue
-        if getattr(original, "_lvlm_prune", False):
-            continue
-        module.validate_request_mm_kwargs = _gate_allowing_pruning(original)
+            missing.append(name)
+        elif not getattr(original, "_lvlm_prune", False):
+            module.validate_request_mm_kwargs = _gate_allowing_pruning(original)
+    if missing:
+        # Started anyway, every per-request pruning option would be refused with vLLM's 400.
+        import vllm
+
+        raise RuntimeError(
+            f"lvlm-prune cannot let its per-request options through vLLM {vllm.__version__}'s "
+            f"gate: {', '.join(missing)} has no validate_request_mm_kwargs (this lvlm-prune "
+            "supports vLLM 0.32.x)"
+        )
 
 
 def _gate_allowing_pruning(original):

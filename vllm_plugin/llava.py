@@ -13,20 +13,30 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import BatchFeature
+from transformers import BatchFeature, LlavaConfig, PixtralVisionConfig
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.inputs import MultiModalInput
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import (
+    BaseLlavaProcessingInfo,
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
     PixtralHFMultiModalProcessor,
     PixtralHFProcessingInfo,
-    _build_llava_or_pixtral_hf_info,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import (
+    BaseMultiModalProcessor,
+    InputProcessingContext,
+    ProcessorInputs,
+    PromptReplacement,
+    PromptUpdate,
+    TimingContext,
+)
 
 from lvlm_prune.kernels import PRUNE_METHODS, keep_count, select_tokens
 
@@ -46,7 +56,7 @@ FIELDS = (KEEP_FIELD, QUERY_FIELD, METHOD_FIELD, MERGE_FIELD, SEED_FIELD, DIAGNO
 
 
 class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
-    def apply(self, inputs, timing_ctx):
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
         opts = PruneOptions.from_kwargs(merged)
         tag = merged.get(options.TAG)
@@ -68,7 +78,12 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
             )
         return result
 
-    def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
+    def get_dummy_inputs(
+        self,
+        seq_len: int,
+        mm_counts: Mapping[str, int],
+        mm_options: MultiModalDummyOptions,
+    ) -> ProcessorInputs:
         # Profiling must see the unpruned maximum (as vLLM's own video pruning, EVS, does), even
         # when the server-wide default prunes.
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
@@ -85,7 +100,9 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         # The last tokens: in a long conversation, the latest question.
         return list(ids[-options.MAX_QUERY_TOKENS :])
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
         # NOTE(vLLM 0.32): InputProcessingContext.call_hf_processor merges the server-wide
         # --mm-processor-kwargs back in; strip ours after that merge, right before HF sees them.
         hf_processor = self.info.get_hf_processor(**options.without_own_kwargs(hf_kwargs))
@@ -95,7 +112,9 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
 
         return self.info.ctx.call_hf_processor(call_without_prune_kwargs, hf_data, hf_kwargs)
 
-    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs):
+    def _apply_hf_processor_main(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         images = mm_items.get("image")
         if images is None or len(images) == 0:
@@ -128,13 +147,18 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
             return self.info.get_max_image_tokens()
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
-    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs):
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         config.update({name: MultiModalFieldConfig.batched("image") for name in FIELDS})
         return config
 
     def _get_prompt_updates(
-        self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         ratio = PruneOptions.from_kwargs(hf_processor_mm_kwargs).keep_ratio
@@ -156,8 +180,17 @@ def _shorten(update: PromptReplacement, ratio: float) -> PromptReplacement:
     )
 
 
-def _build_processor(info, dummy_inputs):
-    # Pixtral-HF checkpoints share the LLaVA architecture name; they are served unpruned.
+def _build_info(ctx: InputProcessingContext) -> BaseLlavaProcessingInfo:
+    # Pixtral-HF checkpoints share the LLaVA architecture name (as vLLM's own factory tells).
+    if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
+        return PixtralHFProcessingInfo(ctx)
+    return LlavaProcessingInfo(ctx)
+
+
+def _build_processor(
+    info: BaseLlavaProcessingInfo, dummy_inputs: LlavaDummyInputsBuilder
+) -> BaseMultiModalProcessor:
+    # Pixtral-HF checkpoints are served unpruned.
     if isinstance(info, PixtralHFProcessingInfo):
         return PixtralHFMultiModalProcessor(info, dummy_inputs)
     assert isinstance(info, LlavaProcessingInfo), type(info)
@@ -166,13 +199,13 @@ def _build_processor(info, dummy_inputs):
 
 @MULTIMODAL_REGISTRY.register_processor(
     _build_processor,
-    info=_build_llava_or_pixtral_hf_info,
+    info=_build_info,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` whose image embeddings are pruned to K rows per image."""
 
-    def embed_multimodal(self, **kwargs: object):
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         fields = {name: kwargs.pop(name, None) for name in FIELDS}
         embeds = super().embed_multimodal(**kwargs)
         if fields[KEEP_FIELD] is None or len(embeds) == 0:

@@ -1,0 +1,158 @@
+"""The vLLM internals lvlm-prune overrides, wraps or copies, pinned.
+
+vLLM's processor and serving internals are not a public API. Each test here fails when a vLLM
+upgrade renames, moves or re-signs one of them, so the upgrade fails in CI instead of on live
+requests (a silently stock, unpruned model, or every pruned request answered 400).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+
+import pytest
+import vllm
+from vllm.model_executor.models.llava import (
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+)
+from vllm.multimodal.processing import (
+    BaseMultiModalProcessor,
+    InputProcessingContext,
+    ProcessorInputs,
+    PromptReplacement,
+)
+
+from lvlm_prune.server import cli, plugin
+from lvlm_prune.vllm_plugin.llava import (
+    LlavaPruneForConditionalGeneration,
+    LlavaPruneMultiModalProcessor,
+)
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+# (class, method, parameter names) of every vLLM method our subclasses override.
+OVERRIDDEN = [
+    (BaseMultiModalProcessor, "apply", ["self", "inputs", "timing_ctx"]),
+    (BaseMultiModalProcessor, "get_dummy_inputs", ["self", "seq_len", "mm_counts", "mm_options"]),
+    (BaseMultiModalProcessor, "_call_hf_processor", ["self", "hf_data", "hf_kwargs"]),
+    (BaseMultiModalProcessor, "_apply_hf_processor_main", ["self", "mm_items", "hf_kwargs"]),
+    (
+        LlavaMultiModalProcessor,
+        "_get_mm_fields_config",
+        ["self", "hf_inputs", "hf_processor_mm_kwargs"],
+    ),
+    (
+        LlavaMultiModalProcessor,
+        "_get_prompt_updates",
+        ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"],
+    ),
+    (LlavaForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+]
+
+
+def test_vllm_version_is_the_one_pinned():
+    assert vllm.__version__.startswith("0.32."), vllm.__version__
+
+
+@pytest.mark.parametrize(
+    ("base", "name", "params"), OVERRIDDEN, ids=[f"{c.__name__}.{n}" for c, n, _ in OVERRIDDEN]
+)
+def test_overridden_vllm_method_keeps_its_signature(base, name, params):
+    assert _params(getattr(base, name)) == params
+
+
+@pytest.mark.parametrize(
+    "ours",
+    [LlavaPruneMultiModalProcessor, LlavaPruneForConditionalGeneration],
+    ids=lambda c: c.__name__,
+)
+def test_every_override_matches_the_method_it_replaces(ours):
+    """Every method our subclass defines that vLLM's class also has: same parameters, and in the
+    pinned list above (so a new override cannot skip being pinned)."""
+    pinned = {name for _, name, _ in OVERRIDDEN}
+    for name, fn in vars(ours).items():
+        if not callable(fn) or name.startswith("__"):
+            continue
+        base_fn = getattr(ours.__mro__[1], name, None)
+        if base_fn is None:
+            continue  # our own helper
+        assert name in pinned, f"{ours.__name__}.{name} overrides vLLM but is not pinned here"
+        assert _params(fn) == _params(base_fn), name
+
+
+def test_processor_inputs_and_context_we_read():
+    fields = {f for f in ProcessorInputs.__dataclass_fields__}
+    assert {"prompt", "mm_data_items", "hf_processor_mm_kwargs"} <= fields
+    assert _params(InputProcessingContext.get_merged_mm_kwargs)[:2] == ["self", "kwargs"]
+    assert _params(InputProcessingContext.call_hf_processor)[:4] == [
+        "self",
+        "hf_processor",
+        "data",
+        "kwargs",
+    ]
+    # The multimodal hash covers the processor kwargs (our query ids go there), not the prompt.
+    source = inspect.getsource(ProcessorInputs.get_mm_hashes)
+    assert "hf_processor_mm_kwargs" in source and "prompt" not in source.replace(
+        "prompt_updates", ""
+    )
+    assert {"modality", "target", "replacement"} <= set(_params(PromptReplacement))
+
+
+def _modules_calling_the_gate() -> set[str]:
+    """Every vLLM module that imports ``validate_request_mm_kwargs`` by name, found in vLLM's
+    source (not imported: some need optional dependencies)."""
+    found = set()
+    for info in pkgutil.walk_packages(vllm.__path__, "vllm."):
+        spec = importlib.util.find_spec(info.name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        with open(spec.origin, encoding="utf-8") as f:
+            text = f.read()
+        if re.search(r"import[^\n]*\bvalidate_request_mm_kwargs\b", text):
+            found.add(info.name)
+    return found
+
+
+def test_gate_wrap_covers_every_module_that_calls_vllms_gate():
+    assert _modules_calling_the_gate() == set(plugin.GATED_MODULES)
+    for name in plugin.GATED_MODULES:
+        gate = importlib.import_module(name).validate_request_mm_kwargs
+        assert set(_params(gate)) == {
+            "mm_processor_kwargs",
+            "media_io_kwargs",
+            "trust_request_mm_kwargs",
+        }
+
+
+def test_gate_wrap_refuses_to_start_when_it_patches_nothing(monkeypatch):
+    module = importlib.import_module(plugin.GATED_MODULES[0])
+    monkeypatch.delattr(module, "validate_request_mm_kwargs")
+    with pytest.raises(RuntimeError, match="validate_request_mm_kwargs"):
+        plugin.allow_pruning_kwargs_per_request()
+
+
+def test_serve_steps_are_vllms_own_in_its_order():
+    """``lvlm-prune serve`` repeats vLLM's ``main`` of the API server entry point; the same calls,
+    in the same order, must still be what vLLM does."""
+    from vllm.entrypoints.launchers.api_server import entry
+
+    steps = [
+        "cli_env_setup",
+        "make_arg_parser",
+        "configure_logging_from_args",
+        "validate_parsed_serve_args",
+        "run_server",
+    ]
+    theirs = inspect.getsource(entry.main)
+    ours = inspect.getsource(cli.serve) + inspect.getsource(cli.vllm_serve_parser)
+    for source in (theirs, ours):
+        at = [source.find(f"{step}(") for step in steps]
+        assert all(i >= 0 for i in at), dict(zip(steps, at))
+    assert [theirs.find(f"{s}(") for s in steps] == sorted(theirs.find(f"{s}(") for s in steps)
+    assert _params(entry.run_server)[0] == "args"
