@@ -10,9 +10,9 @@ so a client cannot forge one. Bounded: entries nobody takes are evicted oldest-f
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
+
+from .bounded import BoundedStore
 
 MAX_ENTRIES = 16384
 
@@ -41,40 +41,32 @@ class _Entry:
 
 class RequestLedger:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.max_entries = max_entries
-        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: BoundedStore[str, _Entry] = BoundedStore(max_entries)
 
     def expect(self, tag: str, diagnostics_id: int | None = None) -> None:
-        with self._lock:
-            self._entries[tag] = _Entry(diagnostics_id)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+        self._entries.put(tag, _Entry(diagnostics_id))
 
     def is_expected(self, tag: object, diagnostics_id: object) -> bool:
-        with self._lock:
-            entry = self._entries.get(tag) if isinstance(tag, str) else None
+        entry = self._entries.get(tag) if isinstance(tag, str) else None
         return entry is not None and entry.diagnostics_id == diagnostics_id
 
     def add(self, tag: str, counts: RequestCounts) -> None:
         """Record counts for an expected tag (several prompts of one request add up)."""
-        with self._lock:
-            entry = self._entries.get(tag)
-            if entry is None:
-                return
+
+        def add_to(entry: _Entry) -> None:
             if entry.counts is None:
                 entry.counts = counts
             else:
                 entry.counts.per_image.extend(counts.per_image)
 
+        self._entries.update(tag, add_to)
+
     def pop(self, tag: str) -> RequestCounts | None:
-        with self._lock:
-            entry = self._entries.pop(tag, None)
+        entry = self._entries.pop(tag)
         return entry.counts if entry else None
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._entries)
 
 
 LEDGER = RequestLedger()

@@ -15,15 +15,18 @@ import torch
 
 from lvlm_prune.kernels import Selection
 
+from .bounded import BoundedStore
+
 MAX_ENTRIES = 1024
 
 
 class DiagnosticsStore:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.max_entries = max_entries
-        self._entries: collections.OrderedDict[int, list[dict]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._timers: list[tuple[object, object, int]] = []
+        self._entries: BoundedStore[int, list[dict]] = BoundedStore(max_entries)
+        self._timers_lock = threading.Lock()
+        self._timers: collections.deque[tuple[object, object, int]] = collections.deque(
+            maxlen=max_entries
+        )
 
     def put(
         self,
@@ -43,15 +46,11 @@ class DiagnosticsStore:
             "query_ids": query_ids.tolist(),
             "query_votes": query_votes(image, query, sel.kept),
         }
-        with self._lock:
-            self._entries.setdefault(diag_id, []).append(entry)
-            self._entries.move_to_end(diag_id)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+        self._entries.update(diag_id, lambda images: images.append(entry), create=list)
 
     def pop(self, diag_ids: list[int]) -> dict[int, list[dict]]:
-        with self._lock:
-            return {i: self._entries.pop(i) for i in diag_ids if i in self._entries}
+        popped = {i: self._entries.pop(i) for i in diag_ids}
+        return {i: images for i, images in popped.items() if images is not None}
 
     def start_timer(self, device: torch.device):
         """CUDA events on a GPU (read when drained, seconds later: no sync in the forward pass),
@@ -68,14 +67,14 @@ class DiagnosticsStore:
         else:
             stop = torch.cuda.Event(enable_timing=True)
             stop.record()
-        with self._lock:
+        with self._timers_lock:
             self._timers.append((start, stop, num_images))
-            del self._timers[:-MAX_ENTRIES]
 
     def drain_timings(self) -> list[tuple[float, int]]:
         """(seconds, images) per selection since the last drain."""
-        with self._lock:
-            timers, self._timers = self._timers, []
+        with self._timers_lock:
+            timers = list(self._timers)
+            self._timers.clear()
         out = []
         for start, stop, num_images in timers:
             if isinstance(start, float):
@@ -86,8 +85,7 @@ class DiagnosticsStore:
         return out
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._entries)
 
 
 def query_votes(image: torch.Tensor, query: torch.Tensor, kept: torch.Tensor) -> list[int]:
