@@ -158,14 +158,11 @@ def _build_tokenizer(spec: TinyLlavaSpec):
 
 def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     tokenizer = _build_tokenizer(spec)
@@ -205,23 +202,41 @@ def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
     config.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
-    model.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
+    processor = make_llava_processor(tokenizer, spec.image_size, spec.patch_size)
+    save_llava(model, processor, out)
+    (out / "lvlm_prune_spec.json").write_text(
+        json.dumps({**dataclasses.asdict(spec), "builder": BUILDER_VERSION}, indent=2)
+    )
+
+
+def make_llava_processor(tokenizer, image_size: int, patch_size: int):
+    """LLaVA-1.5's processor (CLIP image processor + tokenizer) with :data:`CHAT_TEMPLATE`."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=spec.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def save_llava(model, processor, out: Path) -> None:
+    """Save a ``LlavaForConditionalGeneration`` with its processor so that both transformers and
+    vLLM 0.32 load the folder offline."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
     processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
 
     # NOTE(transformers 5.19 / vLLM 0.32): transformers saves the CLIP tower as
     # `...vision_tower.embeddings.*`, vLLM's CLIPVisionModel loads `vision_tower.vision_model.*`.
@@ -235,6 +250,3 @@ def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
             name = f"{head}vision_tower.vision_model.{tail}"
         renamed[name] = tensor.contiguous()
     save_file(renamed, weights_file, metadata={"format": "pt"})
-    (out / "lvlm_prune_spec.json").write_text(
-        json.dumps({**dataclasses.asdict(spec), "builder": BUILDER_VERSION}, indent=2)
-    )
