@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvlm_prune.vllm_plugin.local_env import use_offline_cpu_env
+from lvlm_prune import envs
 
-use_offline_cpu_env()  # before anything imports vLLM
+envs.use_offline_defaults()  # before anything imports vLLM
 
 from . import common, fidelity, latency, overhead, prefill_gpu, throughput  # noqa: E402
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lvlm_prune.vllm_plugin.local_env import OFFLINE_CPU_ENV
+from lvlm_prune import envs
 
 
 def results_dir(*, smoke: bool = False) -> Path:
@@ -263,10 +263,7 @@ def machine_info() -> dict:
         info["torch_threads"] = torch.get_num_threads()
     except Exception:  # noqa: BLE001 - machine info must never fail a run
         pass
-    info["env"] = {
-        k: os.environ.get(k)
-        for k in (*OFFLINE_CPU_ENV, "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")
-    }
+    info["env"] = envs.recorded()
     return info
 
 

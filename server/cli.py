@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from lvlm_prune import envs
 from lvlm_prune.kernels import PRUNE_METHODS
 
 DEFAULT_SERVED_NAME = "lvlm-prune-tiny"
@@ -115,11 +116,9 @@ def prepare_environment() -> None:
 
         allowed = [ep.name for ep in entry_points(group="vllm.general_plugins")]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, *PLUGIN_NAMES]))
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    envs.use_serve_defaults(cuda=torch.cuda.is_available())
 
 
 def serve(argv: list[str]) -> None:

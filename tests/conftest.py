@@ -3,18 +3,16 @@
 Environment first: these must be set before vLLM is imported anywhere in the session.
 """
 
-import os
 import random
 
 import torch
 
-from lvlm_prune.vllm_plugin.local_env import use_offline_cpu_env
+from lvlm_prune import envs
 
-use_offline_cpu_env()
-# Triton has no CPU backend: without CUDA the kernel tests run in its interpreter, which must be
-# on before anything (vLLM, a benchmark module) first imports triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+envs.use_offline_defaults()
+# Without CUDA the kernel tests run in Triton's interpreter, which must be on before anything
+# (vLLM, a benchmark module) first imports triton.
+envs.use_triton_interpreter_without_cuda()
 
 import pytest
 
@@ -29,7 +27,9 @@ def tiny_model_dir() -> str:
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test (printed, so a failure shows it); LVLM_PRUNE_TEST_SEED replays one."""
-    value = int(os.environ.get("LVLM_PRUNE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    value = envs.test_seed()
+    if value is None:
+        value = random.SystemRandom().randrange(2**31)
     torch.manual_seed(value)
     print(f"seed={value} (replay: LVLM_PRUNE_TEST_SEED={value})")
     return value
