@@ -5,7 +5,7 @@ the pieces from outside the product code: forward hooks on the model's vision to
 language model; a timing wrapper around the model instance's ``embed_multimodal`` and around
 ``select_tokens`` as the plugin module calls it; a wrapper around our processor's ``apply`` (it
 runs in the API process, here the same one). All of it is installed for the run and removed after.
-The plugin's own record of the selection time (``diagnostics.STORE.record_timing``) is read too,
+The plugin's own record of the selection time (``diagnostics.STORE.drain_timings``) is read too,
 as a cross-check. One request at a time with ``max_tokens=1``, so the LLM forward is the prefill.
 """
 

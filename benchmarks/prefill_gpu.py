@@ -52,12 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-tokens", type=int, nargs="+", default=list(IMAGE_TOKENS))
 
 
-def available(args: argparse.Namespace) -> bool:
-    import torch
-
-    return bool(args.smoke or torch.cuda.is_available())
-
-
 def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> dict | None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
