@@ -335,20 +335,39 @@ def test_openai_client_sees_a_bad_request_error(client):
         ({"keep_ratio": 0.25}, 200, None),
         ({"prune_tag": "forged"}, 400, "mm_processor_kwargs.prune_tag"),
         ({"prune_diagnostics": 5}, 400, "mm_processor_kwargs.prune_diagnostics"),
+        ({"prune_query_ids": [7, 8]}, 400, "mm_processor_kwargs.prune_query_ids"),
         ({"do_resize": False}, 400, "mm_processor_kwargs"),
     ],
 )
-def test_vllm_gate_on_routes_outside_the_middleware(server, kwargs, status, param):
-    """/tokenize is vLLM's, not ours: pruning keys pass vLLM's per-request gate there too, server-set
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/v1/chat/completions", {"max_tokens": 1}),  # vLLM's preprocess_chat, after our middleware
+        ("/tokenize", {}),  # preprocess_chat, no middleware
+        ("/tokenize", {"prompt": "USER: hello ASSISTANT:"}),  # preprocess_cmpl
+        (
+            "/v1/completions",
+            {"prompt": "USER: hello ASSISTANT:", "max_tokens": 1},
+        ),  # preprocess_cmpl
+    ],
+    ids=["chat", "tokenize-chat", "tokenize-prompt", "completions"],
+)
+def test_vllm_gate_on_every_gated_route(server, route, body, kwargs, status, param):
+    """Every route that reaches vLLM's per-request kwargs gate: pruning keys pass it, server-set
     keys only when our middleware issued them, any other key only with --trust-request-mm-kwargs."""
+    payload = {"model": MODEL, "mm_processor_kwargs": kwargs, **body}
+    if "prompt" not in body:
+        payload["messages"] = messages()
     response = requests.post(
-        f"{server.url}/tokenize",
+        f"{server.url}{route}",
         headers={"Authorization": f"Bearer {API_KEY}"},
-        json={"model": MODEL, "messages": messages(), "mm_processor_kwargs": kwargs},
+        json=payload,
         timeout=120,
     )
     assert response.status_code == status, response.text
-    if status == 200:
-        assert response.json()["tokens"].count(ref.IMAGE_TOKEN_ID) == 144
-    else:
+    if status != 200:
         assert param in response.json()["error"]["message"]
+    elif route == "/tokenize" and "messages" in payload:
+        assert response.json()["tokens"].count(ref.IMAGE_TOKEN_ID) == 144
+    elif route == "/v1/chat/completions":
+        assert response.json()["pruning"]["image_tokens_after"] == 144
