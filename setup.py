@@ -4,7 +4,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-SUBPACKAGES = ["vllm_plugin", "kernels", "server", "benchmarks"]
+SUBPACKAGES = ["vllm_plugin", "kernels", "server", "benchmarks", "shapes"]
 
 setup(
     name="lvlm-prune",
@@ -21,7 +21,12 @@ setup(
     # Never top-level `kernels` / `server`: transformers imports a top-level `kernels` package.
     packages=["lvlm_prune"] + [f"lvlm_prune.{name}" for name in SUBPACKAGES],
     package_dir={"lvlm_prune": "lvlm_prune", **{f"lvlm_prune.{n}": n for n in SUBPACKAGES}},
-    package_data={"lvlm_prune.server": ["monitoring/*.json", "monitoring/*.yml"]},
+    package_data={
+        "lvlm_prune.server": ["monitoring/*.json", "monitoring/*.yml"],
+        # The trained ShapesVQA model ships inside the package: weights, config, tokenizer,
+        # processor, chat template and its training log.
+        "lvlm_prune.shapes": ["model/*"],
+    },
     install_requires=[
         "fastapi",
         "uvicorn",
