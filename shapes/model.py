@@ -1,0 +1,208 @@
+"""The ShapesVQA model: a stock LLaVA-1.5 (CLIP tower, 2-layer GELU projector, Llama LM), small.
+
+Everything a checkpoint needs is built here offline — a word-level tokenizer over the task's
+words, LLaVA-1.5's processor and chat template (shared with the random-weight models in
+``vllm_plugin/tiny_models.py``), the config — and saved in the form both transformers and vLLM
+0.32 load. :func:`released_model_dir` is the trained model that ships in the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from lvlm_prune.vllm_plugin import tiny_models
+
+from . import scenes
+
+MODEL_NAME = "lvlm-prune-shapes"
+SPEC_FILE = "lvlm_prune_shapes.json"
+"""Written beside the weights: the model spec and the task version (marks a ShapesVQA model)."""
+
+SPECIAL_TOKENS = tiny_models.SPECIAL_TOKENS
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_TOKEN_ID = range(len(SPECIAL_TOKENS))
+
+WORDS = (
+    "USER",
+    "ASSISTANT",
+    ":",
+    "?",
+    ".",
+    ",",
+    "What",
+    "color",
+    "pattern",
+    "is",
+    "the",
+    "object",
+    "Is",
+    "there",
+    "a",
+    *scenes.COLOR_NAMES,
+    *scenes.PATTERNS,
+    "yes",
+    "no",
+)
+"""The vocabulary after the special tokens; any other word reads as ``<unk>``."""
+ATTRIBUTE_WORDS = (*scenes.COLOR_NAMES, *scenes.PATTERNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesModelSpec:
+    """Shapes of the model (LLaVA-1.5's layout at a size two CPU cores can train)."""
+
+    image_size: int = scenes.CANVAS
+    patch_size: int = scenes.PATCH
+    vision_hidden: int = 128
+    vision_layers: int = 3  # vision_feature_layer -2 (as LLaVA-1.5): the last one is not used
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4  # head size 32, one vLLM's CPU attention supports
+    text_intermediate: int = 512
+    vocab_size: int = 64
+    max_position_embeddings: int = 2048
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+SPEC = ShapesModelSpec()
+
+
+def released_model_dir() -> Path:
+    """The trained ``lvlm-prune-shapes`` checkpoint inside the installed package."""
+    path = Path(__file__).resolve().parent / "model"
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"the released ShapesVQA weights are missing from {path}; "
+            "train them with `lvlm-prune train shapes --out DIR`"
+        )
+    return path
+
+
+def is_shapes_model(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / SPEC_FILE).exists()
+
+
+def build_tokenizer(spec: ShapesModelSpec = SPEC):
+    """Word-level tokenizer: one token per word or punctuation mark, BOS prepended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
+    assert len(vocab) <= spec.vocab_size, (len(vocab), spec.vocab_size)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Splits "object?" into "object", "?" and "ASSISTANT:" into "ASSISTANT", ":"; whitespace and
+    # newlines only separate words, so the chat template's "\n" and a plain " " tokenise alike.
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=spec.max_position_embeddings,
+    )
+
+
+def build_processor(tokenizer=None, spec: ShapesModelSpec = SPEC):
+    return tiny_models.make_llava_processor(
+        tokenizer if tokenizer is not None else build_tokenizer(spec),
+        spec.image_size,
+        spec.patch_size,
+    )
+
+
+def build_config(spec: ShapesModelSpec = SPEC):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 4,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=spec.num_image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    return config
+
+
+def new_model(spec: ShapesModelSpec = SPEC, *, seed: int = 0):
+    """A freshly initialised float32 ``LlavaForConditionalGeneration`` for ``spec``."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(build_config(spec)).float()
+
+
+def save_model(model, out: Path, *, spec: ShapesModelSpec = SPEC, extra: dict | None = None):
+    """Write a loadable checkpoint folder (weights, config, tokenizer, processor, template)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny_models.save_llava(model, build_processor(spec=spec), out)
+    info = {"model": MODEL_NAME, "task": scenes.VERSION, "spec": dataclasses.asdict(spec)}
+    (out / SPEC_FILE).write_text(json.dumps({**info, **(extra or {})}, indent=2) + "\n")
+    return out
+
+
+def load_model(model_dir: str | Path):
+    """(model, processor) from a checkpoint folder, float32, eval mode, offline."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# What training needs beyond the stock classes
+
+
+def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 336, 336, 3] uint8 or float pixels → [B, 3, 336, 336] as the CLIP image processor
+    makes them for a 336 px image (rescale 1/255, normalise with CLIP's mean and std)."""
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+    return (x - mean) / std
+
+
+def token_ids(words: str) -> list[int]:
+    """Ids of a space-separated word string, without BOS (training builds its sequences)."""
+    index = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
+    return [index.get(w, UNK_ID) for w in words.split()]
