@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lvlm_prune.kernels import keep_count
-from lvlm_prune.vllm_plugin.options import PruneOptionError, PruneOptions
+from lvlm_prune.vllm_plugin.options import PruneOptionError, PruneOptions, select_images
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,35 @@ def test_options_parse_and_hash_the_query():
         True,
         9,
     )
-    a, b = opts.hashed_kwargs([5, 6, 7]), opts.hashed_kwargs([5, 6, 8])
-    assert a != b and a["prune_seed"] != b["prune_seed"]
-    assert opts.hashed_kwargs([5, 6, 7]) == a
+    a, b = opts.hashed_kwargs([[5, 6, 7]]), opts.hashed_kwargs([[5, 6, 8]])
+    assert a != b and opts.seed_for([5, 6, 7]) != opts.seed_for([5, 6, 8])
+    assert opts.hashed_kwargs([[5, 6, 7]]) == a
+    assert a["prune_query_ids"] == ((5, 6, 7),)
+    seeded = PruneOptions.from_kwargs({"prune_method": "random", "prune_seed": 3})
+    assert seeded.seed_for([5, 6, 7]) == seeded.seed_for([9]) == 3
+
+
+def test_one_query_per_image():
+    """A list of queries is one per image in prompt order; a single string serves every image."""
+    opts = PruneOptions.from_kwargs({"keep_ratio": 0.25, "prune_query": ["a car", "the door"]})
+    assert opts.query == ("a car", "the door")
+    assert opts.queries_for(2) == ("a car", "the door")
+    assert PruneOptions.from_kwargs({"prune_query": "a car"}).queries_for(3) == ("a car",) * 3
+    assert PruneOptions().queries_for(2) is None  # the prompt's text, for every image
+    for count in (1, 3):
+        with pytest.raises(PruneOptionError, match=rf"prune_query has 2 queries for {count} image"):
+            opts.queries_for(count)
+    # Each image's ids are their own entry; the shared options are the same for all of them.
+    hashed = opts.hashed_kwargs([[1, 2], [3]])
+    assert hashed["prune_query_ids"] == ((1, 2), (3,))
+    assert select_images(hashed, [1]) == {**hashed, "prune_query_ids": ((3,),)}
+    assert select_images(hashed, []) == {**hashed, "prune_query_ids": ()}
+
+
+@pytest.mark.parametrize("query", [5, ["a", 5], [None], {"a": 1}])
+def test_query_must_be_a_string_or_a_list_of_strings(query):
+    with pytest.raises(PruneOptionError, match="prune_query must be a string or a list of strings"):
+        PruneOptions.from_kwargs({"prune_query": query})
 
 
 @pytest.mark.parametrize(

@@ -214,6 +214,99 @@ def test_merge_folds_dropped_rows_into_kept_rows(llm, tiny_model_dir):
     assert_matches_reference(tiny_model_dir, out, [merged])
 
 
+def test_each_image_is_selected_by_its_own_query(llm, tiny_model_dir):
+    """``prune_query`` as a list: one query per image, in prompt order; a string serves all."""
+    tokenizer = ref.load(tiny_model_dir)[1].tokenizer
+    ids = {q: tokenizer.encode(q, add_special_tokens=False) for q in (QUESTION, OTHER_QUESTION)}
+    out = generate(
+        llm,
+        request(
+            images=(0, 1),
+            keep_ratio=0.25,
+            prune_query=[OTHER_QUESTION, QUESTION],
+            prune_diagnostics=41,
+        ),
+    )
+    diags = pop_diagnostics(llm, 41)
+    assert [d["query_ids"] for d in diags] == [ids[OTHER_QUESTION], ids[QUESTION]]
+    kept = [
+        ref.reference_kept(tiny_model_dir, make_image(0), ids[OTHER_QUESTION], 144),
+        ref.reference_kept(tiny_model_dir, make_image(1), ids[QUESTION], 144),
+    ]
+    assert [d["kept_indices"] for d in diags] == [k.tolist() for k in kept]
+    assert_matches_reference(
+        tiny_model_dir,
+        out,
+        [ref.pruned_rows(tiny_model_dir, make_image(s), k) for s, k in zip((0, 1), kept)],
+    )
+    generate(
+        llm, request(images=(0, 1), keep_ratio=0.25, prune_query=QUESTION, prune_diagnostics=42)
+    )
+    assert [d["query_ids"] for d in pop_diagnostics(llm, 42)] == [ids[QUESTION]] * 2
+
+
+class VisionTowerCalls:
+    """Counts the images the engine's vision tower encodes (in-process engine, forward hook)."""
+
+    def __init__(self, llm) -> None:
+        (model,) = llm.apply_model(lambda m: m)
+        self.images = 0
+        self._hook = model.vision_tower.register_forward_hook(self._count)
+
+    def _count(self, module, args, output) -> None:
+        self.images += int(args[0].shape[0])
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def test_a_later_image_with_another_question_leaves_the_earlier_image_cached(llm, tiny_model_dir):
+    """A conversation: turn 2 resends turn 1 (image A, its question) and adds image B with its own
+    question. A keeps its hash, so its prefix-cache blocks hit and its encoder output is reused:
+    the vision tower encodes B only, and A's rows are still the ones A's own question chose."""
+    tokenizer = ref.load(tiny_model_dir)[1].tokenizer
+    image_a, image_b = make_image(4), make_image(5)
+    mm = {"keep_ratio": 0.25}
+    turn1 = f"USER: <image>\n{QUESTION} ASSISTANT:"
+    calls = VisionTowerCalls(llm)
+    try:
+        first = generate(
+            llm,
+            {
+                "prompt": turn1,
+                "multi_modal_data": {"image": [image_a]},
+                "mm_processor_kwargs": {**mm, "prune_query": [QUESTION]},
+            },
+        )
+        assert calls.images == 1
+        reply = tokenizer.decode(first.outputs[0].token_ids, skip_special_tokens=True)
+        second = generate(
+            llm,
+            {
+                "prompt": f"{turn1} {reply}</s>USER: <image>\n{OTHER_QUESTION} ASSISTANT:",
+                "multi_modal_data": {"image": [image_a, image_b]},
+                "mm_processor_kwargs": {**mm, "prune_query": [QUESTION, OTHER_QUESTION]},
+            },
+        )
+        assert calls.images == 2, "turn 2 must encode image B only"
+    finally:
+        calls.close()
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    assert second.num_cached_tokens >= len(first.prompt_token_ids) // block * block > 0
+    assert sum(t == ref.IMAGE_TOKEN_ID for t in second.prompt_token_ids) == 2 * 144
+    rows = [
+        ref.pruned_rows(
+            tiny_model_dir,
+            image,
+            ref.reference_kept(
+                tiny_model_dir, image, tokenizer.encode(q, add_special_tokens=False), 144
+            ),
+        )
+        for image, q in ((image_a, QUESTION), (image_b, OTHER_QUESTION))
+    ]
+    assert_matches_reference(tiny_model_dir, second, rows)
+
+
 BAD_KWARGS = [
     ({"keep_ratio": 0}, "keep_ratio must be a number in (0, 1]"),
     ({"keep_ratio": -1}, "keep_ratio must be a number in (0, 1]"),
@@ -225,6 +318,9 @@ BAD_KWARGS = [
     ({"prune_method": 3}, "prune_method must be one of"),
     ({"prune_merge": "yes"}, "prune_merge must be true or false"),
     ({"prune_query": 5}, "prune_query must be a string"),
+    ({"prune_query": ["a", 5]}, "prune_query must be a string or a list of strings"),
+    ({"prune_query": ["a", "b"]}, "prune_query has 2 queries for 1 image(s)"),
+    ({"prune_query": []}, "prune_query has 0 queries for 1 image(s)"),
     ({"prune_seed": 1.5}, "prune_seed must be a 64-bit integer"),
     ({"prune_diagnostics": "x"}, "prune_diagnostics must be a positive 63-bit integer id"),
 ]

@@ -42,6 +42,12 @@ OVERRIDDEN = [
     (BaseMultiModalProcessor, "get_dummy_inputs", ["self", "seq_len", "mm_counts", "mm_options"]),
     (BaseMultiModalProcessor, "_call_hf_processor", ["self", "hf_data", "hf_kwargs"]),
     (BaseMultiModalProcessor, "_apply_hf_processor_main", ["self", "mm_items", "hf_kwargs"]),
+    (BaseMultiModalProcessor, "_get_mm_hashes", ["self", "inputs"]),
+    (
+        BaseMultiModalProcessor,
+        "_get_cache_missing_processor_kwargs",
+        ["self", "inputs", "mm_is_cached"],
+    ),
     (
         LlavaMultiModalProcessor,
         "_get_mm_fields_config",

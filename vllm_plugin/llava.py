@@ -1,10 +1,12 @@
 """LLaVA-1.5 with question-aware image-token pruning, as subclasses of vLLM's own classes.
 
 Processor (API process): decides K = keep_count(N, keep_ratio) per image, emits K placeholders
-instead of N, and hands the model the query token ids and options as per-image fields. The options
-and the query are in the hashed kwargs, so vLLM's processor, encoder and prefix caches are keyed by
-question. Model (worker): runs the stock vision tower + projector, then keeps K rows per image with
-``select_tokens``. LLaVA uses 1-D RoPE, so a shorter image run needs no position fix-up.
+instead of N, and hands the model each image's query token ids and the options as per-image fields.
+Each image is hashed with the options and its own query only, so vLLM's processor, encoder and
+prefix caches are keyed by that image's question: in a conversation, an image keeps its hash, its
+selection and its place in the prefix cache turn after turn. Model (worker): runs the stock vision
+tower + projector, then keeps K rows per image with ``select_tokens``. LLaVA uses 1-D RoPE, so a
+shorter image run needs no position fix-up.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import BatchFeature, LlavaConfig, PixtralVisionConfig
 from vllm.config.multimodal import MultiModalDummyOptions
-from vllm.inputs import MultiModalInput
+from vllm.inputs import MultiModalHashes, MultiModalInput
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import (
     BaseLlavaProcessingInfo,
@@ -27,6 +29,7 @@ from vllm.model_executor.models.llava import (
     PixtralHFProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import (
@@ -37,6 +40,7 @@ from vllm.multimodal.processing import (
     PromptUpdate,
     TimingContext,
 )
+from vllm.multimodal.processing.processor import MultiModalIsCached
 
 from lvlm_prune.kernels import PRUNE_METHODS, keep_count, select_tokens
 
@@ -61,11 +65,16 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         opts = PruneOptions.from_kwargs(merged)
         tag = merged.get(options.TAG)
         kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
+        mm_items = inputs.mm_data_items
+        num_images = mm_items.get_all_counts().get("image", 0)
+        queries = opts.queries_for(num_images)  # a list of the wrong length raises here
         # keep_ratio 1.0 without diagnostics is stock vLLM: no query in the hash, so one image
         # is still cached across questions.
-        query_ids = self.query_token_ids(inputs.prompt, opts) if opts.active else []
+        if opts.active:
+            query_ids = self.query_token_ids(inputs.prompt, queries, num_images)
+        else:
+            query_ids = [[] for _ in range(num_images)]
         kwargs.update(opts.hashed_kwargs(query_ids))
-        mm_items = inputs.mm_data_items
         result = super().apply(
             dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx
         )
@@ -89,16 +98,49 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
         return dataclasses.replace(inputs, hf_processor_mm_kwargs={options.KEEP_RATIO: 1.0})
 
-    def query_token_ids(self, prompt: Sequence[int], opts: PruneOptions) -> list[int]:
-        """The relevance query: ``prune_query`` if given, else the prompt's text tokens."""
+    def query_token_ids(
+        self, prompt: Sequence[int], queries: Sequence[str] | None, num_images: int
+    ) -> list[list[int]]:
+        """Each image's relevance query: its ``prune_query``, else the prompt's text tokens (the
+        last ``MAX_QUERY_TOKENS`` of either: in a long conversation, the latest question)."""
         tokenizer = self.info.get_tokenizer()
-        if opts.query is not None:
-            ids = tokenizer.encode(opts.query, add_special_tokens=False)
-        else:
+        if queries is None:
             skip = set(tokenizer.all_special_ids) | {self.info.get_hf_config().image_token_index}
-            ids = [t for t in prompt if t not in skip]
-        # The last tokens: in a long conversation, the latest question.
-        return list(ids[-options.MAX_QUERY_TOKENS :])
+            ids = [t for t in prompt if t not in skip][-options.MAX_QUERY_TOKENS :]
+            return [list(ids) for _ in range(num_images)]
+        encoded: dict[str, list[int]] = {}
+        for query in queries:
+            if query not in encoded:
+                ids = tokenizer.encode(query, add_special_tokens=False)
+                encoded[query] = list(ids[-options.MAX_QUERY_TOKENS :])
+        return [list(encoded[query]) for query in queries]
+
+    def _get_mm_hashes(self, inputs: ProcessorInputs) -> MultiModalHashes:
+        # vLLM hashes every item with all of the request's kwargs; with one query per image, image
+        # 1's hash would change when image 2 arrives with another question in a later turn. So:
+        # vLLM's hash of each image with the shared options, then rehashed with its own query.
+        kwargs = inputs.hf_processor_mm_kwargs
+        per_image = kwargs.get(options.QUERY_IDS)
+        shared = {k: v for k, v in kwargs.items() if k != options.QUERY_IDS}
+        hashes = dict(
+            super()._get_mm_hashes(dataclasses.replace(inputs, hf_processor_mm_kwargs=shared))
+        )
+        if per_image is None or "image" not in hashes:
+            return hashes
+        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+        hashes["image"] = [
+            MultiModalHasher.hash_kwargs(algorithm, image=item_hash, **{options.QUERY_IDS: ids})
+            for item_hash, ids in zip(hashes["image"], per_image, strict=True)
+        ]
+        return hashes
+
+    def _get_cache_missing_processor_kwargs(
+        self, inputs: ProcessorInputs, mm_is_cached: MultiModalIsCached
+    ) -> Mapping[str, object]:
+        # The per-image entries follow the images that go through the HF processor: the misses.
+        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
+        missing = [i for i, cached in enumerate(mm_is_cached.get("image", ())) if not cached]
+        return options.select_images(kwargs, missing)
 
     def _call_hf_processor(
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
@@ -120,16 +162,19 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         if images is None or len(images) == 0:
             return processed
         opts = PruneOptions.from_kwargs(hf_kwargs)
-        query = torch.tensor(hf_kwargs.get(options.QUERY_IDS, ()), dtype=torch.int64)
         num = len(images)
+        query_ids = hf_kwargs.get(options.QUERY_IDS) or [()] * num
+        assert len(query_ids) == num, (len(query_ids), num)
         counts = [
             keep_count(self._num_image_tokens(mm_items, i), opts.keep_ratio) for i in range(num)
         ]
         processed[KEEP_FIELD] = torch.tensor(counts, dtype=torch.int64)
-        processed[QUERY_FIELD] = query.expand(num, -1).clone()
+        processed[QUERY_FIELD] = [torch.tensor(ids, dtype=torch.int64) for ids in query_ids]
         processed[METHOD_FIELD] = torch.full((num,), PRUNE_METHODS.index(opts.method))
         processed[MERGE_FIELD] = torch.full((num,), opts.merge, dtype=torch.bool)
-        processed[SEED_FIELD] = torch.full((num,), int(hf_kwargs[options.SEED]), dtype=torch.int64)
+        processed[SEED_FIELD] = torch.tensor(
+            [opts.seed_for(ids) for ids in query_ids], dtype=torch.int64
+        )
         processed[DIAGNOSTICS_FIELD] = torch.full(
             (num,), opts.diagnostics_id or 0, dtype=torch.int64
         )

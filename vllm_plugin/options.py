@@ -28,8 +28,10 @@ TAG = "prune_tag"
 """Set by our server to read back the request's token counts (accounting.COUNTS); never hashed."""
 
 QUERY_IDS = "prune_query_ids"
-"""Set by the processor, never by users: the query's token ids. Being in the hashed kwargs, it
-keys vLLM's processor, encoder and prefix caches by question."""
+"""Set by the processor, never by users: each image's query token ids, one tuple per image in
+prompt order. The processor hashes every image with its own entry only, so an image's processor,
+encoder and prefix cache entries are keyed by its own question, and a later image with another
+question leaves them alone."""
 
 OWN_KWARGS = frozenset((*USER_KWARGS, TAG, QUERY_IDS))
 """Everything of ours that must never reach the HF processor."""
@@ -52,7 +54,8 @@ class PruneOptions:
     keep_ratio: float = 1.0
     method: str = "simignore"
     merge: bool = False
-    query: str | None = None
+    query: str | tuple[str, ...] | None = None
+    """One query for every image, or one per image in prompt order; None: the prompt's text."""
     seed: int | None = None
     diagnostics_id: int | None = None
 
@@ -85,8 +88,13 @@ class PruneOptions:
                 raise PruneOptionError(MERGE, f"{MERGE} must be true or false, got {v!r}")
             opts = dataclasses.replace(opts, merge=v)
         if (v := kwargs.get(QUERY)) is not None:
-            if not isinstance(v, str):
-                raise PruneOptionError(QUERY, f"{QUERY} must be a string, got {v!r}")
+            if isinstance(v, (list, tuple)) and all(isinstance(q, str) for q in v):
+                v = tuple(v)
+            elif not isinstance(v, str):
+                raise PruneOptionError(
+                    QUERY,
+                    f"{QUERY} must be a string or a list of strings (one per image), got {v!r}",
+                )
             opts = dataclasses.replace(opts, query=v)
         if (v := kwargs.get(SEED)) is not None:
             if isinstance(v, bool) or not isinstance(v, int) or not -(2**63) <= v < 2**63:
@@ -100,16 +108,46 @@ class PruneOptions:
             opts = dataclasses.replace(opts, diagnostics_id=v)
         return opts
 
-    def hashed_kwargs(self, query_ids: Sequence[int]) -> dict[str, object]:
-        """The normalised kwargs that go into vLLM's multimodal hash, query included."""
+    def queries_for(self, num_images: int) -> tuple[str, ...] | None:
+        """The query of each image (None: the prompt's text, for every image).
+
+        Raises:
+            PruneOptionError: a list of queries whose length is not the number of images.
+        """
+        if self.query is None or isinstance(self.query, str):
+            return None if self.query is None else (self.query,) * num_images
+        if len(self.query) != num_images:
+            raise PruneOptionError(
+                QUERY,
+                f"{QUERY} has {len(self.query)} queries for {num_images} image(s): give one "
+                "string for every image, or one string per image in prompt order",
+            )
+        return self.query
+
+    def hashed_kwargs(self, query_ids: Sequence[Sequence[int]]) -> dict[str, object]:
+        """The normalised kwargs that go into vLLM's multimodal hash: the options every image
+        shares, and each image's query ids (``query_ids[i]`` for image i)."""
         out: dict[str, object] = {KEEP_RATIO: self.keep_ratio, METHOD: self.method}
         if self.merge:
             out[MERGE] = True
-        out[QUERY_IDS] = tuple(query_ids)
-        out[SEED] = self.seed if self.seed is not None else query_seed(query_ids)
+        out[QUERY_IDS] = tuple(tuple(ids) for ids in query_ids)
+        if self.seed is not None:
+            out[SEED] = self.seed
         if self.diagnostics_id is not None:
             out[DIAGNOSTICS] = self.diagnostics_id
         return out
+
+    def seed_for(self, query_ids: Sequence[int]) -> int:
+        """The ``random`` method's seed for an image: ``prune_seed``, else drawn from its query."""
+        return self.seed if self.seed is not None else query_seed(query_ids)
+
+
+def select_images(hashed: Mapping[str, object], indices: Sequence[int]) -> dict[str, object]:
+    """The hashed kwargs for a subset of the images (the processor-cache misses), in order."""
+    out = dict(hashed)
+    if QUERY_IDS in out:
+        out[QUERY_IDS] = tuple(out[QUERY_IDS][i] for i in indices)
+    return out
 
 
 def query_seed(query_ids: Sequence[int]) -> int:
