@@ -1,8 +1,8 @@
 """ASGI middleware that adds pruning to vLLM's own chat and completion routes.
 
-Request: validates ``pruning`` (pydantic), maps it onto vLLM's ``mm_processor_kwargs``, puts the
-text of the user's messages in as the relevance query (not the chat template), and tags the
-request so the processor's token counts can be read back. vLLM's OpenAI serving does everything
+Request: validates ``pruning`` (pydantic), maps it onto vLLM's ``mm_processor_kwargs``, gives each
+image its own relevance query (the text of the user message that carries it, not the chat template;
+``image_queries``), and tags the request so the processor's token counts can be read back. vLLM's OpenAI serving does everything
 else. Response: adds a ``pruning`` object (counts always; scores, kept indices, top query tokens and
 a heatmap when asked) to the JSON body, or as one more chunk before ``data: [DONE]`` when streaming.
 
@@ -127,8 +127,17 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
         return None
     mm_kwargs = dict(raw_kwargs or {})
     mm_kwargs.update(pruning.mm_processor_kwargs())
+    check_query_count(mm_kwargs, len(images), "pruning" if pruning.query is not None else None)
+    if pruning.requery and options.QUERY in mm_kwargs:
+        raise BadRequest(
+            "pruning.requery re-selects every image for the latest question; it cannot be "
+            "combined with an explicit query (pruning.query or mm_processor_kwargs.prune_query)",
+            "pruning.requery",
+        )
     # Even when empty: then simignore falls back to uniform instead of ranking template words.
-    mm_kwargs.setdefault(options.QUERY, user_text(payload.get("messages")))
+    mm_kwargs.setdefault(
+        options.QUERY, image_queries(payload.get("messages"), requery=pruning.requery)
+    )
     request = PreparedRequest(
         tag=uuid.uuid4().hex, diagnostics_id=None, heatmap=pruning.diagnostics == "heatmap"
     )
@@ -155,6 +164,19 @@ def check_raw_kwargs(raw: dict) -> None:
         raise BadRequest(str(err), f"mm_processor_kwargs.{err.kwarg}") from None
 
 
+def check_query_count(mm_kwargs: dict, num_images: int, source: str | None) -> None:
+    """A list of queries must have one entry per image (the processor would refuse it too, but
+    without the field's name)."""
+    query = mm_kwargs.get(options.QUERY)
+    if isinstance(query, list) and len(query) != num_images:
+        param = "pruning.query" if source == "pruning" else f"mm_processor_kwargs.{options.QUERY}"
+        raise BadRequest(
+            f"{param} has {len(query)} queries for {num_images} image(s) in the messages: give "
+            "one string for every image, or one string per image in prompt order",
+            param,
+        )
+
+
 def image_urls(payload: dict) -> list[str | None]:
     """One entry per image part, in prompt order: the URL when it is inline data, else None."""
     found: list[str | None] = []
@@ -170,23 +192,46 @@ def image_urls(payload: dict) -> list[str | None]:
     return found
 
 
-def user_text(messages) -> str:
-    """The text of the user's messages: the relevance query (no template, no roles)."""
-    texts = []
+def image_queries(messages, *, requery: bool = False) -> list[str]:
+    """Each image's relevance query, one per image part in prompt order (as ``image_urls``).
+
+    An image is selected by the question it came with: the text of the user message that carries
+    it, else of the next user message that has text, else "" (no question: uniform). Later turns
+    never change it, so in a conversation the image keeps its multimodal hash, its kept tokens and
+    its place in the prefix cache. ``requery``: every image takes the latest user text instead.
+    """
+    turns: list[tuple[int, str | None]] = []  # (images, user text or None) per message
     for message in messages or []:
-        if not isinstance(message, dict) or message.get("role") != "user":
+        if not isinstance(message, dict):
             continue
         content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts += [
-                p["text"]
-                for p in content
-                if isinstance(p, dict)
-                and p.get("type") == "text"
-                and isinstance(p.get("text"), str)
-            ]
+        parts = content if isinstance(content, list) else []
+        images = sum(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in parts)
+        text = message_text(content) if message.get("role") == "user" else ""
+        turns.append((images, text or None))
+    if requery:
+        latest = next((text for _, text in reversed(turns) if text), "")
+        return [latest] * sum(images for images, _ in turns)
+    queries: list[str] = []
+    for at, (images, text) in enumerate(turns):
+        if images:
+            own = text or next((t for _, t in turns[at + 1 :] if t), "")
+            queries += [own] * images
+    return queries
+
+
+def message_text(content) -> str:
+    """The text of one message's content (no template, no role): its text parts, one per line."""
+    if isinstance(content, str):
+        texts = [content]
+    elif isinstance(content, list):
+        texts = [
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        ]
+    else:
+        texts = []
     return "\n".join(t for t in texts if t.strip())
 
 

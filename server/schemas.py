@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from lvlm_prune.kernels import PRUNE_METHODS
 from lvlm_prune.vllm_plugin import options
 
+QueryText = Annotated[StrictStr, Field(max_length=20_000)]
+
 
 class PruningRequest(BaseModel):
     """``extra_body={"pruning": {...}}`` on /v1/chat/completions and /v1/completions."""
@@ -28,8 +30,14 @@ class PruningRequest(BaseModel):
     merge: StrictBool | None = None
     diagnostics: bool | Literal["heatmap"] = False
     """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
-    query: Annotated[str, Field(max_length=20_000)] | None = None
-    """Relevance query; default: the text of the user's messages (its last 512 tokens are used)."""
+    query: QueryText | list[QueryText] | None = None
+    """Relevance query: one string for every image, or one per image in prompt order. Default:
+    each image's own question, the text of the user message that carries it (else of the next
+    user message with text). The last 512 tokens of each are used."""
+    requery: StrictBool = False
+    """Re-select every image for the latest user message's text. The image's hash, kept tokens
+    and prompt then change, so the vision tower runs again and the prefix cache misses from the
+    first image on."""
     seed: StrictInt | None = None
 
     @field_validator("keep_ratio", "method", "seed")
