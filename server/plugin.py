@@ -21,6 +21,7 @@ from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options
 from lvlm_prune.vllm_plugin.accounting import LEDGER
 
 from . import metrics
+from .inspect import router as inspect_router
 from .middleware import PruningMiddleware
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class PruningEndpointPlugin:
         allow_pruning_kwargs_per_request()
         # Added before vLLM adds its authentication middleware, so ours runs inside it.
         app.add_middleware(PruningMiddleware)
+        app.include_router(inspect_router)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:  # the CPU-only render server has no engine
