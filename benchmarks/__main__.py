@@ -16,7 +16,7 @@ from lvlm_prune import envs
 
 envs.use_offline_defaults()  # before anything imports vLLM
 
-from . import common, fidelity, latency, overhead, prefill_gpu, throughput  # noqa: E402
+from . import common, fidelity, latency, multiturn, overhead, prefill_gpu, throughput  # noqa: E402
 
 BENCHMARKS = {
     "latency": latency,
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "overhead": overhead,
     "fidelity": fidelity,
     "prefill-gpu": prefill_gpu,
+    "multiturn": multiturn,
 }
 
 

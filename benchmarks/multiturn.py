@@ -1,0 +1,490 @@
+"""TTFT per turn of 3-turn conversations about one image, through a real server: stock vs pruned.
+
+Each conversation sends an image and a question, then two follow-up questions; every turn
+resends the whole history (image, questions, the assistant's replies), as every chat UI does. It
+runs through a real ``lvlm-prune serve`` (started here, one per KV block size, prefix caching on as
+vLLM's default, ``--enable-prompt-tokens-details``), so each reply says how many of its prompt
+tokens came from the prefix cache. TTFT is vLLM's own per-request number, the same as the
+``latency`` benchmark's (``first_token_latency``: arrival, before input processing, to the first
+token's output), read from the server's ``/metrics`` as the change of
+``vllm:time_to_first_token_seconds_sum`` across each request (requests go one at a time); encoder
+runs are the encoder inputs vLLM's scheduler logged (``--enable-logging-iteration-details``).
+Conversations of all settings are interleaved turn by turn, rotated each round; each has a fresh
+random image. ``simignore@0.25 requery`` re-selects the image for every new question
+(``pruning.requery``): what a follow-up costs when it must see other regions, and what every
+pruned follow-up cost before each image kept its own question's selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import io
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from . import common
+
+NAME = "multiturn"
+QUESTIONS = (
+    common.QUESTION,
+    "How many people are standing near the door?",
+    "Is there a dog on the grass?",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    keep_ratio: float
+    requery: bool = False
+
+    @property
+    def stock(self) -> bool:
+        return self.keep_ratio >= 1.0
+
+    @property
+    def name(self) -> str:
+        if self.stock:
+            return "stock"
+        return f"simignore@{self.keep_ratio:g}" + (" requery" if self.requery else "")
+
+    def pruning(self) -> dict:
+        if self.stock:
+            return {"keep_ratio": 1.0}
+        out = {"keep_ratio": self.keep_ratio, "method": "simignore"}
+        if self.requery:
+            out["requery"] = True
+        return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=None,
+        help="measured conversations per setting and block size (default 10; smoke 2)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured rounds first (default 1; smoke 1)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="reply tokens per turn (default 16; smoke 4)"
+    )
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.25, 0.11])
+    parser.add_argument(
+        "--requery-ratio",
+        type=float,
+        default=0.25,
+        help="also run this keep ratio with pruning.requery (0: skip; default 0.25)",
+    )
+    parser.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="KV cache block sizes, one server each (default 128 16: vLLM's CPU and GPU "
+        "defaults; smoke 128)",
+    )
+    parser.add_argument(
+        "--server-timeout", type=float, default=900, help="seconds to wait for a server to start"
+    )
+
+
+def settings_for(ratios, requery_ratio: float) -> list[Setting]:
+    out = [Setting(1.0)] + [Setting(r) for r in ratios if r < 1.0]
+    if 0 < requery_ratio < 1.0:
+        out.append(Setting(requery_ratio, requery=True))
+    return out
+
+
+def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+    del llm  # the in-process engine has prefix caching off; conversations need a server with it on
+    model_dir, _ = common.resolve_model(args.model or ("tiny" if args.smoke else "bench"))
+    conversations = args.conversations or (2 if args.smoke else 10)
+    warmup = args.warmup if args.warmup is not None else 1
+    max_tokens = args.max_tokens or (4 if args.smoke else 16)
+    block_sizes = args.block_sizes or ([128] if args.smoke else [128, 16])
+    settings = settings_for(args.ratios, args.requery_ratio)
+
+    rows, server_args = [], None
+    for block_size in block_sizes:
+        with Server(
+            model_dir,
+            name=model_label,
+            block_size=block_size,
+            max_model_len=args.max_model_len,
+            timeout=args.server_timeout,
+        ) as server:
+            server_args = server.vllm_args
+            samples = _converse(server, settings, conversations, warmup, max_tokens, model_label)
+        rows += _rows(samples, settings, block_size)
+
+    return {
+        "benchmark": NAME,
+        "model": model_label,
+        "settings": {
+            "conversations": conversations,
+            "warmup": warmup,
+            "turns": len(QUESTIONS),
+            "questions": list(QUESTIONS),
+            "max_tokens": max_tokens,
+            "ratios": args.ratios,
+            "requery_ratio": args.requery_ratio,
+            "block_sizes": block_sizes,
+            "server_args": server_args,
+            "image_per_conversation": "fresh random 336x336 image (seeded by round and setting)",
+            "order": "turn by turn: turn t of every setting's conversation, then turn t+1; "
+            "settings rotated by one position each round",
+        },
+        "ttft_source": (
+            "vLLM's first_token_latency (arrival, before input processing, to the first token's "
+            "output): the change of vllm:time_to_first_token_seconds_sum on /metrics across the "
+            "request; engine_prefill: of vllm:request_prefill_time_seconds_sum "
+            "(first_token_ts - scheduled_ts)"
+        ),
+        "goal": _goal(rows),
+        "rows": rows,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The server and the conversations
+
+
+class Server:
+    """A real ``lvlm-prune serve`` on 127.0.0.1, started for one block size and stopped after."""
+
+    def __init__(
+        self, model_dir: str, *, name: str, block_size: int, max_model_len: int, timeout: float
+    ) -> None:
+        self.name, self.timeout = name, timeout
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.vllm_args = [
+            *("--served-model-name", name, "--port", str(self.port)),
+            *("--enforce-eager", "--max-model-len", str(max_model_len)),
+            *("--limit-mm-per-prompt", '{"image": 1}', "--block-size", str(block_size)),
+            "--enable-prompt-tokens-details",
+            "--enable-logging-iteration-details",
+        ]
+        self.cmd = [sys.executable, "-m", "lvlm_prune.server.cli", "serve", model_dir]
+        self._log_dir = tempfile.TemporaryDirectory(prefix="lvlm-prune-multiturn-")
+        self.log = Path(self._log_dir.name) / "server.log"
+        self._log_at = 0
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        # The engine in its own processes, as `vllm serve` runs it (the benchmark process keeps
+        # its in-process default for the other benchmarks).
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [*self.cmd, *self.vllm_args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_dir.cleanup()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server not ready in {self.timeout:.0f} s:\n{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    def chat(self, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(f"HTTP {err.code}: {err.read()[:2000]!r}") from None
+
+    def counters(self) -> dict[str, float]:
+        """vLLM's TTFT and prefill-time sums and counts, over every label set."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        out = {}
+        for metric in ("time_to_first_token_seconds", "request_prefill_time_seconds"):
+            for part in ("sum", "count"):
+                values = re.findall(rf"^vllm:{metric}_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+                out[f"{metric}_{part}"] = sum(float(v) for v in values)
+        return out
+
+    def new_encoder_inputs(self) -> int:
+        """Encoder inputs the scheduler logged since the last call."""
+        with open(self.log, errors="replace") as f:
+            f.seek(self._log_at)
+            text = f.read()
+        end = text.rfind("\n") + 1  # a line still being written is read next time
+        self._log_at += len(text[:end].encode(errors="replace"))
+        return sum(int(n) for n in re.findall(r"encoder inputs: (\d+)", text[:end]))
+
+
+def _converse(server: Server, settings, conversations: int, warmup: int, max_tokens: int, model):
+    keys = ("ttft", "prefill", "e2e", "prompt", "cached", "encoder", "image_tokens")
+    samples = {
+        (s.name, turn): {k: [] for k in keys} for s in settings for turn in range(len(QUESTIONS))
+    }
+    rounds = warmup + conversations
+    bar = common.progress(rounds * len(settings) * len(QUESTIONS), f"{NAME} ({model})")
+    counters = server.counters()
+    server.new_encoder_inputs()
+    for round_ in range(rounds):
+        histories = {
+            s.name: [_user(QUESTIONS[0], _data_url(common.make_image(10_000 * round_ + i)))]
+            for i, s in enumerate(settings)
+        }
+        for turn in range(len(QUESTIONS)):
+            for setting in common.rotated(settings, round_):
+                messages = histories[setting.name]
+                if turn > 0:
+                    messages.append(_user(QUESTIONS[turn]))
+                body = {
+                    "model": server.name,
+                    "messages": messages,
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                    "pruning": setting.pruning(),
+                }
+                start = time.perf_counter()
+                reply = server.chat(body)
+                e2e = time.perf_counter() - start
+                before, counters = counters, _counters_after(server, counters)
+                encoder = server.new_encoder_inputs()
+                content = reply["choices"][0]["message"]["content"] or ""
+                messages.append({"role": "assistant", "content": content})
+                bar.update()
+                if round_ < warmup:
+                    continue
+                s = samples[(setting.name, turn)]
+                for key, metric in (
+                    ("ttft", "time_to_first_token_seconds_sum"),
+                    ("prefill", "request_prefill_time_seconds_sum"),
+                ):
+                    s[key].append(counters[metric] - before[metric])
+                s["e2e"].append(e2e)
+                s["prompt"].append(reply["usage"]["prompt_tokens"])
+                details = reply["usage"].get("prompt_tokens_details") or {}
+                s["cached"].append(details.get("cached_tokens"))
+                s["encoder"].append(encoder)
+                s["image_tokens"].append(reply["pruning"]["image_tokens_after"])
+    bar.close()
+    return samples
+
+
+def _counters_after(server: Server, before: dict) -> dict:
+    """The counters once this request's TTFT and prefill time are in (one request at a time)."""
+    for _ in range(100):
+        after = server.counters()
+        if all(
+            after[f"{m}_count"] == before[f"{m}_count"] + 1
+            for m in ("time_to_first_token_seconds", "request_prefill_time_seconds")
+        ):
+            return after
+        time.sleep(0.02)
+    raise RuntimeError(f"vLLM's TTFT counters did not move by one request: {before} → {after}")
+
+
+def _user(text: str, image_url: str | None = None) -> dict:
+    content = [{"type": "text", "text": text}]
+    if image_url:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+    return {"role": "user", "content": content}
+
+
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows, goal, table, plot
+
+
+def p90(values) -> float:
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+def _rows(samples: dict, settings, block_size: int) -> list[dict]:
+    rows = []
+    for setting in settings:
+        for turn in range(len(QUESTIONS)):
+            s = samples[(setting.name, turn)]
+            stock = samples[("stock", turn)]
+            rows.append(
+                {
+                    "block_size": block_size,
+                    "config": setting.name,
+                    "keep_ratio": setting.keep_ratio,
+                    "requery": setting.requery,
+                    "turn": turn + 1,
+                    "prompt_tokens": common.summary(s["prompt"]),
+                    "image_tokens": _one(s["image_tokens"]),
+                    "cached_tokens": common.summary_or_none(s["cached"]),
+                    "encoder_runs": sum(s["encoder"]),
+                    "conversations": len(s["encoder"]),
+                    "ttft": {**common.summary(s["ttft"]), "p90": p90(s["ttft"])},
+                    "ttft_ratio": statistics.median(s["ttft"]) / statistics.median(stock["ttft"]),
+                    "engine_prefill": common.summary(s["prefill"]),
+                    "e2e": common.summary(s["e2e"]),
+                }
+            )
+    return rows
+
+
+def _one(values) -> int:
+    # The point of the feature: an image's placeholder count never changes within a setting.
+    assert len(set(values)) == 1, f"image tokens varied within one setting: {sorted(set(values))}"
+    return values[0]
+
+
+def _goal(rows: list[dict]) -> dict:
+    """Pruned follow-ups (turns 2, 3) at or below stock's TTFT median, per block size."""
+    out = {}
+    stock = {(r["block_size"], r["turn"]): r for r in rows if r["config"] == "stock"}
+    for r in rows:
+        if r["config"] == "stock" or r["requery"] or r["turn"] == 1:
+            continue
+        key = f"block {r['block_size']}: {r['config']}"
+        ok = r["ttft"]["median"] <= stock[(r["block_size"], r["turn"])]["ttft"]["median"]
+        out[key] = out.get(key, True) and ok
+    return out
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.1f}"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    headers = [
+        "config",
+        "turn",
+        "image tokens",
+        "prompt tokens",
+        "cached tokens median (min)",
+        "encoder runs",
+        "TTFT ms median",
+        "TTFT ms p90",
+        "TTFT / stock",
+        "engine prefill ms",
+    ]
+    sections = [
+        f"### Multi-turn conversations — model `{result['model']}`",
+        "",
+        f"{s['conversations']} conversations per setting and block size after {s['warmup']} "
+        f"warm-up round(s), {s['turns']} turns each, {s['max_tokens']} reply tokens per turn "
+        "(ignore_eos); every turn resends the history; a fresh random 336x336 image per "
+        f"conversation; {s['order']}. One `lvlm-prune serve` per KV block size, prefix caching on. "
+        f"TTFT: {result['ttft_source']}. TTFT / stock: median over stock's median at the same "
+        "turn. Encoder runs: images the vision tower encoded at that turn, over all "
+        "conversations. `requery` re-selects the image for each new question (`pruning.requery`).",
+    ]
+    for block_size in s["block_sizes"]:
+        rows = [r for r in result["rows"] if r["block_size"] == block_size]
+        table = [
+            [
+                r["config"],
+                r["turn"],
+                r["image_tokens"],
+                f"{r['prompt_tokens']['median']:.0f}",
+                "n/a"
+                if r["cached_tokens"] is None
+                else f"{r['cached_tokens']['median']:.0f} ({r['cached_tokens']['min']:.0f})",
+                f"{r['encoder_runs']} / {r['conversations']}",
+                _ms(r["ttft"]["median"]),
+                _ms(r["ttft"]["p90"]),
+                f"**{r['ttft_ratio']:.2f}**",
+                _ms(r["engine_prefill"]["median"]),
+            ]
+            for r in rows
+        ]
+        sections += ["", f"KV block size {block_size}:", "", common.markdown_table(headers, table)]
+    goal = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in result["goal"].items())
+    sections += ["", f"Goal (pruned turn 2 and 3 TTFT median ≤ stock's): {goal}."]
+    return "\n".join(sections)
+
+
+def plot(result: dict, path) -> bool:
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    block_sizes = result["settings"]["block_sizes"]
+    fig, axes = plt.subplots(1, len(block_sizes), figsize=(5.5 * len(block_sizes), 4.2))
+    axes = [axes] if len(block_sizes) == 1 else list(axes)
+    names = list(dict.fromkeys(r["config"] for r in result["rows"]))
+    for ax, block_size in zip(axes, block_sizes):
+        for name in names:
+            rows = [
+                r for r in result["rows"] if r["block_size"] == block_size and r["config"] == name
+            ]
+            turns = [r["turn"] for r in rows]
+            med = [r["ttft"]["median"] * 1e3 for r in rows]
+            up = [r["ttft"]["p90"] * 1e3 - m for r, m in zip(rows, med)]
+            ax.errorbar(turns, med, yerr=[[0] * len(med), up], marker="o", capsize=3, label=name)
+        ax.set_xticks([1, 2, 3])
+        ax.set_xlabel("turn")
+        ax.set_ylabel("TTFT ms (median, whisker to p90)")
+        ax.set_title(f"{result['model']}, KV block size {block_size}")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
