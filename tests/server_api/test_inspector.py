@@ -218,8 +218,9 @@ def test_page_shows_pruned_and_unpruned_as_the_api_does(page, server):
     heatmap = page.locator("#heatmap").screenshot()
     page.check("input[name=view][value=mask]")
     assert page.locator("#heatmap").screenshot() != heatmap
-    # No flow panel unless the server sent flow diagnostics.
-    assert page.is_visible("#flow") == ("flow" in pruning)
+    # The flow panel exactly when the server gives flow diagnostics.
+    flow = api_chat(server, {"keep_ratio": RATIO, "diagnostics": "flow"})
+    assert page.is_visible("#flow") == (flow.ok and "flow" in flow.json()["pruning"])
 
 
 def test_two_images_and_a_non_square_one(page, server):
