@@ -1,16 +1,16 @@
 """The selection math: torch references, Triton kernels and the dispatch between them."""
 
 from ._triton_utils import HAS_TRITON
-from .relevance import relevance_ref, relevance_triton
+from .relevance import cosine_matrix, relevance_ref, relevance_triton
 from .selection import (
     BACKEND_ENV,
     PRUNE_METHODS,
     Selection,
     check_keep_ratio,
-    compute_relevance,
     keep_count,
     random_indices,
     resolve_backend,
+    row_offsets,
     select_tokens,
     uniform_indices,
 )
@@ -29,7 +29,7 @@ __all__ = [
     "PRUNE_METHODS",
     "Selection",
     "check_keep_ratio",
-    "compute_relevance",
+    "cosine_matrix",
     "keep_count",
     "merge_dropped_ref",
     "merge_dropped_triton",
@@ -37,6 +37,7 @@ __all__ = [
     "relevance_ref",
     "relevance_triton",
     "resolve_backend",
+    "row_offsets",
     "select_tokens",
     "topk_select_batched_ref",
     "topk_select_batched_triton",

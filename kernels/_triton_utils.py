@@ -1,4 +1,4 @@
-"""Guarded Triton import, and the check that a kernel can run where its tensors are.
+"""Guarded Triton import, the launch record every kernel module builds, and shared jit helpers.
 
 Triton is optional (the CPU install has no GPU to run it on), so every kernel module imports it
 from here and defines its kernels only when ``HAS_TRITON``; ``import lvlm_prune.kernels`` works
@@ -11,6 +11,8 @@ Triton has no CPU backend: on CPU tensors kernels run only in Triton's interpret
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 try:
@@ -22,11 +24,45 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
 
 HAS_TRITON = triton is not None
 
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""The embedding dtypes every kernel accepts (and the compile check covers)."""
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
 
 def interpreter_active() -> bool:
     """True when Triton was imported in interpreter mode (``TRITON_INTERPRET=1``)."""
     # Triton's own jit helpers (tl.cumsum) were decorated at import: they tell the real mode.
     return HAS_TRITON and not isinstance(tl.cumsum, JITFunction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch, built by one function per kernel that both the host launcher and the
+    ahead-of-time compile check (``compile_check.py``) call, so the check compiles exactly the
+    specialisations the launcher runs.
+
+    Attributes:
+        kernel: the ``@triton.jit`` function.
+        grid: the launch grid.
+        args: positional arguments, as the kernel's signature lists them.
+        meta: constexprs and launch options (``num_warps``, ``num_stages``).
+        label: what the compile check calls this case (dtype, variant).
+    """
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+    label: str = ""
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along its last (hidden) dimension: the kernels read rows as
+    contiguous vectors (coalesced loads, one compiled variant); a row stride is free."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -50,3 +86,28 @@ def require_triton(device: torch.device) -> None:
             "Set TRITON_INTERPRET=1 before triton is imported to run them in its interpreter "
             "(slow), or use LVLM_PRUNE_BACKEND=torch"
         )
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def dot_rows(x, y, acc, USE_DOT: tl.constexpr):
+        """``acc + x @ y.T`` for row tiles x [M, BLOCK_D] and y [P, BLOCK_D], fp32 accumulate.
+
+        ``USE_DOT`` (GPU): ``tl.dot`` on the operands' own dtype, the tensor-core path for
+        bf16/fp16 (IEEE for fp32: tf32 would round the inputs). One fixed tiling without split-K
+        accumulates every output element over D in the same order, whatever its position.
+        Otherwise (the interpreter): a broadcast multiply and a sum over D in fp32. The
+        interpreter's ``tl.dot`` is numpy's BLAS matmul, which rounds a row by where it sits in
+        its micro-tile, and its bf16 arithmetic is wrong; numpy's sum treats every output alike.
+        """
+        if USE_DOT:
+            if x.dtype == tl.float32:
+                acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(y), acc)
+        else:
+            xf = x.to(tl.float32)
+            yf = y.to(tl.float32)
+            acc += tl.sum(xf[:, None, :] * yf[None, :, :], axis=2)
+        return acc

@@ -1,19 +1,79 @@
 """Relevance scores: how much each image token has to do with the question (Simignore).
 
-``score_i = max_j cos(image_i, query_j)`` (or the mean over j), computed in float32 from model-dtype
-embeddings. Batched over images of different lengths with offsets, so one call serves a whole
+``score_i = max_j cos(image_i, query_j)`` (or the mean over j), in float32 from model-dtype
+embeddings, batched over images of different lengths with offsets so one call serves a whole
 ``embed_multimodal`` batch. ``relevance_triton`` is the same in one Triton launch: each image row
-is read once per tile of query tokens, the norms come out of the same pass, only scores are written.
+is read once per tile of query tokens, the norms come out of the same pass, only scores are
+written.
+
+A row's score is computed from that row and the query alone, in an order that does not depend
+on where the row sits (its tile, its image, the batch, the thread count): identical rows score
+bit-identically, so the top-K tie rule (lower index) decides between them, and an image scored
+again in another batch keeps the same rows. ``cosine_matrix`` is that computation in torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ._triton_utils import HAS_TRITON, interpreter_active, require_triton, tl, triton
+from ._triton_utils import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    Launch,
+    dot_rows,
+    interpreter_active,
+    require_triton,
+    tl,
+    triton,
+    unit_stride,
+)
 
 REDUCTIONS = ("max", "mean")
-_EPS = 1e-12  # as torch.nn.functional.normalize: a zero row scores 0 everywhere
+_EPS = 1e-12  # as torch.nn.functional.normalize: a zero row has cosine 0 with everything
+# fp32 products held at once by cosine_matrix: cache-sized, so the multiply and the sum run
+# from cache rather than memory.
+_CHUNK_BYTES = 2 << 20
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[M, D] and [P, D] -> [M, P] float32 cosines, each from its two rows alone.
+
+    Not ``a @ b.T``: a BLAS matmul picks kernels and blocking by shape, thread count and memory
+    alignment and rounds a row by its place in a micro-tile, so equal rows can come out an ulp
+    apart and an image can rank differently inside another batch. Here each dot product is an
+    elementwise multiply and a sum over D, which torch reduces the same way for every output
+    element (one vectorised pass per contiguous row, never split across threads unless a whole
+    reduction is a single output of 32768+ elements). Products are chunked to ``_CHUNK_BYTES``.
+    """
+    a, b = a.float(), b.float()
+    m, d = a.shape
+    p = b.shape[0]
+    out = torch.zeros(m, p, dtype=torch.float32, device=a.device)
+    if m == 0 or p == 0 or d == 0:
+        return out
+    a, b = a.contiguous(), b.contiguous()
+    pairs = max(1, _CHUNK_BYTES // (4 * d))  # (row, column) products per chunk
+    cols = min(p, pairs)
+    rows = max(1, min(m, pairs // cols))
+    products = torch.empty(rows, cols, d, dtype=torch.float32, device=a.device)
+    dots = torch.empty(rows, cols, dtype=torch.float32, device=a.device)
+    for i in range(0, m, rows):
+        r = min(rows, m - i)
+        for j in range(0, p, cols):
+            c = min(cols, p - j)
+            torch.mul(a[i : i + r, None, :], b[None, j : j + c, :], out=products[:r, :c])
+            torch.sum(products[:r, :c], dim=-1, out=dots[:r, :c])
+            out[i : i + r, j : j + c] = dots[:r, :c]
+    out /= _norms(a)[:, None]
+    out /= _norms(b)[None, :]
+    return out
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(dim=-1).sqrt().clamp_min(_EPS)
 
 
 def relevance_ref(
@@ -45,9 +105,7 @@ def relevance_ref(
         i0, i1, q0, q1 = img_off[b], img_off[b + 1], q_off[b], q_off[b + 1]
         if i1 == i0 or q1 == q0:
             continue
-        img = torch.nn.functional.normalize(image[i0:i1].float(), dim=-1, eps=_EPS)
-        q = torch.nn.functional.normalize(query[q0:q1].float(), dim=-1, eps=_EPS)
-        sim = img @ q.T  # [N_b, T_b]
+        sim = cosine_matrix(image[i0:i1], query[q0:q1])  # [N_b, T_b]
         scores[i0:i1] = sim.amax(dim=1) if reduce == "max" else sim.mean(dim=1)
     return scores
 
@@ -72,11 +130,22 @@ def _check(image, image_offsets, query, query_offsets, reduce) -> None:
 
 # Tile sizes for the interpreter (CPU): big tiles mean few Python-level steps; still smaller than
 # the test shapes (N=577, T=300, D=128) so the multi-tile and ragged-edge paths run.
-_INTERPRET_CONFIG = {"BLOCK_N": 64, "BLOCK_T": 64, "BLOCK_D": 64}
+_INTERPRET_CONFIG = {"BLOCK_N": 64, "BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1}
+
+# One fixed tiling per dtype, not autotuned: BLOCK_D (and BLOCK_T for the mean) set the order of
+# the fp32 sums, and a score must come out the same on every tensor-parallel rank and in every
+# batch. Each compiles without register spills for sm_80, sm_90 and sm_100
+# (tests/kernels/test_compile.py). BLOCK_T = 32: a typical question is one tile, so each image
+# row is read once; fp32 dots run on FMA units and need 8 warps for their registers.
+GPU_CONFIGS = {
+    torch.bfloat16: {"BLOCK_N": 64, "BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
+    torch.float16: {"BLOCK_N": 64, "BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
+    torch.float32: {"BLOCK_N": 64, "BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+}
 
 if HAS_TRITON:
 
-    @triton.jit(do_not_specialize=["num_images", "t_hint"])
+    @triton.jit(do_not_specialize=["num_images"])
     def _relevance_kernel(
         image_ptr,
         image_offsets_ptr,
@@ -85,13 +154,10 @@ if HAS_TRITON:
         out_ptr,
         num_images,
         D,
-        t_hint,  # mean query length, bucketed: an autotuning key only
         stride_img_n,
-        stride_img_d,
         stride_q_t,
-        stride_q_d,
         REDUCE_MAX: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        USE_DOT: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -102,7 +168,7 @@ if HAS_TRITON:
         Programs are laid out image after image, cdiv(N_b, BLOCK_N) each; a program finds its
         image from the offsets (cumulative block counts), so one launch serves the whole ragged
         batch. The norms are accumulated in the same pass over D as the dot products, so no
-        normalised copy of anything is written.
+        normalised copy of anything is written. Rows are read with unit stride along D.
         """
         pid = tl.program_id(0).to(tl.int64)
         b_range = tl.arange(0, BLOCK_B)
@@ -133,22 +199,22 @@ if HAS_TRITON:
             for d_start in range(0, D, BLOCK_D):
                 d = d_start + tl.arange(0, BLOCK_D)
                 d_mask = d < D
-                # Upcast on load: exact for bf16/fp16 (they fit tf32), and the interpreter's
-                # bf16 arithmetic is wrong.
                 x = tl.load(
-                    image_ptr + rows[:, None] * stride_img_n + d[None, :] * stride_img_d,
+                    image_ptr + rows[:, None] * stride_img_n + d[None, :],
                     mask=row_mask[:, None] & d_mask[None, :],
                     other=0.0,
-                ).to(tl.float32)
+                )
                 q = tl.load(
-                    query_ptr + cols[:, None] * stride_q_t + d[None, :] * stride_q_d,
+                    query_ptr + cols[:, None] * stride_q_t + d[None, :],
                     mask=col_mask[:, None] & d_mask[None, :],
                     other=0.0,
-                ).to(tl.float32)
-                acc = tl.dot(x, tl.trans(q), acc, input_precision=DOT_PRECISION)
-                img_sq += tl.sum(x * x, axis=1)
-                q_sq += tl.sum(q * q, axis=1)
-            # cos = x.q / (max(|x|, eps) max(|q|, eps)), as torch.nn.functional.normalize.
+                )
+                acc = dot_rows(x, q, acc, USE_DOT)
+                xf = x.to(tl.float32)
+                qf = q.to(tl.float32)
+                img_sq += tl.sum(xf * xf, axis=1)
+                q_sq += tl.sum(qf * qf, axis=1)
+            # cos = x.q / max(|x|, eps) / max(|q|, eps), as cosine_matrix.
             img_norm = tl.maximum(tl.sqrt(img_sq), 1e-12)
             q_norm = tl.maximum(tl.sqrt(q_sq), 1e-12)
             cos = acc / img_norm[:, None] / q_norm[None, :]
@@ -165,14 +231,6 @@ if HAS_TRITON:
         tl.store(out_ptr + rows, score, mask=row_mask)
 
 
-# One fixed tiling, not autotuned: the selection must be bit-identical on every tensor-parallel
-# rank and when the encoder re-runs after a partial prefix-cache hit in another batch. Autotuning
-# picks configs per process from noisy timings, and BLOCK_D / BLOCK_T set the order of the fp32
-# sums; with them fixed, a row's score does not depend on the batch it ran in. (Tuning BLOCK_N,
-# warps and stages, which leave that order alone, is open for a GPU session.)
-_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
-
-
 def relevance_triton(
     image: torch.Tensor,
     image_offsets: torch.Tensor,
@@ -184,44 +242,72 @@ def relevance_triton(
     """Triton version of ``relevance_ref`` (same arguments, same result): one launch per batch.
 
     Offsets must be non-decreasing and end at the row counts; they are not read on the host
-    (that would synchronise), so they are not checked beyond their length.
+    (that would synchronise), so they are not checked beyond their length. Mixed image / query
+    dtypes are promoted to a common one (exactly, as the reference's fp32 upcast).
     """
     _check(image, image_offsets, query, query_offsets, reduce)
     require_triton(image.device)
-    num_images = image_offsets.numel() - 1
     out = torch.empty(image.shape[0], dtype=torch.float32, device=image.device)
-    if image.shape[0] == 0 or num_images <= 0:
+    if image.shape[0] == 0 or image_offsets.numel() <= 1:
         return out
-    image_offsets = image_offsets.to(image.device)
-    query_offsets = query_offsets.to(image.device)
-    query = query.to(image.device)
-    # fp32 inputs need IEEE dots (tf32 would round them); bf16/fp16 are exact in tf32.
-    precision = "ieee" if torch.float32 in (image.dtype, query.dtype) else "tf32"
-    t_hint = triton.next_power_of_2(max(1, query.shape[0] // num_images))
-    args = (
-        image,
-        image_offsets,
-        query,
-        query_offsets,
+    dtype = torch.promote_types(image.dtype, query.dtype)
+    _relevance_launch(
+        unit_stride(image.to(dtype)),
+        image_offsets.to(image.device),
+        unit_stride(query.to(image.device, dtype)),
+        query_offsets.to(image.device),
         out,
-        num_images,
-        image.shape[1],
-        t_hint,
-        image.stride(0),
-        image.stride(1),
-        query.stride(0),
-        query.stride(1),
-    )
-    meta = dict(
-        REDUCE_MAX=reduce == "max",
-        DOT_PRECISION=precision,
-        BLOCK_B=max(16, triton.next_power_of_2(num_images)),
-    )
-
-    def grid(cfg):
-        # sum_b cdiv(N_b, BLOCK_N) < cdiv(sum_b N_b, BLOCK_N) + B: an upper bound needing no sync.
-        return (triton.cdiv(image.shape[0], cfg["BLOCK_N"]) + num_images,)
-
-    config = _INTERPRET_CONFIG if interpreter_active() else _GPU_CONFIG
-    _relevance_kernel[grid](*args, **meta, **config)
+        reduce=reduce,
+        interpret=interpreter_active(),
+    )()
     return out
+
+
+def _relevance_launch(image, image_offsets, query, query_offsets, out, *, reduce, interpret):
+    """The kernel's arguments, constexprs and grid: the launcher's and the compile check's."""
+    num_images = image_offsets.numel() - 1
+    config = _INTERPRET_CONFIG if interpret else GPU_CONFIGS[image.dtype]
+    # sum_b cdiv(N_b, BLOCK_N) < cdiv(sum_b N_b, BLOCK_N) + B: an upper bound needing no sync.
+    grid = (triton.cdiv(image.shape[0], config["BLOCK_N"]) + num_images,)
+    return Launch(
+        kernel=_relevance_kernel,
+        grid=grid,
+        args=(
+            image,
+            image_offsets,
+            query,
+            query_offsets,
+            out,
+            num_images,
+            image.shape[1],
+            image.stride(0),
+            query.stride(0),
+        ),
+        meta=dict(
+            REDUCE_MAX=reduce == "max",
+            USE_DOT=not interpret,
+            BLOCK_B=max(16, triton.next_power_of_2(num_images)),
+            **config,
+        ),
+        label=f"{DTYPE_NAMES[image.dtype]} {reduce}",
+    )
+
+
+def compile_cases(n: int = 576, t: int = 32, d: int = 4096) -> list[Launch]:
+    """Every GPU variant the launcher ships, on ``meta`` tensors: dtype x reduction for one
+    image, and a 256-image batch (BLOCK_B, the offsets tile, grows with the batch)."""
+    variants = [(dtype, reduce, 1) for dtype in FLOAT_DTYPES for reduce in REDUCTIONS]
+    variants.append((torch.bfloat16, "max", 256))
+    cases = []
+    for dtype, reduce, images in variants:
+        image = torch.empty(images * n, d, dtype=dtype, device="meta")
+        query = torch.empty(images * t, d, dtype=dtype, device="meta")
+        offsets = torch.empty(images + 1, dtype=torch.int64, device="meta")
+        out = torch.empty(images * n, dtype=torch.float32, device="meta")
+        launch = _relevance_launch(
+            image, offsets, query, offsets, out, reduce=reduce, interpret=False
+        )
+        if images > 1:
+            launch = dataclasses.replace(launch, label=f"{launch.label}, {images} images")
+        cases.append(launch)
+    return cases

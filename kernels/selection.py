@@ -16,7 +16,7 @@ import torch
 
 from ._triton_utils import HAS_TRITON, to_device
 from .relevance import relevance_ref
-from .topk_select import merge_dropped_ref, topk_select_batched_ref
+from .topk_select import check_k, merge_dropped_ref, topk_select_batched_ref
 
 PRUNE_METHODS = ("simignore", "uniform", "random")
 """``simignore``: most question-relevant tokens (default). ``uniform``: evenly spaced tokens
@@ -96,27 +96,13 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return choice
 
 
-def compute_relevance(
-    images: Sequence[torch.Tensor],
-    queries: Sequence[torch.Tensor],
-    *,
-    reduce: str = "max",
-    backend: str | None = None,
-) -> list[torch.Tensor]:
-    """Scores for a batch of images in one call (one kernel launch on the Triton path)."""
-    if not images:
-        return []
-    scores = _relevance_flat(images, queries, reduce, resolve_backend(images[0].device, backend))
-    return list(torch.split(scores, [x.shape[0] for x in images]))
-
-
 def _relevance_flat(images, queries, reduce: str, backend: str) -> torch.Tensor:
     """[sum N_b] float32 scores of the images, back to back."""
     device = images[0].device
     image = _cat_rows(list(images))
     query = _cat_rows([q.to(image.dtype) for q in queries])
-    image_offsets = _offsets([x.shape[0] for x in images], device)
-    query_offsets = _offsets([q.shape[0] for q in queries], device)
+    image_offsets = row_offsets([x.shape[0] for x in images], device)
+    query_offsets = row_offsets([q.shape[0] for q in queries], device)
     if backend == "triton":
         from .relevance import relevance_triton
 
@@ -175,8 +161,8 @@ def select_tokens(
         by_score = [methods[b] == "simignore" and keep[b] < images[b].shape[0] for b in scored]
         ks = [keep[b] if use else 0 for b, use in zip(scored, by_score)]
         for use, k, n in zip(by_score, ks, lengths):
-            if use and k < 1:
-                raise ValueError(f"k must be in [1, {n}], got {k}")
+            if use:
+                check_k(k, n)
         if any(by_score):
             for b, use, kept in zip(scored, by_score, topk_batched(flat, lengths, ks)):
                 if use:
@@ -225,7 +211,8 @@ def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors)
 
 
-def _offsets(lengths: Sequence[int], device) -> torch.Tensor:
+def row_offsets(lengths: Sequence[int], device) -> torch.Tensor:
+    """[B + 1] int64 offsets of back-to-back blocks of ``lengths`` rows, on ``device``."""
     out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     out[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0)
     return to_device(out, torch.device(device))

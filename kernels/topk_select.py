@@ -6,11 +6,10 @@ so a re-run of the encoder after a partial prefix-cache hit, or another tensor-p
 keeps the same rows.
 
 What runs where on the Triton path: the top-K is a Triton kernel, one launch for a whole batch
-(the torch reference launches two sorts per image); ``merge``
-is two Triton kernels per image (assign, then a deterministic per-row reduction, no atomics).
-Gathering the kept rows stays torch (``image[kept]``): it is one memory-bound gather kernel
-already, and there is nothing to fuse it with. ``benchmarks/bench_kernels.py`` times both paths;
-GPU numbers were not measured when this was written (no GPU in that session).
+(the torch reference launches two sorts per image); ``merge`` is two Triton kernels per image
+(assign, then a deterministic per-row reduction, no atomics). Gathering the kept rows stays torch
+(``image[kept]``): it is one memory-bound gather kernel already, and there is nothing to fuse it
+with. ``lvlm-prune bench kernels`` times both paths.
 """
 
 from __future__ import annotations
@@ -19,14 +18,32 @@ from collections.abc import Sequence
 
 import torch
 
-from ._triton_utils import HAS_TRITON, interpreter_active, require_triton, tl, to_device, triton
+from ._triton_utils import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    Launch,
+    dot_rows,
+    interpreter_active,
+    require_triton,
+    tl,
+    to_device,
+    triton,
+    unit_stride,
+)
+from .relevance import cosine_matrix
+
+
+def check_k(k: int, n: int, *, low: int = 1, name: str = "k") -> None:
+    """The one rule for how many rows to keep out of ``n``: ``low <= k <= n`` (``low`` 0 where
+    K = 0 means "select nothing"), else a ``ValueError`` naming the range."""
+    if not low <= k <= n:
+        raise ValueError(f"{name} must be in [{low}, {n}], got {k}")
 
 
 def topk_select_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Torch reference: [N] scores -> [k] int64 kept indices, ascending."""
-    n = scores.shape[0]
-    if not 0 < k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
+    check_k(k, scores.shape[0])
     # A stable descending sort keeps equal scores in index order: ties go to the lower index.
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return torch.sort(order[:k]).values
@@ -49,9 +66,8 @@ def merge_dropped_ref(image: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     if bool(keep_mask.all()):
         return image[kept]
     dropped = image[~keep_mask].float()
-    unit = torch.nn.functional.normalize
-    sim = unit(dropped, dim=-1, eps=1e-12) @ unit(rows, dim=-1, eps=1e-12).T  # [N-K, K]
-    target = sim.argmax(dim=1)  # first maximum: the lower kept position wins ties
+    # Row-invariant cosines: equal kept rows tie exactly, so the lower position wins.
+    target = cosine_matrix(dropped, rows).argmax(dim=1)  # [N-K]: the first maximum
     sums = rows.index_add(0, target, dropped)
     counts = torch.ones(rows.shape[0], device=image.device).index_add(
         0, target, torch.ones_like(target, dtype=torch.float32)
@@ -95,8 +111,7 @@ def _check_batched(scores, lengths, ks) -> None:
             f"sum(lengths) must be scores.shape[0] = {scores.shape[0]}, got {sum(lengths)}"
         )
     for b, (n, k) in enumerate(zip(lengths, ks)):
-        if not 0 <= k <= n:
-            raise ValueError(f"ks[{b}] must be in [0, {n}], got {k}")
+        check_k(k, n, low=0, name=f"ks[{b}]")
 
 
 def _check_merge(image, kept) -> None:
@@ -114,11 +129,32 @@ def _check_merge(image, kept) -> None:
 # Triton
 # --------------------------------------------------------------------------------------------
 
-# Chunk sizes. The interpreter ones are below the test sizes (N=577, D=128) so chunk carries run.
-_TOPK_BLOCK = {"gpu": 1024, "interpret": 256}
-_MERGE_CONFIG = {
-    "gpu": {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_R": 32, "BLOCK_DR": 256},
-    "interpret": {"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64, "BLOCK_R": 256, "BLOCK_DR": 64},
+# One fixed tiling per kernel and dtype (BLOCK_D and BLOCK_K set the order of the fp32 sums;
+# fp32 dots run on FMA units and need more warps for their registers). Each compiles without
+# register spills for sm_80, sm_90 and sm_100 (tests/kernels/test_compile.py). The interpreter
+# sizes are below the test sizes (N=577, D=128) so chunk carries run.
+_TOPK_CONFIG = {
+    "gpu": {"BLOCK_N": 1024, "num_warps": 4, "num_stages": 1},
+    "interpret": {"BLOCK_N": 256, "num_warps": 4, "num_stages": 1},
+}
+_ASSIGN_16BIT = {"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
+_ASSIGN_CONFIGS = {
+    "gpu": {
+        torch.bfloat16: _ASSIGN_16BIT,
+        torch.float16: _ASSIGN_16BIT,
+        torch.float32: {
+            "BLOCK_N": 64,
+            "BLOCK_K": 64,
+            "BLOCK_D": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+        },
+    },
+    "interpret": {"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1},
+}
+_REDUCE_CONFIG = {
+    "gpu": {"BLOCK_R": 32, "BLOCK_DR": 256, "num_warps": 4, "num_stages": 1},
+    "interpret": {"BLOCK_R": 256, "BLOCK_DR": 64, "num_warps": 4, "num_stages": 1},
 }
 
 if HAS_TRITON:
@@ -191,13 +227,15 @@ if HAS_TRITON:
         K,
         D,
         stride_n,
-        stride_d,
-        DOT_PRECISION: tl.constexpr,
+        USE_DOT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """target[i] = kept position most similar to row i (first maximum), or -1 for kept rows."""
+        """target[i] = kept position most similar to row i (first maximum), or -1 for kept rows.
+
+        Cosines as in the relevance kernel (``dot_rows``): identical kept rows give identical
+        similarities wherever they sit, so a tie goes to the lower kept position."""
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
@@ -215,18 +253,20 @@ if HAS_TRITON:
                 d = d_start + tl.arange(0, BLOCK_D)
                 d_mask = d < D
                 x = tl.load(
-                    image_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
+                    image_ptr + rows[:, None] * stride_n + d[None, :],
                     mask=row_mask[:, None] & d_mask[None, :],
                     other=0.0,
-                ).to(tl.float32)
+                )
                 y = tl.load(
-                    image_ptr + kept_rows[:, None] * stride_n + d[None, :] * stride_d,
+                    image_ptr + kept_rows[:, None] * stride_n + d[None, :],
                     mask=pos_mask[:, None] & d_mask[None, :],
                     other=0.0,
-                ).to(tl.float32)
-                acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION)
-                x_sq += tl.sum(x * x, axis=1)
-                k_sq += tl.sum(y * y, axis=1)
+                )
+                acc = dot_rows(x, y, acc, USE_DOT)
+                xf = x.to(tl.float32)
+                yf = y.to(tl.float32)
+                x_sq += tl.sum(xf * xf, axis=1)
+                k_sq += tl.sum(yf * yf, axis=1)
             cos = acc / tl.maximum(tl.sqrt(x_sq), 1e-12)[:, None]
             cos = cos / tl.maximum(tl.sqrt(k_sq), 1e-12)[None, :]
             cos = tl.where(pos_mask[None, :], cos, float("-inf"))
@@ -250,9 +290,7 @@ if HAS_TRITON:
         N,
         D,
         stride_n,
-        stride_d,
         stride_out_k,
-        stride_out_d,
         BLOCK_R: tl.constexpr,
         BLOCK_DR: tl.constexpr,
     ):
@@ -261,34 +299,26 @@ if HAS_TRITON:
         d = tl.program_id(1).to(tl.int64) * BLOCK_DR + tl.arange(0, BLOCK_DR)
         d_mask = d < D
         row = tl.load(kept_ptr + p).to(tl.int64)
-        acc = tl.load(image_ptr + row * stride_n + d * stride_d, mask=d_mask, other=0.0).to(
-            tl.float32
-        )
+        acc = tl.load(image_ptr + row * stride_n + d, mask=d_mask, other=0.0).to(tl.float32)
         count = tl.sum(tl.full([1], 1.0, tl.float32), axis=0)
         for start in range(0, N, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
             match = tl.load(target_ptr + r, mask=r < N, other=-1).to(tl.int64) == p
             x = tl.load(
-                image_ptr + r[:, None] * stride_n + d[None, :] * stride_d,
+                image_ptr + r[:, None] * stride_n + d[None, :],
                 mask=match[:, None] & d_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
             acc += tl.sum(x, axis=0)
             count += tl.sum(match.to(tl.float32), axis=0)
         out = acc / count
-        tl.store(
-            out_ptr + p * stride_out_k + d * stride_out_d,
-            out.to(out_ptr.dtype.element_ty),
-            mask=d_mask,
-        )
+        tl.store(out_ptr + p * stride_out_k + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def topk_select_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Triton version of ``topk_select_ref`` (same arguments, same result, bit for bit)."""
-    n = scores.shape[0]
-    if not 0 < k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    return topk_select_batched_triton(scores, [n], [k])[0]
+    check_k(k, scores.shape[0])
+    return topk_select_batched_triton(scores, [scores.shape[0]], [k])[0]
 
 
 def topk_select_batched_triton(
@@ -307,11 +337,19 @@ def topk_select_batched_triton(
     table[1, :-1] = torch.tensor(ks)
     table[2, 1:] = torch.tensor(ks).cumsum(0)
     table = to_device(table, scores.device)
-    block = _TOPK_BLOCK["interpret" if interpreter_active() else "gpu"]
-    _topk_select_kernel[(len(lengths),)](
-        scores.contiguous(), table[0], table[1], table[2], out, BLOCK_N=block, num_warps=4
-    )
+    _topk_launch(scores.contiguous(), table, out, interpret=interpreter_active())()
     return list(torch.split(out, ks))
+
+
+def _topk_launch(scores, table, out, *, interpret):
+    """The top-K kernel's arguments and grid: the launcher's and the compile check's."""
+    return Launch(
+        kernel=_topk_select_kernel,
+        grid=(table.shape[1] - 1,),
+        args=(scores, table[0], table[1], table[2], out),
+        meta=dict(_TOPK_CONFIG["interpret" if interpret else "gpu"]),
+        label=f"{DTYPE_NAMES[scores.dtype]} scores",
+    )
 
 
 def merge_dropped_triton(image: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -326,39 +364,53 @@ def merge_dropped_triton(image: torch.Tensor, kept: torch.Tensor) -> torch.Tenso
     k = kept.shape[0]
     if k == n:
         return image[kept]
+    image = unit_stride(image)
     kept = kept.to(image.device).contiguous()
-    cfg = _MERGE_CONFIG["interpret" if interpreter_active() else "gpu"]
-    precision = "ieee" if image.dtype == torch.float32 else "tf32"  # bf16/fp16 are exact in tf32
     target = torch.empty(n, dtype=torch.int32, device=image.device)
-    _merge_assign_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        image,
-        kept,
-        target,
-        n,
-        k,
-        d,
-        image.stride(0),
-        image.stride(1),
-        DOT_PRECISION=precision,
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=4,
-    )
     out = torch.empty(k, d, dtype=image.dtype, device=image.device)
-    _merge_reduce_kernel[(k, triton.cdiv(d, cfg["BLOCK_DR"]))](
-        image,
-        kept,
-        target,
-        out,
-        n,
-        d,
-        image.stride(0),
-        image.stride(1),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_DR=cfg["BLOCK_DR"],
-        num_warps=4,
-    )
+    assign, reduce = _merge_launches(image, kept, target, out, interpret=interpreter_active())
+    assign()
+    reduce()
     return out
+
+
+def _merge_launches(image, kept, target, out, *, interpret):
+    """The two merge kernels' arguments and grids: the launcher's and the compile check's."""
+    n, d = image.shape
+    k = kept.shape[0]
+    assign = _ASSIGN_CONFIGS["interpret"] if interpret else _ASSIGN_CONFIGS["gpu"][image.dtype]
+    reduce = _REDUCE_CONFIG["interpret" if interpret else "gpu"]
+    name = DTYPE_NAMES[image.dtype]
+    return (
+        Launch(
+            kernel=_merge_assign_kernel,
+            grid=(triton.cdiv(n, assign["BLOCK_N"]),),
+            args=(image, kept, target, n, k, d, image.stride(0)),
+            meta=dict(USE_DOT=not interpret, **assign),
+            label=name,
+        ),
+        Launch(
+            kernel=_merge_reduce_kernel,
+            grid=(k, triton.cdiv(d, reduce["BLOCK_DR"])),
+            args=(image, kept, target, out, n, d, image.stride(0), out.stride(0)),
+            meta=dict(reduce),
+            label=name,
+        ),
+    )
+
+
+def compile_cases(n: int = 576, k: int = 144, d: int = 4096) -> list[Launch]:
+    """Every GPU variant the launchers ship (kernel x dtype), on ``meta`` tensors."""
+    cases = []
+    for dtype in FLOAT_DTYPES:
+        scores = torch.empty(n, dtype=dtype, device="meta")
+        table = torch.empty(3, 2, dtype=torch.int64, device="meta")
+        out = torch.empty(k, dtype=torch.int64, device="meta")
+        cases.append(_topk_launch(scores, table, out, interpret=False))
+    for dtype in FLOAT_DTYPES:
+        image = torch.empty(n, d, dtype=dtype, device="meta")
+        kept = torch.empty(k, dtype=torch.int64, device="meta")
+        target = torch.empty(n, dtype=torch.int32, device="meta")
+        out = torch.empty(k, d, dtype=dtype, device="meta")
+        cases.extend(_merge_launches(image, kept, target, out, interpret=False))
+    return cases

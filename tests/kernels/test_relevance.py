@@ -14,11 +14,18 @@ from kernel_testing import (
     requires_triton,
 )
 
-from lvlm_prune.kernels import relevance_ref, relevance_triton
+from lvlm_prune.kernels import cosine_matrix, relevance_ref, relevance_triton
 
 IMPLS = [
     pytest.param(relevance_ref, id="torch"),
     pytest.param(relevance_triton, id="triton", marks=requires_triton),
+]
+
+
+DTYPES = [
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.float32, id="fp32"),
 ]
 
 
@@ -97,17 +104,120 @@ def test_zero_rows_and_strided_input(impl, seed):
     assert float(got[3]) == 0.0
 
 
+# ---- a row's score depends on the row alone ------------------------------------------------
+#
+# Duplicate rows (flat image backgrounds) must score bit-identically, or the top-K tie rule (the
+# lower index wins) would be decided by rounding; and an image must score the same alone, inside
+# any batch, at any offset, or a re-run of the encoder in another batch (a partial prefix-cache
+# hit) or another tensor-parallel rank could keep other rows.
+
+# Rows on both sides of every BLOCK_N (64) boundary, a ragged last row, a one-row image. D = 96
+# leaves a ragged BLOCK_D tile; T = 70 crosses BLOCK_T (64).
+_SHAPES = [(130, 70), (1, 70), (65, 70)]
+_SPOTS = {0: [0, 5, 62, 63, 64, 65, 127, 128, 129], 1: [0], 2: [0, 31, 63, 64]}
+_D = 96
+TILINGS = [
+    pytest.param((relevance_ref, None), id="torch"),
+    pytest.param((relevance_triton, "interpret"), id="triton", marks=requires_triton),
+    pytest.param((relevance_triton, "gpu"), id="triton-gpu-tiles", marks=requires_triton),
+]
+
+
+@pytest.fixture
+def scorer(request, monkeypatch):
+    """The implementation under test; ``gpu`` runs the GPU launch's tiles and grid in the
+    interpreter (its dots stay the interpreter's: tl.dot on bf16 needs a GPU)."""
+    import lvlm_prune.kernels.relevance as relevance
+
+    impl, tiling = request.param
+
+    def score(images, queries, reduce="max"):
+        if tiling == "gpu":
+            config = dict(relevance.GPU_CONFIGS[images[0].dtype])
+            monkeypatch.setattr(relevance, "_INTERPRET_CONFIG", config)
+        return _run(impl, images, queries, reduce)
+
+    return score
+
+
 @pytest.mark.usefixtures("poison_outputs")
-@requires_triton
-def test_triton_identical_rows_score_identically(seed):
-    """Duplicate rows must get bit-identical scores, or top-K ties would break by rounding."""
-    pool = torch.randn(5, 128, device=DEVICE).to(torch.bfloat16)
-    image = pool[torch.randint(0, 5, (300,), device=DEVICE)]
-    query = torch.randn(9, 128, device=DEVICE).to(torch.bfloat16)
-    scores = relevance_triton(image, offsets([300]), query, offsets([9]))
-    for r in range(5):
-        rows = (image == pool[r]).all(dim=1)
-        assert scores[rows].unique().numel() <= 1, f"row {r}: {scores[rows].unique()}; seed={seed}"
+@pytest.mark.parametrize("scorer", TILINGS, indirect=True)
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_duplicate_rows_score_identically_anywhere(scorer, dtype, reduce, seed):
+    """One row copied across tile boundaries, ragged edges and three images with the same
+    question scores, bit for bit, what it scores alone."""
+    row = torch.randn(1, _D, device=DEVICE).to(dtype)
+    query = torch.randn(_SHAPES[0][1], _D, device=DEVICE).to(dtype)
+    images = [torch.randn(n, _D, device=DEVICE).to(dtype) for n, _ in _SHAPES]
+    for b, spots in _SPOTS.items():
+        images[b][spots] = row
+    scores = torch.split(scorer(images, [query] * 3, reduce), [n for n, _ in _SHAPES])
+    alone = scorer([row], [query], reduce)
+    for b, spots in _SPOTS.items():
+        got = scores[b][spots]
+        assert torch.equal(got, alone.expand_as(got)), (
+            f"image {b} rows {spots}: {got.tolist()} vs alone {alone.item()}; seed={seed}"
+        )
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("scorer", TILINGS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_image_scores_do_not_depend_on_the_batch(scorer, dtype, seed):
+    """An image's scores alone == inside a batch == after another image == shifted by rows
+    prepended to its buffer, bit for bit."""
+    images, queries = _inputs([(100, 7), (1, 0), (130, 70)], _D, dtype)
+    target, question = images[2], queries[2]
+    alone = scorer([target], [question])
+    batched = scorer(images, queries)[101:]
+    first = scorer([target, images[0]], [question, queries[0]])[:130]
+    shifted_buffer = torch.cat([torch.randn(3, _D, device=DEVICE).to(dtype), target])[3:]
+    shifted = scorer([images[0][:5], shifted_buffer], [queries[0], question])[5:]
+    for what, got in [("in a batch", batched), ("first", first), ("shifted", shifted)]:
+        assert torch.equal(got, alone), f"{what}: {_first_diff(got, alone)}; seed={seed}"
+
+
+def _first_diff(got, want):
+    i = int((got != want).nonzero()[0, 0])
+    return f"row {i}: {got[i].item()!r} != {want[i].item()!r}"
+
+
+# ---- cosine_matrix: the torch side of the same rule -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cosine_matrix_matches_float64(dtype, seed):
+    a = torch.randn(70, 130).to(dtype)
+    b = torch.randn(9, 130).to(dtype)
+    a[3] = 0
+    unit = torch.nn.functional.normalize
+    want = unit(a.double(), dim=-1, eps=1e-12) @ unit(b.double(), dim=-1, eps=1e-12).T
+    got = cosine_matrix(a, b)
+    assert got.dtype == torch.float32 and got.shape == (70, 9)
+    assert_close(got, want, 2e-6, 1e-5, "cosine_matrix", seed)
+    assert cosine_matrix(a[:0], b).shape == (0, 9)
+
+
+def test_cosine_matrix_is_row_invariant(monkeypatch, seed):
+    """Each entry depends on its two rows only: not on the chunking, the other rows, the thread
+    count or the memory offset of its row."""
+    import lvlm_prune.kernels.relevance as relevance
+
+    a = torch.randn(70, 4096)
+    b = torch.randn(33, 4096)
+    full = cosine_matrix(a, b)
+    assert torch.equal(cosine_matrix(a[17:18], b)[0], full[17]), f"one row; seed={seed}"
+    assert torch.equal(cosine_matrix(a, b[5:6])[:, 0], full[:, 5]), f"one column; seed={seed}"
+    assert torch.equal(cosine_matrix(torch.cat([a[:1], a])[1:], b), full), f"offset; seed={seed}"
+    monkeypatch.setattr(relevance, "_CHUNK_BYTES", 4 * 4096 * 5)  # 1 row x 5 columns a chunk
+    assert torch.equal(cosine_matrix(a, b), full), f"chunking; seed={seed}"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cosine_matrix(a, b), full), f"one thread; seed={seed}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,21 +254,24 @@ def test_gpu_model_shapes(shapes, d, dtype, reduce, seed):
     _check(relevance_triton, shapes, d, (dtype, 2e-5, 1e-4), reduce, seed)
 
 
-@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.gpu
+@needs_cuda
 @requires_triton
-@pytest.mark.parametrize("reduce", ["max", "mean"])
-def test_gpu_launch_config_and_batch_independence(monkeypatch, seed, reduce):
-    """The GPU launch path (its fixed tiling and grid) in the interpreter, and the property the
-    fixed tiling is for: an image's scores are bit-identical alone or inside any batch, so a
-    re-run of the encoder in another batch, or another tensor-parallel rank, keeps the same rows."""
-    import lvlm_prune.kernels.relevance as relevance
-
-    monkeypatch.setattr(relevance, "interpreter_active", lambda: False)
-    shapes = [(100, 7), (1, 0), (130, 40)]
-    images, queries = _inputs(shapes, 64, torch.bfloat16)
-    batched = _run(relevance_triton, images, queries, reduce)
-    assert_close(
-        batched, torch.cat(relevance_f64(images, queries, reduce)), 2e-5, 1e-4, "GPU config", seed
-    )
-    alone = _run(relevance_triton, images[2:], queries[2:], reduce)
-    assert torch.equal(alone, batched[101:]), f"batch changed the scores (seed {seed})"
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
+)
+def test_gpu_duplicates_and_batches_at_model_shapes(dtype, seed):
+    """The tensor-core path: a row copied to 64 places of a 576 x 4096 image scores what it
+    scores alone, and the image scores the same inside a batch of three."""
+    images, queries = _inputs([(2880, 77), (576, 512), (576, 512)], 4096, dtype)
+    queries[2] = queries[1]
+    row = images[1][7:8].clone()
+    spots = torch.randperm(576, device=DEVICE)[:64]
+    images[1][spots] = row
+    images[2][spots] = row
+    batched = _run(relevance_triton, images, queries, "max")
+    alone = _run(relevance_triton, [row], queries[1:2], "max")
+    image_alone = _run(relevance_triton, images[1:2], queries[1:2], "max")
+    assert torch.equal(batched[2880:3456], image_alone), f"batch changed scores; seed={seed}"
+    for got in (batched[2880:3456][spots], batched[3456:][spots]):
+        assert torch.equal(got, alone.expand_as(got)), f"duplicates differ; seed={seed}"

@@ -180,29 +180,53 @@ def test_select_tokens_kept_sets(backend, d, tols, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_tokens_ties_from_duplicate_rows(backend, dtype, seed):
-    """An image made of 5 distinct rows repeated: scores tie exactly within each group and the
-    lower indices of the group at the cut are kept."""
-    n, d = 300, 128
+    """Three images with the same question, made of 5 distinct rows repeated (at tile boundaries,
+    ragged edges, everywhere): scores tie exactly within each group across the whole batch, and
+    each image keeps the lower indices of the group at its cut."""
+    shapes, d = [300, 1, 65], 96
     while True:  # groups whose scores are clearly apart, so only the tie rule decides
         pool = torch.randn(5, d, device=DEVICE).to(dtype)
-        query = torch.randn(9, d, device=DEVICE).to(dtype)
+        query = torch.randn(70, d, device=DEVICE).to(dtype)
         pool_scores = relevance_f64([pool], [query])[0]
         if clear_margin_ks(pool_scores, [1, 2, 3, 4], 1e-3) == [1, 2, 3, 4]:
             break
-    group = torch.randint(0, 5, (n,), device=DEVICE)
-    image = pool[group]
-    row_scores = pool_scores[group.cpu()]  # exact ties by construction
-    for k in [1, 7, 64, 150, 299]:
-        sel = select_tokens(
-            [image],
-            [query],
-            [k],
-            methods=["simignore"],
-            merge=[False],
-            seeds=[0],
+    groups = [torch.randint(0, 5, (n,), device=DEVICE) for n in shapes]
+    groups[0][[62, 63, 64, 65, 127, 128]] = int(groups[0][0])  # one group across tile edges
+    images = [pool[g] for g in groups]
+    for ratio in [0.004, 0.03, 0.22, 0.5, 0.997]:
+        keep = [keep_count(n, ratio) for n in shapes]
+        got = select_tokens(
+            images,
+            [query] * 3,
+            keep,
+            methods=["simignore"] * 3,
+            merge=[False] * 3,
+            seeds=[0] * 3,
+            need_scores=True,
             backend=backend,
-        )[0]
-        assert_equal(sel.kept, _oracle(row_scores, k), f"K={k}", seed)
+        )
+        flat = torch.cat([sel.scores for sel in got]).cpu()
+        groups_flat = torch.cat(groups).cpu()
+        for g in range(5):
+            tied = flat[groups_flat == g].unique()
+            assert tied.numel() <= 1, f"group {g} scores {tied.tolist()}; seed={seed}"
+        for b, sel in enumerate(got):
+            want = _oracle(pool_scores[groups[b].cpu()], keep[b])  # exact ties by construction
+            assert_equal(sel.kept, want, f"image {b} ratio {ratio}", seed)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_tokens_same_kept_set_on_every_run(backend, seed):
+    """The same embeddings give the same kept rows and bit-identical scores, call after call."""
+    images, queries = _random_images([(577, 7), (100, 70)], 64, torch.bfloat16)
+    kw = dict(methods=["simignore"] * 2, merge=[False] * 2, seeds=[0] * 2, backend=backend)
+    first = select_tokens(images, queries, [64, 11], **kw)
+    for _ in range(2):
+        again = select_tokens(images, queries, [64, 11], **kw)
+        for b, (x, y) in enumerate(zip(first, again)):
+            assert_equal(y.kept, x.kept, f"image {b}", seed)
+            assert torch.equal(y.scores, x.scores), f"image {b} scores; seed={seed}"
 
 
 # ---- merge ------------------------------------------------------------------------------------
