@@ -117,28 +117,46 @@ class ServerState:
                 f"pruning.diagnostics needs the server started with --worker-extension-cls "
                 f"{WORKER_EXTENSION} (lvlm-prune serve sets it)"
             )
-        elif (getattr(args, "data_parallel_size", 1) or 1) > 1:
-            # NOTE(vLLM 0.32): collective_rpc answers from the first data-parallel engine only.
-            self.diagnostics_unavailable = (
-                "pruning.diagnostics is not available with --data-parallel-size > 1"
-            )
         self.tokenizer = engine_client.get_tokenizer()
         self.poller: asyncio.Task | None = None
+
+    async def rpc_every_engine(self, method: str, *, args: tuple = ()) -> list[list]:
+        """A worker-extension RPC on every worker of every data-parallel engine behind this API
+        process; answers as ``[engine][worker]``.
+
+        NOTE(vLLM 0.32): ``AsyncLLM.collective_rpc`` goes through ``call_utility_async``, which
+        under the data-parallel load balancer (``DPLBAsyncMPClient``) runs the call on every
+        engine but returns engine 0's answers only (v1/engine/core_client.py): a pop there would
+        delete the other engines' entries unseen. ``call_utility_all_async`` returns one answer
+        per engine (one engine without data parallelism).
+        """
+        core = getattr(self.engine_client, "engine_core", None)
+        call_all = getattr(core, "call_utility_all_async", None)
+        if call_all is None:  # an in-process engine client: one engine
+            return [
+                await self.engine_client.collective_rpc(
+                    method, timeout=RPC_TIMEOUT_SECONDS, args=args
+                )
+            ]
+        # EngineCore.collective_rpc(method, timeout, args, kwargs)
+        return await call_all("collective_rpc", method, RPC_TIMEOUT_SECONDS, tuple(args), None)
 
     async def pop_diagnostics(self, diag_id: int | None) -> list[dict]:
         if diag_id is None:
             return []
         try:
-            per_worker = await self.engine_client.collective_rpc(
-                "lvlm_prune_pop_diagnostics", timeout=RPC_TIMEOUT_SECONDS, args=([diag_id],)
+            per_engine = await self.rpc_every_engine(
+                "lvlm_prune_pop_diagnostics", args=([diag_id],)
             )
         except Exception:
             logger.exception("lvlm-prune: fetching diagnostics from the workers failed")
             return []
-        # Every tensor-parallel rank ran the same selection; all were popped, use the first.
-        for result in per_worker:
-            if diag_id in result:
-                return result[diag_id]
+        # One engine ran the request; each of its tensor-parallel ranks ran the same selection
+        # and all were popped: use the first.
+        for per_worker in per_engine:
+            for result in per_worker:
+                if diag_id in result:
+                    return result[diag_id]
         return []
 
     async def poll_workers(self) -> None:
@@ -151,12 +169,13 @@ class ServerState:
             await asyncio.sleep(POLL_SECONDS)
 
     async def drain_once(self) -> None:
-        rpc = self.engine_client.collective_rpc
-        timings = await rpc("lvlm_prune_drain_timings", timeout=RPC_TIMEOUT_SECONDS)
-        for seconds, _num_images in timings[0] if timings else []:  # rank 0: one per selection
-            metrics.SELECTION_SECONDS.labels(self.model_name).observe(seconds)
-        sizes = await rpc("lvlm_prune_store_size", timeout=RPC_TIMEOUT_SECONDS)
-        metrics.DIAGNOSTICS_PENDING.labels(self.model_name).set(max(sizes, default=0))
+        for per_worker in await self.rpc_every_engine("lvlm_prune_drain_timings"):
+            # Tensor-parallel rank 0 of each engine: one entry per selection.
+            for seconds, _num_images in per_worker[0] if per_worker else []:
+                metrics.SELECTION_SECONDS.labels(self.model_name).observe(seconds)
+        sizes = await self.rpc_every_engine("lvlm_prune_store_size")
+        pending = sum(max(per_worker, default=0) for per_worker in sizes)
+        metrics.DIAGNOSTICS_PENDING.labels(self.model_name).set(pending)
 
 
 class PruningEndpointPlugin:

@@ -162,3 +162,14 @@ def test_serve_steps_are_vllms_own_in_its_order():
         assert all(i >= 0 for i in at), dict(zip(steps, at))
     assert [theirs.find(f"{s}(") for s in steps] == sorted(theirs.find(f"{s}(") for s in steps)
     assert _params(entry.run_server)[0] == "args"
+
+
+def test_rpc_to_every_data_parallel_engine():
+    """``ServerState.rpc_every_engine`` calls ``EngineCore.collective_rpc`` on every engine
+    through the MP clients' ``call_utility_all_async``."""
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core_client import AsyncMPClient, DPLBAsyncMPClient
+
+    assert _params(EngineCore.collective_rpc) == ["self", "method", "timeout", "args", "kwargs"]
+    for client in (AsyncMPClient, DPLBAsyncMPClient):
+        assert _params(client.call_utility_all_async) == ["self", "method", "args"]
