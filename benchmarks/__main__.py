@@ -3,7 +3,8 @@
 NAME: latency, throughput, overhead, fidelity, prefill-gpu, or all. Each prints a markdown table
 and writes ``NAME-MODEL.{json,md}`` (and a PNG where it plots) to ``--out`` (default
 ``./benchmarks/results/`` of the working directory; with ``--smoke``, its ``smoke/`` subfolder,
-which git ignores).
+which git ignores). ``kernels`` (the Triton kernels: torch + Triton only, no engine) is not part
+of ``all``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from lvlm_prune import envs
 
 envs.use_offline_defaults()  # before anything imports vLLM
 
-from . import common, fidelity, latency, multiturn, overhead, prefill_gpu, throughput  # noqa: E402
+from . import (  # noqa: E402
+    bench_kernels,
+    common,
+    fidelity,
+    latency,
+    multiturn,
+    overhead,
+    prefill_gpu,
+    throughput,
+)
 
 BENCHMARKS = {
     "latency": latency,
@@ -70,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_common(p)
         module.add_arguments(p)
+    # torch + Triton only: no engine, none of the common engine options, not part of `all`.
+    p = sub.add_parser(
+        bench_kernels.NAME,
+        help=bench_kernels.__doc__.strip().splitlines()[0],
+        description=bench_kernels.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_kernels.add_arguments(p)
     p = sub.add_parser("all", help="every benchmark above with its defaults, one shared engine")
     _add_common(p)
     return parser
@@ -79,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.name == bench_kernels.NAME:
+        return bench_kernels.main(args, common.command_line(argv))
     if args.name == "fidelity" and args.make_synthetic:
         items = fidelity.make_synthetic(args.items or 40)
         fidelity.write_jsonl(items, Path(args.make_synthetic))

@@ -1,130 +1,195 @@
-"""Benchmark the selection (relevance + top-K + gather): torch reference vs Triton, on a GPU.
+"""The selection's kernels: torch reference vs Triton on a GPU, or compiled for GPUs without one.
 
-LLaVA-1.5-7B shapes: 576 image tokens x 4096 bf16 per image, query of T = 32/128/512 tokens,
-1/16/64 images per call; times are medians of ``triton.testing.do_bench`` of ``select_tokens``
-with each backend. The pass is memory-bound at small T, so next to the times the table gives the
-bytes that must move and the achieved GB/s against a measured device-to-device copy. Each run is
-appended to ``benchmarks/results/kernels-<device>.json`` with the device, versions and command.
+torch and Triton only, no vLLM engine (``lvlm-prune bench kernels``; not part of ``all``):
 
-    python -m lvlm_prune.benchmarks.bench_kernels            # needs CUDA
-    python -m lvlm_prune.benchmarks.bench_kernels --smoke    # CPU, seconds: torch path + the
-                                                             # Triton interpreter on one shape
+- default (needs CUDA): ``select_tokens`` (relevance + top-K + gather) with each backend, and the
+  relevance kernel alone, on LLaVA-1.5-7B shapes (576 x 4096 bf16 per image, T = 32/128/512,
+  1/16/64 images); medians of ``triton.testing.do_bench``. Each time stands beside its memory
+  floor: the bytes the selection must move at the device's measured copy bandwidth.
+- ``--compile-only`` (no GPU needed): every kernel compiled for sm_80/90/100 (registers, spills,
+  shared memory, occupancy; ``lvlm_prune.kernels.compile_check``) and a static roofline for
+  LLaVA-1.5-7B and Qwen2.5-VL shapes; writes ``kernels-compile.{md,json}``.
+- ``--smoke`` (CPU, seconds): the torch path timed on tiny shapes, the Triton path once in its
+  interpreter (a child process when this one imported Triton without it), kept sets compared.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-COMMAND = "python -m lvlm_prune.benchmarks.bench_kernels"
+from lvlm_prune import envs
+from lvlm_prune.kernels._triton_utils import DTYPE_NAMES
+
+from . import common
+
+NAME = "kernels"
+NO_CUDA = (
+    "bench kernels: no CUDA GPU found; the Triton kernels only run on a GPU (Triton has no CPU "
+    "backend). Nothing measured. `--compile-only` compiles them for GPUs without one; `--smoke` "
+    "checks the benchmark itself on CPU."
+)
+DTYPE = torch.bfloat16
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, in seconds")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, in seconds")
+    mode.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile every kernel for sm_80/90/100 and write the static roofline (no GPU)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON / markdown")
     parser.add_argument("--tokens", type=int, default=576, help="image tokens N per image")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size D")
     parser.add_argument("--query-lengths", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--keep-ratio", type=float, default=0.25)
-    parser.add_argument("--out", type=Path, help="JSON file to append the run to")
-    args = parser.parse_args(argv)
-    command = " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])
 
-    if args.smoke:
-        return _smoke(args, command)
-    if not torch.cuda.is_available():
-        print(
-            "bench_kernels: no CUDA GPU found; the Triton kernels only run on a GPU (Triton has "
-            "no CPU backend). Nothing measured. `--smoke` checks the benchmark itself on CPU.",
-            file=sys.stderr,
-        )
+
+def main(args: argparse.Namespace, command: str) -> int:
+    """Run the mode ``args`` ask for, write its files, print its table; the exit status."""
+    if args.compile_only:
+        result, stem = _compile_only(args), "kernels-compile"
+        status = 1 if result["failures"] else 0
+    elif args.smoke:
+        result, stem = _smoke(args), "kernels-smoke"
+        status = 0 if result["kept_identical"] is not False else 1
+    elif not torch.cuda.is_available():
+        print(NO_CUDA, file=sys.stderr)
         return 0
-    return _bench_gpu(args, command)
+    else:
+        result = _bench_gpu(args)
+        stem, status = f"kernels-{_slug(torch.cuda.get_device_name())}", 0
+    result["machine"] = common.machine_info()
+    result["command"] = command
+    out = args.out or common.results_dir(smoke=args.smoke)
+    files = common.write_results(out, stem, result, "")
+    section = markdown(result) + "\n\n" + common.machine_markdown(result["machine"], command)
+    files["md"].write_text(section + "\n")
+    print("\n" + section + "\n")
+    print(f"wrote {files['json']}, {files['md']}")
+    return status
+
+
+def markdown(result: dict) -> str:
+    return {"compile": _compile_markdown, "smoke": _smoke_markdown, "gpu": _gpu_markdown}[
+        result["mode"]
+    ](result)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
 
 
-def _bench_gpu(args, command: str) -> int:
+def _bench_gpu(args) -> dict:
     import triton
     import triton.testing
 
-    from lvlm_prune.kernels import keep_count, select_tokens
-    from lvlm_prune.kernels.relevance import relevance_triton
-    from lvlm_prune.kernels.selection import _offsets
+    from lvlm_prune.kernels import keep_count, relevance_triton, row_offsets, select_tokens
 
     device = torch.device("cuda")
-    dtype = torch.bfloat16
     n, d = args.tokens, args.hidden
     k = keep_count(n, args.keep_ratio)
     copy_gbps = _copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.0f} GB/s")
-    print(f"N={n} D={d} {_dtype_name(dtype)} K={k} (keep_ratio {args.keep_ratio})\n")
     rows = []
     for b in args.images:
         for t in args.query_lengths:
             # Per-image slices of one projector output / one query batch, as the model has them.
-            images = list(torch.randn(b * n, d, device=device, dtype=dtype).split(n))
-            queries = list(torch.randn(b * t, d, device=device, dtype=dtype).split(t))
+            images = list(torch.randn(b * n, d, device=device, dtype=DTYPE).split(n))
+            queries = list(torch.randn(b * t, d, device=device, dtype=DTYPE).split(t))
             kw = dict(methods=["simignore"] * b, merge=[False] * b, seeds=[0] * b)
 
             def run(backend, images=images, queries=queries, kw=kw, b=b):
                 return select_tokens(images, queries, [k] * b, backend=backend, **kw)
 
             image_all, query_all = torch.cat(images), torch.cat(queries)
-            offs = (_offsets([n] * b, device), _offsets([t] * b, device))
+            offs = (row_offsets([n] * b, device), row_offsets([t] * b, device))
 
             def relevance_only(image_all=image_all, query_all=query_all, offs=offs):
                 return relevance_triton(image_all, offs[0], query_all, offs[1])
 
-            same = sum(
-                torch.equal(x.kept, y.kept) for x, y in zip(run("torch"), run("triton"))
-            )  # also warms up and autotunes
-            ms_torch = _median_ms(triton, lambda: run("torch"))
+            same = sum(torch.equal(x.kept, y.kept) for x, y in zip(run("torch"), run("triton")))
+            moved = _selection_bytes(b, n, t, d, k)
+            floor_ms = moved / copy_gbps / 1e6
             ms_triton = _median_ms(triton, lambda: run("triton"))
-            ms_relevance = _median_ms(triton, relevance_only)
-            moved = _bytes_moved(b, n, t, d, k, dtype)
             rows.append(
                 dict(
-                    op="relevance+topk+gather",
                     images=b,
                     tokens=n,
                     query=t,
                     hidden=d,
                     keep=k,
-                    dtype=_dtype_name(dtype),
-                    torch_ms=ms_torch,
+                    dtype=DTYPE_NAMES[DTYPE],
+                    torch_ms=_median_ms(triton, lambda: run("torch")),
                     triton_ms=ms_triton,
-                    triton_relevance_ms=ms_relevance,
-                    speedup=ms_torch / ms_triton,
+                    triton_relevance_ms=_median_ms(triton, relevance_only),
                     bytes=moved,
-                    triton_gbps=moved / ms_triton / 1e6,
-                    copy_fraction=moved / ms_triton / 1e6 / copy_gbps,
+                    floor_ms=floor_ms,
+                    triton_over_floor=ms_triton / floor_ms,
                     kept_identical=f"{same}/{b}",
                 )
             )
-            _print_row(rows[-1], header=len(rows) == 1)
-    _append_json(
-        args.out or RESULTS_DIR / f"kernels-{_slug(torch.cuda.get_device_name())}.json",
-        dict(
-            **_environment(command, triton.__version__, torch.cuda.get_device_name()),
-            copy_gbps=copy_gbps,
-            rows=rows,
-        ),
+            print(f"B={b} T={t}: triton {ms_triton:.3f} ms, floor {floor_ms:.3f} ms", flush=True)
+    return dict(
+        mode="gpu",
+        device=torch.cuda.get_device_name(),
+        triton=triton.__version__,
+        copy_gbps=copy_gbps,
+        rows=rows,
     )
-    return 0
+
+
+def _gpu_markdown(result: dict) -> str:
+    rows = [
+        [
+            r["images"],
+            r["query"],
+            f"{r['torch_ms']:.3f}",
+            f"{r['triton_ms']:.3f}",
+            f"{r['torch_ms'] / r['triton_ms']:.1f}x",
+            f"{r['triton_relevance_ms']:.3f}",
+            f"{r['bytes'] / 1e6:.1f}",
+            f"{r['floor_ms']:.3f}",
+            f"{r['triton_over_floor']:.1f}x",
+            r["kept_identical"],
+        ]
+        for r in result["rows"]
+    ]
+    first = result["rows"][0]
+    return (
+        f"### Selection kernels on {result['device']}\n\n"
+        f"`select_tokens` (relevance + top-K + gather) per call, N = {first['tokens']} image tokens"
+        f" x D = {first['hidden']} {first['dtype']} per image, K = {first['keep']}; medians of "
+        "`triton.testing.do_bench` in ms. Floor: the bytes the selection must move (image and "
+        "query read once, scores, indices, the K rows gathered) at the device-to-device copy "
+        f"bandwidth measured here, {result['copy_gbps']:.0f} GB/s (Triton {result['triton']}).\n\n"
+        + common.markdown_table(
+            [
+                "images",
+                "T",
+                "torch ms",
+                "triton ms",
+                "speed-up",
+                "relevance ms",
+                "MB moved",
+                "floor ms",
+                "triton / floor",
+                "same kept",
+            ],
+            rows,
+        )
+    )
 
 
 def _median_ms(triton, fn) -> float:
@@ -141,88 +206,223 @@ def _copy_bandwidth() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def _bytes_moved(b: int, n: int, t: int, d: int, k: int, dtype) -> int:
-    """What any implementation must read and write: image and query once, the scores, the
-    kept indices, and the K gathered rows (read and written)."""
-    size = torch.empty(0, dtype=dtype).element_size()
+def _selection_bytes(b: int, n: int, t: int, d: int, k: int, size: int = 2) -> int:
+    """What any implementation of the selection must move: image and query read once, the
+    scores, the kept indices, and the K gathered rows (read and written)."""
     return b * ((n + t) * d * size + n * 4 + k * 8 + 2 * k * d * size)
+
+
+# ---- compile only -----------------------------------------------------------------------------
+
+# (name, N image rows, D) of the models the roofline is drawn for, and the query lengths.
+ROOFLINE_MODELS = [("LLaVA-1.5-7B", 576, 4096), ("Qwen2.5-VL-7B", 1536, 3584)]
+ROOFLINE_QUERIES = (32, 512)
+
+
+def _compile_only(args) -> dict:
+    from lvlm_prune.kernels import compile_check, keep_count
+
+    checked = compile_check.check_all()
+    failures = [
+        f"{r['kernel']} ({r['case']}, {r['target']}): {'; '.join(compile_check.failures(r))}"
+        for r in checked["records"]
+        if compile_check.failures(r)
+    ]
+    failures += [f"{kid}: no compile cases" for kid in checked["uncovered"]]
+    roofline = []
+    for model, n, d in ROOFLINE_MODELS:
+        k = keep_count(n, args.keep_ratio)
+        for kernel, t, moved, flops in _kernel_traffic(n, d, k):
+            if t is None or t in ROOFLINE_QUERIES:
+                roofline.append(
+                    dict(model=model, kernel=kernel, n=n, d=d, t=t, k=k, bytes=moved, flops=flops)
+                )
+    targets = {
+        t.name: dict(gpu=t.gpu, hbm_tb_s=t.hbm_tb_s, bf16_tflops=t.bf16_tflops)
+        for t in compile_check.TARGETS.values()
+    }
+    return dict(
+        mode="compile",
+        triton=checked["triton"],
+        ptxas=checked["ptxas"],
+        kernels=checked["kernels"],
+        records=checked["records"],
+        failures=failures,
+        targets=targets,
+        roofline=roofline,
+        keep_ratio=args.keep_ratio,
+    )
+
+
+def _kernel_traffic(n: int, d: int, k: int, size: int = 2):
+    """(kernel, T or None, bytes it must move, FLOPs) per kernel for one image of N x D in a
+    16-bit dtype: each input read once, each output written once."""
+    for t in ROOFLINE_QUERIES:
+        # image + query read, scores written; a dot product and both norms per (row, token).
+        yield "relevance", t, (n + t) * d * size + n * 4, 2 * n * t * d + 2 * (n + t) * d
+    yield "top-K", None, n * 4 + k * 8, 0  # scores read, kept indices written
+    # image read (kept rows included), the kept indices, one target per row written.
+    yield "merge assign", None, n * d * size + k * 8 + n * 4, 2 * (n - k) * k * d + 2 * n * d
+    # image rows and targets read, K merged rows written.
+    yield "merge reduce", None, n * d * size + n * 4 + k * 8 + k * d * size, n * d
+
+
+def _compile_markdown(result: dict) -> str:
+    from lvlm_prune.kernels import compile_check
+
+    targets = result["targets"]
+    parts = [
+        "### Triton kernels compiled for NVIDIA GPUs (no GPU needed)\n",
+        f"Triton {result['triton']}, its bundled ptxas {result['ptxas']}; resource use from "
+        "`cuobjdump -res-usage` of each cubin. Every launch the host code ships (kernel x dtype x "
+        "variant), built by the launcher's own function and specialised as a real launch would "
+        "be (unit-stride rows, 16-byte aligned pointers, 576 x 4096 image). Registers per thread; "
+        "stack + local bytes are register spills; shared = static + Triton's dynamic shared "
+        "memory per block; theoretical occupancy from registers (256-register allocation units "
+        "per warp), shared memory (1 KiB reserved per block) and the warp / block limits per SM "
+        "(64 warps, 32 blocks).\n",
+        compile_check.table(result),
+        "",
+        "**Failed checks:** " + ("; ".join(result["failures"]) or "none") + ".\n",
+        "### Static roofline\n",
+        "Per kernel and image, bf16 embeddings: the bytes the kernel must move (every input read "
+        "once, every output written once; tile re-reads hit L2 and are not counted), its FLOPs, "
+        "and the time those take at the generation's HBM bandwidth and dense bf16 tensor-core "
+        "peak: "
+        + ", ".join(
+            f"{t['gpu']} ({name}) {t['hbm_tb_s']:g} TB/s, {t['bf16_tflops']:g} TFLOPS"
+            for name, t in targets.items()
+        )
+        + f". K = ceil({result['keep_ratio']:g} N). The floor is the larger of the two. Not "
+        "counted: the relevance kernel reads each image tile once per BLOCK_T = 32 query tokens "
+        "(16 times at T = 512) and the query once per 64 image rows, from L2 after the first "
+        "time (one image is 4.7 MB); the top-K runs one program per image over 35 passes of its "
+        "scores, bound by latency rather than by either floor.\n",
+    ]
+    headers = ["model", "kernel", "N x D", "T", "MB", "GFLOP", "FLOP/B"]
+    for t in targets.values():
+        headers.append(f"{t['gpu']} floor µs")
+    rows = []
+    for r in result["roofline"]:
+        row = [
+            r["model"],
+            r["kernel"],
+            f"{r['n']} x {r['d']}",
+            r["t"] if r["t"] is not None else "",
+            f"{r['bytes'] / 1e6:.3g}",
+            f"{r['flops'] / 1e9:.3g}",
+            f"{r['flops'] / r['bytes']:.0f}",
+        ]
+        for t in targets.values():
+            memory_us = r["bytes"] / (t["hbm_tb_s"] * 1e12) * 1e6
+            compute_us = r["flops"] / (t["bf16_tflops"] * 1e12) * 1e6
+            bound = "compute" if compute_us > memory_us else "memory"
+            row.append(f"{max(memory_us, compute_us):.3g} ({bound})")
+        rows.append(row)
+    parts.append(common.markdown_table(headers, rows))
+    return "\n".join(parts)
 
 
 # ---- smoke (CPU) --------------------------------------------------------------------------------
 
+_SMOKE = dict(n=24, d=32)
 
-def _smoke(args, command: str) -> int:
+
+def _smoke(args) -> dict:
     """Tiny shapes on CPU: the torch path timed, the Triton path run once in the interpreter."""
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-    from lvlm_prune.kernels import HAS_TRITON, keep_count, select_tokens
-    from lvlm_prune.kernels._triton_utils import interpreter_active
+    from lvlm_prune.kernels import keep_count, select_tokens
 
-    n, d, dtype = 24, 32, torch.bfloat16
+    n, d = _SMOKE["n"], _SMOKE["d"]
     k = keep_count(n, args.keep_ratio)
     rows = []
     for b in (1, 3):
         for t in (0, 4):
-            images = list(torch.randn(b * n, d, dtype=dtype).split(n))
-            queries = (
-                list(torch.randn(b * t, d, dtype=dtype).split(t))
-                if t
-                else [torch.empty(0, d, dtype=dtype)] * b
-            )
+            images = list(torch.randn(b * n, d, dtype=DTYPE).split(n))
+            queries = [torch.randn(t, d, dtype=DTYPE) for _ in range(b)]
             kw = dict(methods=["simignore"] * b, merge=[False] * b, seeds=[0] * b)
 
-            def run(backend, images=images, queries=queries, kw=kw, b=b):
-                return select_tokens(images, queries, [k] * b, backend=backend, **kw)
+            def run(images=images, queries=queries, kw=kw, b=b):
+                return select_tokens(images, queries, [k] * b, backend="torch", **kw)
 
-            ms = _cpu_median_ms(lambda: run("torch"))
-            row = dict(
-                op="relevance+topk+gather",
-                images=b,
-                tokens=n,
-                query=t,
-                hidden=d,
-                keep=k,
-                dtype=_dtype_name(dtype),
-                torch_ms=ms,
-                bytes=_bytes_moved(b, n, t, d, k, dtype),
+            ms = _cpu_median_ms(run)
+            moved = _selection_bytes(b, n, t, d, k)
+            rows.append(
+                dict(images=b, query=t, tokens=n, hidden=d, keep=k, torch_ms=ms, bytes=moved)
             )
-            rows.append(row)
-            print(f"smoke torch  B={b} T={t} N={n} D={d}: {ms:.3f} ms, {row['bytes']} bytes")
-    triton_version = None
-    if HAS_TRITON and interpreter_active():
-        import triton
-
-        triton_version = triton.__version__
-        images = list(torch.randn(2 * n, d, dtype=dtype).split(n))
-        queries = list(torch.randn(2 * 4, d, dtype=dtype).split(4))
-        kw = dict(methods=["simignore"] * 2, merge=[False, True], seeds=[0, 0])
-        start = time.perf_counter()
-        got = select_tokens(images, queries, [k, k], backend="triton", **kw)
-        ms = (time.perf_counter() - start) * 1e3
-        want = select_tokens(images, queries, [k, k], backend="torch", **kw)
-        same = all(torch.equal(x.kept, y.kept) for x, y in zip(got, want))
-        rows.append(
-            dict(
-                op="triton-interpreter",
-                images=2,
-                tokens=n,
-                query=4,
-                hidden=d,
-                keep=k,
-                dtype=_dtype_name(dtype),
-                interpreter_ms=ms,
-                kept_identical=same,
-            )
-        )
-        print(f"smoke triton (interpreter) B=2 T=4: {ms:.0f} ms, kept identical to torch: {same}")
-        if not same:
-            print("bench_kernels --smoke: Triton and torch kept different rows", file=sys.stderr)
-            return 1
+            print(f"smoke torch  B={b} T={t} N={n} D={d}: {ms:.3f} ms, {moved} bytes")
+    interpreter = _interpreter_check(args.keep_ratio)
+    if interpreter is None:
+        print("smoke triton: skipped (triton is not installed)")
     else:
-        print("smoke triton: skipped (triton missing, or imported before TRITON_INTERPRET=1)")
-    if args.out:
-        _append_json(args.out, dict(**_environment(command, triton_version, "cpu"), rows=rows))
-    return 0
+        print(
+            f"smoke triton (interpreter) B=2 T=4: {interpreter['ms']:.0f} ms, kept identical to "
+            f"torch: {interpreter['kept_identical']}"
+        )
+    return dict(
+        mode="smoke",
+        device="cpu",
+        torch=torch.__version__,
+        rows=rows,
+        interpreter=interpreter,
+        kept_identical=None if interpreter is None else interpreter["kept_identical"],
+    )
+
+
+def _smoke_markdown(result: dict) -> str:
+    rows = [
+        [r["images"], r["query"], r["tokens"], r["hidden"], f"{r['torch_ms']:.3f}", r["bytes"]]
+        for r in result["rows"]
+    ]
+    check = result["interpreter"]
+    line = (
+        "Triton: not installed, skipped."
+        if check is None
+        else f"Triton in its interpreter (B=2, T=4, one image merged): {check['ms']:.0f} ms, "
+        f"kept identical to torch: {check['kept_identical']}."
+    )
+    return (
+        "### Kernel benchmark, smoke (CPU)\n\n"
+        + common.markdown_table(["images", "T", "N", "D", "torch ms", "bytes"], rows)
+        + f"\n\n{line}"
+    )
+
+
+def _interpreter_check(keep_ratio: float) -> dict | None:
+    """Select on CPU tensors with both backends, Triton in its interpreter: in this process when
+    it runs the interpreter, else in a child process that does."""
+    from lvlm_prune.kernels import HAS_TRITON
+    from lvlm_prune.kernels._triton_utils import interpreter_active
+
+    if not HAS_TRITON:
+        return None
+    if interpreter_active():
+        return interpreter_check(keep_ratio)
+    env = dict(os.environ, **{envs.TRITON_INTERPRET: "1"})
+    code = f"from {__name__} import interpreter_check; import json; "
+    code += f"print(json.dumps(interpreter_check({keep_ratio!r})))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(f"the interpreter check failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interpreter_check(keep_ratio: float) -> dict:
+    """Two images through ``select_tokens`` with each backend (Triton in its interpreter)."""
+    from lvlm_prune.kernels import keep_count, select_tokens
+
+    n, d = _SMOKE["n"], _SMOKE["d"]
+    k = keep_count(n, keep_ratio)
+    images = list(torch.randn(2 * n, d, dtype=DTYPE).split(n))
+    queries = list(torch.randn(2 * 4, d, dtype=DTYPE).split(4))
+    kw = dict(methods=["simignore"] * 2, merge=[False, True], seeds=[0, 0])
+    start = time.perf_counter()
+    got = select_tokens(images, queries, [k, k], backend="triton", **kw)
+    ms = (time.perf_counter() - start) * 1e3
+    want = select_tokens(images, queries, [k, k], backend="torch", **kw)
+    same = all(torch.equal(x.kept, y.kept) for x, y in zip(got, want))
+    return dict(ms=ms, kept_identical=same)
 
 
 def _cpu_median_ms(fn, reps: int = 5) -> float:
@@ -235,62 +435,5 @@ def _cpu_median_ms(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-# ---- output -------------------------------------------------------------------------------------
-
-
-_COLUMNS = [  # key, title, width, format
-    ("images", "B", 4, "{}"),
-    ("query", "T", 4, "{}"),
-    ("torch_ms", "torch ms", 9, "{:.3f}"),
-    ("triton_ms", "triton ms", 9, "{:.3f}"),
-    ("speedup", "speed-up", 8, "{:.2f}x"),
-    ("triton_relevance_ms", "relevance ms", 12, "{:.3f}"),
-    ("bytes", "MB moved", 8, "{:.1f}"),
-    ("triton_gbps", "GB/s", 6, "{:.0f}"),
-    ("copy_fraction", "of copy", 7, "{:.0%}"),
-    ("kept_identical", "same kept", 9, "{}"),
-]
-
-
-def _print_row(row: dict, header: bool) -> None:
-    if header:
-        print("  ".join(title.rjust(width) for _, title, width, _ in _COLUMNS))
-    cells = []
-    for key, _, width, fmt in _COLUMNS:
-        value = row[key] / 1e6 if key == "bytes" else row[key]
-        cells.append(fmt.format(value).rjust(width))
-    print("  ".join(cells), flush=True)
-
-
-def _environment(command: str, triton_version, device_name: str) -> dict:
-    return dict(
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device_name,
-        torch=torch.__version__,
-        triton=triton_version,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        command=command,
-    )
-
-
-def _append_json(path: Path, run: dict) -> None:
-    """Append this run to the file's list of runs (one file per device, every run kept)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    runs.append(run)
-    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
-    print(f"\nappended to {path}")
-
-
-def _dtype_name(dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
