@@ -2,17 +2,17 @@
 
 Each conversation sends an image and a question, then two follow-up questions; every turn
 resends the whole history (image, questions, the assistant's replies), as every chat UI does. It
-runs through a real ``lvlm-prune serve`` (started here, one per KV block size, prefix caching on as
-vLLM's default, ``--enable-prompt-tokens-details``), so each reply says how many of its prompt
-tokens came from the prefix cache. TTFT is vLLM's own per-request number, the same as the
+runs through a real ``lvlm-prune serve`` started here with prefix caching on (vLLM's default) and
+``--enable-prompt-tokens-details``, so each reply says how many of its prompt tokens came from the
+prefix cache; one server per KV block size (on CPU: 128, vLLM's default there, and 32, the
+smallest its CPU attention takes, nearer a GPU's 16). TTFT is vLLM's own per-request number, the same as the
 ``latency`` benchmark's (``first_token_latency``: arrival, before input processing, to the first
 token's output), read from the server's ``/metrics`` as the change of
 ``vllm:time_to_first_token_seconds_sum`` across each request (requests go one at a time); encoder
 runs are the encoder inputs vLLM's scheduler logged (``--enable-logging-iteration-details``).
 Conversations of all settings are interleaved turn by turn, rotated each round; each has a fresh
 random image. ``simignore@0.25 requery`` re-selects the image for every new question
-(``pruning.requery``): what a follow-up costs when it must see other regions, and what every
-pruned follow-up cost before each image kept its own question's selection.
+(``pruning.requery``): what a follow-up costs when it must see other regions of the image.
 """
 
 from __future__ import annotations
@@ -94,12 +94,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="KV cache block sizes, one server each (default 128 16: vLLM's CPU and GPU "
-        "defaults; smoke 128)",
+        help="KV cache block sizes, one server each (default without CUDA: 128, vLLM's CPU "
+        "default, and 32, the smallest its CPU attention takes; with CUDA: 16, vLLM's GPU "
+        "default, and 128; smoke: the first of them)",
     )
     parser.add_argument(
         "--server-timeout", type=float, default=900, help="seconds to wait for a server to start"
     )
+
+
+def default_block_sizes() -> list[int]:
+    import torch
+
+    return [16, 128] if torch.cuda.is_available() else [128, 32]
 
 
 def settings_for(ratios, requery_ratio: float) -> list[Setting]:
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     conversations = args.conversations or (2 if args.smoke else 10)
     warmup = args.warmup if args.warmup is not None else 1
     max_tokens = args.max_tokens or (4 if args.smoke else 16)
-    block_sizes = args.block_sizes or ([128] if args.smoke else [128, 16])
+    block_sizes = args.block_sizes or default_block_sizes()[: 1 if args.smoke else None]
     settings = settings_for(args.ratios, args.requery_ratio)
 
     rows, server_args = [], None
@@ -380,6 +387,10 @@ def _rows(samples: dict, settings, block_size: int) -> list[dict]:
                     "conversations": len(s["encoder"]),
                     "ttft": {**common.summary(s["ttft"]), "p90": p90(s["ttft"])},
                     "ttft_ratio": statistics.median(s["ttft"]) / statistics.median(stock["ttft"]),
+                    # Paired by round: each conversation's turn against stock's of the same round.
+                    "ttft_paired_ratio_median": statistics.median(
+                        a / b for a, b in zip(s["ttft"], stock["ttft"])
+                    ),
                     "engine_prefill": common.summary(s["prefill"]),
                     "e2e": common.summary(s["e2e"]),
                 }
@@ -422,6 +433,7 @@ def markdown(result: dict) -> str:
         "TTFT ms median",
         "TTFT ms p90",
         "TTFT / stock",
+        "paired",
         "engine prefill ms",
     ]
     sections = [
@@ -432,7 +444,8 @@ def markdown(result: dict) -> str:
         "(ignore_eos); every turn resends the history; a fresh random 336x336 image per "
         f"conversation; {s['order']}. One `lvlm-prune serve` per KV block size, prefix caching on. "
         f"TTFT: {result['ttft_source']}. TTFT / stock: median over stock's median at the same "
-        "turn. Encoder runs: images the vision tower encoded at that turn, over all "
+        "turn; paired: median of the per-round ratios (each conversation's turn over stock's turn "
+        "of the same round). Encoder runs: images the vision tower encoded at that turn, over all "
         "conversations. `requery` re-selects the image for each new question (`pruning.requery`).",
     ]
     for block_size in s["block_sizes"]:
@@ -450,6 +463,7 @@ def markdown(result: dict) -> str:
                 _ms(r["ttft"]["median"]),
                 _ms(r["ttft"]["p90"]),
                 f"**{r['ttft_ratio']:.2f}**",
+                f"{r['ttft_paired_ratio_median']:.2f}",
                 _ms(r["engine_prefill"]["median"]),
             ]
             for r in rows
