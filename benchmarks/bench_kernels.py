@@ -9,6 +9,9 @@ torch and Triton only, no vLLM engine (``lvlm-prune bench kernels``; not part of
 - ``--compile-only`` (no GPU needed): every kernel compiled for sm_80/90/100 (registers, spills,
   shared memory, occupancy; ``lvlm_prune.kernels.compile_check``) and a static roofline for
   LLaVA-1.5-7B and Qwen2.5-VL shapes; writes ``kernels-compile.{md,json}``.
+- ``--cpu`` (no GPU needed): the torch reference, the production path on CPU servers, at the
+  model shapes on this machine's CPU, against the same scores from one BLAS matmul (which rounds
+  a row by its place in the matrix, see ``cosine_matrix``).
 - ``--smoke`` (CPU, seconds): the torch path timed on tiny shapes, the Triton path once in its
   interpreter (a child process when this one imported Triton without it), kept sets compared.
 """
@@ -49,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile every kernel for sm_80/90/100 and write the static roofline (no GPU)",
     )
+    mode.add_argument(
+        "--cpu",
+        action="store_true",
+        help="time the torch reference at LLaVA-1.5-7B / Qwen2.5-VL shapes on this CPU",
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON / markdown")
+    parser.add_argument("--repeats", type=int, default=7, help="--cpu: timed calls per shape")
     parser.add_argument("--tokens", type=int, default=576, help="image tokens N per image")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size D")
     parser.add_argument("--query-lengths", type=int, nargs="+", default=[32, 128, 512])
@@ -62,6 +71,8 @@ def main(args: argparse.Namespace, command: str) -> int:
     if args.compile_only:
         result, stem = _compile_only(args), "kernels-compile"
         status = 1 if result["failures"] else 0
+    elif args.cpu:
+        result, stem, status = _bench_cpu(args), "kernels-cpu", 0
     elif args.smoke:
         result, stem = _smoke(args), "kernels-smoke"
         status = 0 if result["kept_identical"] is not False else 1
@@ -83,9 +94,13 @@ def main(args: argparse.Namespace, command: str) -> int:
 
 
 def markdown(result: dict) -> str:
-    return {"compile": _compile_markdown, "smoke": _smoke_markdown, "gpu": _gpu_markdown}[
-        result["mode"]
-    ](result)
+    writers = {
+        "compile": _compile_markdown,
+        "cpu": _cpu_markdown,
+        "smoke": _smoke_markdown,
+        "gpu": _gpu_markdown,
+    }
+    return writers[result["mode"]](result)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -210,6 +225,64 @@ def _selection_bytes(b: int, n: int, t: int, d: int, k: int, size: int = 2) -> i
     """What any implementation of the selection must move: image and query read once, the
     scores, the kept indices, and the K gathered rows (read and written)."""
     return b * ((n + t) * d * size + n * 4 + k * 8 + 2 * k * d * size)
+
+
+# ---- the torch reference on CPU ---------------------------------------------------------------
+
+
+def _bench_cpu(args) -> dict:
+    """``relevance_ref`` (row-invariant cosines) against one BLAS matmul per image, per shape:
+    the fastest and the median of ``--repeats`` calls (a shared machine's noise is one-sided)."""
+    from lvlm_prune.kernels import relevance_ref
+
+    def blas(image, query):
+        unit = torch.nn.functional.normalize
+        return (unit(image.float(), dim=-1) @ unit(query.float(), dim=-1).T).amax(dim=1)
+
+    rows = []
+    for model, n, d in ROOFLINE_MODELS:
+        for t in ROOFLINE_QUERIES:
+            image = torch.randn(n, d).to(DTYPE)
+            query = torch.randn(t, d).to(DTYPE)
+            offsets = (torch.tensor([0, n]), torch.tensor([0, t]))
+            ref = _cpu_times(relevance_ref, (image, offsets[0], query, offsets[1]), args.repeats)
+            mm = _cpu_times(blas, (image, query), args.repeats)
+            rows.append(dict(model=model, n=n, d=d, t=t, reference_ms=ref, matmul_ms=mm))
+            print(f"{model} T={t}: reference {ref['min']:.1f} ms, matmul {mm['min']:.1f} ms")
+    return dict(mode="cpu", torch_threads=torch.get_num_threads(), rows=rows)
+
+
+def _cpu_times(fn, fn_args: tuple, repeats: int) -> dict:
+    fn(*fn_args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*fn_args)
+        times.append((time.perf_counter() - start) * 1e3)
+    return dict(min=min(times), median=statistics.median(times), values=times)
+
+
+def _cpu_markdown(result: dict) -> str:
+    rows = [
+        [
+            r["model"],
+            f"{r['n']} x {r['d']}",
+            r["t"],
+            f"{r['reference_ms']['min']:.1f} / {r['reference_ms']['median']:.1f}",
+            f"{r['matmul_ms']['min']:.1f} / {r['matmul_ms']['median']:.1f}",
+            f"{r['reference_ms']['min'] / r['matmul_ms']['min']:.0f}x",
+        ]
+        for r in result["rows"]
+    ]
+    return (
+        "### The torch reference on CPU\n\n"
+        "`relevance_ref` for one image (bf16 embeddings, max over the query): row-invariant "
+        "cosines (elementwise multiply + sum over D) against the same scores from one BLAS "
+        f"matmul, {result['torch_threads']} torch threads; fastest / median ms.\n\n"
+        + common.markdown_table(
+            ["model", "N x D", "T", "reference ms", "BLAS matmul ms", "ratio"], rows
+        )
+    )
 
 
 # ---- compile only -----------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from ._triton_utils import (
 
 REDUCTIONS = ("max", "mean")
 _EPS = 1e-12  # as torch.nn.functional.normalize: a zero row has cosine 0 with everything
-# fp32 products held at once by cosine_matrix: cache-sized, so the multiply and the sum run
-# from cache rather than memory.
-_CHUNK_BYTES = 2 << 20
+# fp32 products cosine_matrix holds at once: cache-sized on CPU, so the multiply and the sum run
+# from cache rather than memory; on a GPU (the torch path forced there) large enough that kernel
+# launches do not dominate.
+_CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     apart and an image can rank differently inside another batch. Here each dot product is an
     elementwise multiply and a sum over D, which torch reduces the same way for every output
     element (one vectorised pass per contiguous row, never split across threads unless a whole
-    reduction is a single output of 32768+ elements). Products are chunked to ``_CHUNK_BYTES``.
+    reduction is a single output of 32768+ elements). Products are chunked (``_CHUNK_BYTES``).
     """
     a, b = a.float(), b.float()
     m, d = a.shape
@@ -55,7 +56,8 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if m == 0 or p == 0 or d == 0:
         return out
     a, b = a.contiguous(), b.contiguous()
-    pairs = max(1, _CHUNK_BYTES // (4 * d))  # (row, column) products per chunk
+    budget = _CHUNK_BYTES.get(a.device.type, _CHUNK_BYTES["cpu"])
+    pairs = max(1, budget // (4 * d))  # (row, column) products per chunk
     cols = min(p, pairs)
     rows = max(1, min(m, pairs // cols))
     products = torch.empty(rows, cols, d, dtype=torch.float32, device=a.device)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 
 import torch
+
+from lvlm_prune import envs
 
 from ._triton_utils import HAS_TRITON, to_device
 from .relevance import relevance_ref
@@ -24,7 +25,7 @@ PRUNE_METHODS = ("simignore", "uniform", "random")
 (benchmark baseline)."""
 
 BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "LVLM_PRUNE_BACKEND"
+BACKEND_ENV = envs.LVLM_PRUNE_BACKEND
 
 
 def check_keep_ratio(keep_ratio: object) -> float:
@@ -88,7 +89,7 @@ class Selection:
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """``triton`` for CUDA tensors (if Triton is installed), ``torch`` elsewhere; ``backend`` or
     $LVLM_PRUNE_BACKEND force one."""
-    choice = backend or os.environ.get(BACKEND_ENV, "auto")
+    choice = backend or envs.backend()
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} / backend must be one of {BACKENDS}, got {choice!r}")
     if choice == "auto":

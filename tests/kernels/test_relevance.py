@@ -126,12 +126,15 @@ TILINGS = [
 @pytest.fixture
 def scorer(request, monkeypatch):
     """The implementation under test; ``gpu`` runs the GPU launch's tiles and grid in the
-    interpreter (its dots stay the interpreter's: tl.dot on bf16 needs a GPU)."""
+    interpreter (its dots stay the interpreter's: tl.dot on bf16 needs a GPU), the real GPU
+    launch on a GPU."""
     import lvlm_prune.kernels.relevance as relevance
 
     impl, tiling = request.param
 
     def score(images, queries, reduce="max"):
+        if impl is relevance_ref:  # promised where the torch path serves: on CPU tensors
+            images, queries = [x.cpu() for x in images], [q.cpu() for q in queries]
         if tiling == "gpu":
             config = dict(relevance.GPU_CONFIGS[images[0].dtype])
             monkeypatch.setattr(relevance, "_INTERPRET_CONFIG", config)
@@ -210,7 +213,7 @@ def test_cosine_matrix_is_row_invariant(monkeypatch, seed):
     assert torch.equal(cosine_matrix(a[17:18], b)[0], full[17]), f"one row; seed={seed}"
     assert torch.equal(cosine_matrix(a, b[5:6])[:, 0], full[:, 5]), f"one column; seed={seed}"
     assert torch.equal(cosine_matrix(torch.cat([a[:1], a])[1:], b), full), f"offset; seed={seed}"
-    monkeypatch.setattr(relevance, "_CHUNK_BYTES", 4 * 4096 * 5)  # 1 row x 5 columns a chunk
+    monkeypatch.setitem(relevance._CHUNK_BYTES, "cpu", 4 * 4096 * 5)  # 1 row x 5 columns a chunk
     assert torch.equal(cosine_matrix(a, b), full), f"chunking; seed={seed}"
     threads = torch.get_num_threads()
     try:

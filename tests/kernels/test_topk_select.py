@@ -184,13 +184,14 @@ def test_select_tokens_ties_from_duplicate_rows(backend, dtype, seed):
     ragged edges, everywhere): scores tie exactly within each group across the whole batch, and
     each image keeps the lower indices of the group at its cut."""
     shapes, d = [300, 1, 65], 96
+    device = "cpu" if backend == "torch" else DEVICE  # the torch path serves CPU tensors
     while True:  # groups whose scores are clearly apart, so only the tie rule decides
-        pool = torch.randn(5, d, device=DEVICE).to(dtype)
-        query = torch.randn(70, d, device=DEVICE).to(dtype)
+        pool = torch.randn(5, d, device=device).to(dtype)
+        query = torch.randn(70, d, device=device).to(dtype)
         pool_scores = relevance_f64([pool], [query])[0]
         if clear_margin_ks(pool_scores, [1, 2, 3, 4], 1e-3) == [1, 2, 3, 4]:
             break
-    groups = [torch.randint(0, 5, (n,), device=DEVICE) for n in shapes]
+    groups = [torch.randint(0, 5, (n,), device=device) for n in shapes]
     groups[0][[62, 63, 64, 65, 127, 128]] = int(groups[0][0])  # one group across tile edges
     images = [pool[g] for g in groups]
     for ratio in [0.004, 0.03, 0.22, 0.5, 0.997]:
