@@ -38,3 +38,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# On any CUDA machine with torch + Triton (no vLLM, none of the targets above): every kernel test
+# on the GPU and the kernel benchmark against its memory floor, in its own small venv.
+# GPU_CHECK_CPU=1 runs it without a GPU, GPU-only parts skipped (benchmarks/gpu_check.sh).
+.PHONY: gpu-check
+gpu-check:
+	benchmarks/gpu_check.sh
