@@ -346,7 +346,7 @@ def _compile_markdown(result: dict) -> str:
     targets = result["targets"]
     parts = [
         "### Triton kernels compiled for NVIDIA GPUs (no GPU needed)\n",
-        f"Triton {result['triton']}, its bundled ptxas {result['ptxas']}; resource use from "
+        f"Triton {result['triton']} with its bundled {result['ptxas']} (sm_100); resource use from "
         "`cuobjdump -res-usage` of each cubin. Every launch the host code ships (kernel x dtype x "
         "variant), built by the launcher's own function and specialised as a real launch would "
         "be (unit-stride rows, 16-byte aligned pointers, 576 x 4096 image). Registers per thread; "

@@ -242,9 +242,14 @@ def check_all(targets: list[str] | None = None, *, jobs: int | None = None) -> d
 
 
 def _ptxas_version() -> str:
-    out = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
-    match = re.search(r"release ([\d.]+)", out)
-    return match.group(1) if match else out.strip().splitlines()[-1]
+    """The bundled ptxas releases: Triton compiles sm_100 with a newer one (``ptxas-blackwell``)."""
+    versions = []
+    for name in ("ptxas", "ptxas-blackwell"):
+        if Path(_tool(name)).exists():
+            out = subprocess.run([_tool(name), "--version"], capture_output=True, text=True).stdout
+            match = re.search(r"release ([\d.]+)", out)
+            versions.append(f"{name} {match.group(1) if match else '?'}")
+    return ", ".join(versions)
 
 
 def table(result: dict) -> str:

@@ -243,7 +243,8 @@ def relevance_triton(
 
     Offsets must be non-decreasing and end at the row counts; they are not read on the host
     (that would synchronise), so they are not checked beyond their length. Mixed image / query
-    dtypes are promoted to a common one (exactly, as the reference's fp32 upcast).
+    dtypes are promoted to a common one (exactly, as the reference's fp32 upcast); others
+    (float64) are computed in fp32, as the reference does.
     """
     _check(image, image_offsets, query, query_offsets, reduce)
     require_triton(image.device)
@@ -251,6 +252,7 @@ def relevance_triton(
     if image.shape[0] == 0 or image_offsets.numel() <= 1:
         return out
     dtype = torch.promote_types(image.dtype, query.dtype)
+    dtype = dtype if dtype in FLOAT_DTYPES else torch.float32  # as the reference's upcast
     _relevance_launch(
         unit_stride(image.to(dtype)),
         image_offsets.to(image.device),

@@ -364,6 +364,8 @@ def merge_dropped_triton(image: torch.Tensor, kept: torch.Tensor) -> torch.Tenso
     k = kept.shape[0]
     if k == n:
         return image[kept]
+    if image.dtype not in FLOAT_DTYPES:  # float64: in fp32, as the reference
+        return merge_dropped_triton(image.float(), kept).to(image.dtype)
     image = unit_stride(image)
     kept = kept.to(image.device).contiguous()
     target = torch.empty(n, dtype=torch.int32, device=image.device)

@@ -90,6 +90,23 @@ def test_mean_single_image(impl, t, seed):
 
 @pytest.mark.usefixtures("poison_outputs")
 @pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_and_float64_inputs_score_in_fp32(impl, seed):
+    """bf16 image with an fp16 or fp32 query, and float64: promoted or upcast exactly as the
+    reference's fp32."""
+    for image_dtype, query_dtype in [
+        (torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ]:
+        image = torch.randn(70, 96, device=DEVICE).to(image_dtype)
+        query = torch.randn(9, 96, device=DEVICE).to(query_dtype)
+        got = impl(image, offsets([70]), query, offsets([9]))
+        want = relevance_f64([image], [query])[0]
+        assert_close(got, want, 2e-5, 1e-4, f"{image_dtype} x {query_dtype}", seed)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("impl", IMPLS)
 def test_zero_rows_and_strided_input(impl, seed):
     """A zero image row scores 0 (as F.normalize's eps), and a non-contiguous image is read by
     its strides."""

@@ -250,7 +250,7 @@ def _unambiguous_positions(image, kept, margin=1e-4):
 
 @pytest.mark.usefixtures("poison_outputs")
 @requires_triton
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, pytest.param(torch.float64, id="fp64")])
 @pytest.mark.parametrize(
     "n,k,d",
     [(100, 11, 64), (100, 37, 128), (577, 64, 128), (5, 5, 64), (1, 1, 64)],
