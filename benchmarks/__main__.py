@@ -148,7 +148,9 @@ def run_one(args: argparse.Namespace, command: str) -> str | None:
         stem = f"{args.name}-{'tiny-cpu' if args.smoke else 'llava7b-shape'}"
     else:
         model_dir, label = common.resolve_model(_model_name(args))
-        llm = common.get_llm(model_dir, max_model_len=args.max_model_len)
+        # A benchmark that starts its own servers (USES_ENGINE = False) gets no in-process engine.
+        uses_engine = getattr(module, "USES_ENGINE", True)
+        llm = common.get_llm(model_dir, max_model_len=args.max_model_len) if uses_engine else None
         result = module.run(args, llm, label)
         # A built-in model is named by its spec and content key, never by where it is cached.
         name = _model_name(args)

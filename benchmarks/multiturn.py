@@ -38,6 +38,7 @@ from pathlib import Path
 from . import common
 
 NAME = "multiturn"
+USES_ENGINE = False  # conversations need servers with prefix caching on, started per block size
 QUESTIONS = (
     common.QUESTION,
     "How many people are standing near the door?",
@@ -117,7 +118,6 @@ def settings_for(ratios, requery_ratio: float) -> list[Setting]:
 
 
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
-    del llm  # the in-process engine has prefix caching off; conversations need a server with it on
     model_dir, _ = common.resolve_model(args.model or ("tiny" if args.smoke else "bench"))
     conversations = args.conversations or (2 if args.smoke else 10)
     warmup = args.warmup if args.warmup is not None else 1

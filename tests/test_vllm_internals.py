@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pkgutil
 import re
+from pathlib import Path
 
 import pytest
 import vllm
@@ -111,17 +111,15 @@ def test_processor_inputs_and_context_we_read():
 
 
 def _modules_calling_the_gate() -> set[str]:
-    """Every vLLM module that imports ``validate_request_mm_kwargs`` by name, found in vLLM's
-    source (not imported: some need optional dependencies)."""
+    """Every vLLM module that imports ``validate_request_mm_kwargs`` by name, found by reading
+    vLLM's source files (importing them would load optional dependencies and change the state
+    of later engines in this process)."""
+    root = Path(vllm.__file__).parent
     found = set()
-    for info in pkgutil.walk_packages(vllm.__path__, "vllm."):
-        spec = importlib.util.find_spec(info.name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        with open(spec.origin, encoding="utf-8") as f:
-            text = f.read()
+    for path in root.rglob("*.py"):
+        text = path.read_text(encoding="utf-8", errors="replace")
         if re.search(r"import[^\n]*\bvalidate_request_mm_kwargs\b", text):
-            found.add(info.name)
+            found.add(".".join(("vllm", *path.relative_to(root).with_suffix("").parts)))
     return found
 
 

@@ -49,7 +49,14 @@ def smoke(tmp_path_factory) -> dict:
 
 
 def test_all_writes_every_benchmark_and_a_summary(smoke):
-    assert set(smoke["results"]) == {"latency", "throughput", "overhead", "fidelity", "prefill-gpu"}
+    assert set(smoke["results"]) == {
+        "latency",
+        "throughput",
+        "overhead",
+        "fidelity",
+        "prefill-gpu",
+        "multiturn",
+    }
     summary = (smoke["out"] / "summary-tiny.md").read_text()
     for title in (
         "### Latency",
@@ -57,6 +64,7 @@ def test_all_writes_every_benchmark_and_a_summary(smoke):
         "### Overhead",
         "### Fidelity",
         "### LLM prefill",
+        "### Multi-turn conversations",
     ):
         assert title in summary
     for result in smoke["results"].values():
