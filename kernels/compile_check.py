@@ -238,7 +238,7 @@ def check_all(targets: list[str] | None = None, *, jobs: int | None = None) -> d
     )
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"compile check failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # the JSON is the last line
 
 
 def _ptxas_version() -> str:
