@@ -19,10 +19,14 @@ from ._triton_utils import HAS_TRITON, to_device
 from .relevance import relevance_ref
 from .topk_select import check_k, merge_dropped_ref, topk_select_batched_ref
 
-PRUNE_METHODS = ("simignore", "uniform", "random")
+PRUNE_METHODS = ("simignore", "uniform", "random", "flow")
 """``simignore``: most question-relevant tokens (default). ``uniform``: evenly spaced tokens
 (baseline; also the fallback when the query is empty). ``random``: seeded per request
-(benchmark baseline)."""
+(benchmark baseline). ``flow``: the tokens the question attends to most in a shallow decoder
+layer (scores from the model's scout pass, ``vllm_plugin/flow.py``, handed in as ``scores``)."""
+
+SCORED_METHODS = ("simignore", "flow")
+"""Methods that keep the top-K tokens by score."""
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = envs.LVLM_PRUNE_BACKEND
@@ -120,6 +124,7 @@ def select_tokens(
     merge: Sequence[bool],
     seeds: Sequence[int],
     need_scores: bool = False,
+    scores: Sequence[torch.Tensor | None] | None = None,
     backend: str | None = None,
 ) -> list[Selection]:
     """Select K_b rows of each image b.
@@ -132,6 +137,8 @@ def select_tokens(
         merge: per image, fold dropped rows into kept ones.
         seeds: per image seed for ``random``.
         need_scores: compute relevance scores for every image (diagnostics), not only simignore.
+        scores: per image precomputed [N_b] float32 scores, or None; the ``flow`` method ranks
+            by them (without them it falls back to ``uniform``, as simignore without a query).
         backend: force ``torch`` or ``triton`` (default: by device, or $LVLM_PRUNE_BACKEND).
     """
     for m in methods:
@@ -147,27 +154,35 @@ def select_tokens(
     else:
         topk_batched, merge_dropped = topk_select_batched_ref, merge_dropped_ref
 
-    want = [q.shape[0] > 0 and (m == "simignore" or need_scores) for q, m in zip(queries, methods)]
+    given = list(scores) if scores is not None else [None] * len(images)
+    # Cosine relevance for simignore, and for diagnostics of every method without its own scores.
+    want = [
+        q.shape[0] > 0 and (m == "simignore" or (need_scores and m != "flow"))
+        for q, m in zip(queries, methods)
+    ]
     scored = [b for b, w in enumerate(want) if w]
-    scores: list[torch.Tensor | None] = [None] * len(images)
-    kept_by_score: dict[int, torch.Tensor] = {}
+    found: list[torch.Tensor | None] = [s if m == "flow" else None for s, m in zip(given, methods)]
     if scored:
-        lengths = [images[b].shape[0] for b in scored]
         flat = _relevance_flat(
             [images[b] for b in scored], [queries[b] for b in scored], "max", backend
         )
-        for b, s in zip(scored, torch.split(flat, lengths)):
-            scores[b] = s
-        # Top-K of every image pruned by score in one batched call; K = 0 skips an image.
-        by_score = [methods[b] == "simignore" and keep[b] < images[b].shape[0] for b in scored]
-        ks = [keep[b] if use else 0 for b, use in zip(scored, by_score)]
-        for use, k, n in zip(by_score, ks, lengths):
-            if use:
-                check_k(k, n)
-        if any(by_score):
-            for b, use, kept in zip(scored, by_score, topk_batched(flat, lengths, ks)):
-                if use:
-                    kept_by_score[b] = kept
+        for b, s in zip(scored, torch.split(flat, [images[b].shape[0] for b in scored])):
+            found[b] = s
+    # Top-K of every image pruned by score in one batched call.
+    ranked = [
+        b
+        for b, (m, s) in enumerate(zip(methods, found))
+        if m in SCORED_METHODS and s is not None and keep[b] < images[b].shape[0]
+    ]
+    kept_by_score: dict[int, torch.Tensor] = {}
+    if ranked:
+        lengths = [images[b].shape[0] for b in ranked]
+        ks = [keep[b] for b in ranked]
+        for k, n in zip(ks, lengths):
+            check_k(k, n)
+        flat = found[ranked[0]] if len(ranked) == 1 else torch.cat([found[b] for b in ranked])
+        for b, kept in zip(ranked, topk_batched(flat, lengths, ks)):
+            kept_by_score[b] = kept
 
     out = []
     for b, image in enumerate(images):
@@ -178,10 +193,10 @@ def select_tokens(
             kept, method_used = kept_by_score[b], method
         elif method == "random":
             kept, method_used = random_indices(n, k, seed=seeds[b], device=image.device), method
-        else:  # uniform, or simignore without a query
+        else:  # uniform, or simignore / flow without a query
             kept, method_used = uniform_indices(n, k, device=image.device), "uniform"
         rows = merge_dropped(image, kept) if merge[b] and k < n else image[kept]
-        out.append(Selection(kept=kept, rows=rows, scores=scores[b], method=method_used))
+        out.append(Selection(kept=kept, rows=rows, scores=found[b], method=method_used))
     return out
 
 

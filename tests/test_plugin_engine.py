@@ -314,7 +314,10 @@ BAD_KWARGS = [
     ({"keep_ratio": "abc"}, "keep_ratio must be a number"),
     ({"keep_ratio": True}, "keep_ratio must be a number"),
     ({"keep_ratio": float("nan")}, "keep_ratio must be a number"),
-    ({"prune_method": "best"}, "prune_method must be one of ['simignore', 'uniform', 'random']"),
+    (
+        {"prune_method": "best"},
+        "prune_method must be one of ['simignore', 'uniform', 'random', 'flow']",
+    ),
     ({"prune_method": 3}, "prune_method must be one of"),
     ({"prune_merge": "yes"}, "prune_merge must be true or false"),
     ({"prune_query": 5}, "prune_query must be a string"),

@@ -3,7 +3,8 @@
 The server's middleware opens an entry (``expect``) with a fresh tag, and the diagnostics id when
 diagnostics were asked for, before vLLM sees the request; the processor adds each image's token
 counts before/after pruning and the options in force (``add``, also on processor-cache hits since
-``apply`` runs for every request); the middleware takes the entry when the response is done
+``apply`` runs for every request) and, for flow diagnostics, the prompt as the engine runs it (the
+flow pass reruns it in the worker); the middleware takes the entry when the response is done
 (``pop``). Tags and diagnostics ids that no entry expects are refused at the API (``is_expected``),
 so a client cannot forge one. Bounded: entries nobody takes are evicted oldest-first.
 """
@@ -23,6 +24,8 @@ class RequestCounts:
     method: str
     merge: bool
     per_image: list[tuple[int, int]]  # (tokens before, tokens after) per image
+    prompt_token_ids: list[int] | None = None
+    """The prompt as the engine ran it (K placeholders per image); kept for flow diagnostics."""
 
     @property
     def before(self) -> int:
@@ -58,6 +61,8 @@ class RequestLedger:
                 entry.counts = counts
             else:
                 entry.counts.per_image.extend(counts.per_image)
+                if entry.counts.prompt_token_ids is None:
+                    entry.counts.prompt_token_ids = counts.prompt_token_ids
 
         self._entries.update(tag, add_to)
 

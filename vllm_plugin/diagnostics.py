@@ -18,11 +18,17 @@ from lvlm_prune.kernels import Selection
 from .bounded import BoundedStore
 
 MAX_ENTRIES = 1024
+MAX_FLOW_ENTRIES = 32
+"""Requests whose kept rows wait for their flow pass (K x D each, on the host): the API process
+runs a handful at a time and takes them at once; this caps what abandoned ones can hold."""
 
 
 class DiagnosticsStore:
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self, max_entries: int = MAX_ENTRIES, max_flow_entries: int = MAX_FLOW_ENTRIES
+    ) -> None:
         self._entries: BoundedStore[int, list[dict]] = BoundedStore(max_entries)
+        self._flow: BoundedStore[int, dict] = BoundedStore(max_flow_entries)
         self._timers_lock = threading.Lock()
         self._timers: collections.deque[tuple[object, object, int]] = collections.deque(
             maxlen=max_entries
@@ -48,7 +54,26 @@ class DiagnosticsStore:
         }
         self._entries.update(diag_id, lambda images: images.append(entry), create=list)
 
+    def put_flow(self, diag_id: int, sel: Selection, *, num_tokens: int) -> None:
+        """Keep one image's rows as the LLM sees them, for the request's flow pass (appended in
+        prompt order, as ``put``)."""
+
+        def append(entry: dict) -> None:
+            entry["rows"].append(sel.rows.detach().to("cpu", copy=True))
+            entry["kept"].append(sel.kept.tolist())
+            entry["num_tokens"].append(num_tokens)
+
+        self._flow.update(
+            diag_id, append, create=lambda: {"rows": [], "kept": [], "num_tokens": []}
+        )
+
+    def pop_flow(self, diag_id: int) -> dict | None:
+        return self._flow.pop(diag_id)
+
     def pop(self, diag_ids: list[int]) -> dict[int, list[dict]]:
+        """Take the requests' entries; whatever their flow pass did not take goes too."""
+        for i in diag_ids:
+            self._flow.pop(i)
         popped = {i: self._entries.pop(i) for i in diag_ids}
         return {i: images for i, images in popped.items() if images is not None}
 
@@ -85,7 +110,7 @@ class DiagnosticsStore:
         return out
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._flow)
 
 
 def query_votes(image: torch.Tensor, query: torch.Tensor, kept: torch.Tensor) -> list[int]:
@@ -109,6 +134,21 @@ class PruneWorkerExtension:
 
     def lvlm_prune_pop_diagnostics(self, diag_ids: list[int]) -> dict[int, list[dict]]:
         return STORE.pop(diag_ids)
+
+    def lvlm_prune_flow(self, diag_id: int, prompt_ids: list[int]) -> dict | None:
+        """This rank's part of a request's flow diagnostics (``flow.flow_pass``); None when this
+        worker's engine did not run the request. Every rank of the engine that ran it holds its
+        rows and runs the pass together (the layers all-reduce); other data-parallel engines
+        answer None without a collective."""
+        entry = STORE.pop_flow(diag_id)
+        if entry is None:
+            return None
+        from . import flow
+
+        try:
+            return flow.flow_pass(self.get_model(), prompt_ids, entry)
+        except flow.FlowUnavailable as err:
+            return {"error": str(err)}
 
     def lvlm_prune_drain_timings(self) -> list[tuple[float, int]]:
         return STORE.drain_timings()

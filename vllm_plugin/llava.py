@@ -44,7 +44,7 @@ from vllm.multimodal.processing.processor import MultiModalIsCached
 
 from lvlm_prune.kernels import PRUNE_METHODS, keep_count, select_tokens
 
-from . import diagnostics, options
+from . import diagnostics, flow, options
 from .accounting import LEDGER, RequestCounts
 from .options import PruneOptions
 
@@ -56,13 +56,25 @@ METHOD_FIELD = "prune_method_id"
 MERGE_FIELD = "prune_merge"
 SEED_FIELD = "prune_seed"
 DIAGNOSTICS_FIELD = "prune_diagnostics_id"
-FIELDS = (KEEP_FIELD, QUERY_FIELD, METHOD_FIELD, MERGE_FIELD, SEED_FIELD, DIAGNOSTICS_FIELD)
+FLOW_FIELD = "prune_flow"
+LAYER_FIELD = "prune_layer"
+FIELDS = (
+    KEEP_FIELD,
+    QUERY_FIELD,
+    METHOD_FIELD,
+    MERGE_FIELD,
+    SEED_FIELD,
+    DIAGNOSTICS_FIELD,
+    FLOW_FIELD,
+    LAYER_FIELD,
+)
 
 
 class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
         opts = PruneOptions.from_kwargs(merged)
+        opts.check_layers(self.info.get_hf_config().text_config.num_hidden_layers)
         tag = merged.get(options.TAG)
         kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
         mm_items = inputs.mm_data_items
@@ -81,9 +93,17 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         if isinstance(tag, str) and "image" in mm_items:
             after = [p.length for p in result["mm_placeholders"].get("image", [])]
             before = [self._num_image_tokens(mm_items, i) for i in range(len(after))]
+            # The flow pass reruns the prompt as the engine ran it: its ids go to the server.
+            prompt_ids = list(result["prompt_token_ids"]) if opts.flow else None
             LEDGER.add(
                 tag,
-                RequestCounts(opts.keep_ratio, opts.method, opts.merge, list(zip(before, after))),
+                RequestCounts(
+                    opts.keep_ratio,
+                    opts.method,
+                    opts.merge,
+                    list(zip(before, after)),
+                    prompt_token_ids=prompt_ids,
+                ),
             )
         return result
 
@@ -178,6 +198,8 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
         processed[DIAGNOSTICS_FIELD] = torch.full(
             (num,), opts.diagnostics_id or 0, dtype=torch.int64
         )
+        processed[FLOW_FIELD] = torch.full((num,), opts.flow, dtype=torch.bool)
+        processed[LAYER_FIELD] = torch.full((num,), opts.prune_layer, dtype=torch.int64)
         return processed
 
     def _num_image_tokens(self, mm_items: MultiModalDataItems, item_idx: int) -> int:
@@ -265,28 +287,57 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
         embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
         device = images[0].device
         query_ids = _per_image_tensors(fields[QUERY_FIELD])
+        methods = [PRUNE_METHODS[m] for m in _per_image(fields[METHOD_FIELD])]
+        # The flow scout runs for flow images that prune or report scores, and have a question.
+        scouted = [
+            b
+            for b, (m, ids) in enumerate(zip(methods, query_ids))
+            if m == "flow" and ids.numel() and (keep[b] < images[b].shape[0] or diag_ids[b])
+        ]
+        bos_id = getattr(self.config.text_config, "bos_token_id", None) if scouted else None
         # One embedding call (one all-reduce under tensor parallelism) for the whole batch.
-        all_ids = torch.cat(query_ids).to(device)
+        id_lists = list(query_ids)
+        if bos_id is not None:
+            id_lists.append(torch.tensor([bos_id], dtype=torch.int64, device=id_lists[0].device))
+        all_ids = torch.cat(id_lists).to(device)
         if all_ids.numel():
-            queries = list(torch.split(embed_tokens(all_ids), [ids.numel() for ids in query_ids]))
+            embedded = embed_tokens(all_ids)
+            lengths = [ids.numel() for ids in query_ids]
+            queries = list(torch.split(embedded[: sum(lengths)], lengths))
         else:
             queries = [image.new_empty((0, image.shape[1])) for image in images]
         timer = diagnostics.STORE.start_timer(device)
+        scores: list[torch.Tensor | None] = [None] * len(images)
+        if scouted:
+            layers = _per_image(fields[LAYER_FIELD])
+            found = flow.scout_scores(
+                self,
+                [images[b] for b in scouted],
+                [queries[b] for b in scouted],
+                [layers[b] for b in scouted],
+                bos=embedded[-1] if bos_id is not None else None,
+            )
+            for b, s in zip(scouted, found):
+                scores[b] = s
         selections = select_tokens(
             images,
             queries,
             keep,
-            methods=[PRUNE_METHODS[m] for m in _per_image(fields[METHOD_FIELD])],
+            methods=methods,
             merge=[bool(m) for m in _per_image(fields[MERGE_FIELD])],
             seeds=_per_image(fields[SEED_FIELD]),
             need_scores=any(diag_ids),
+            scores=scores,
         )
         diagnostics.STORE.stop_timer(timer, num_images=len(images))
-        for sel, diag_id, ids, image, query in zip(
-            selections, diag_ids, query_ids, images, queries
+        flows = _per_image(fields[FLOW_FIELD]) if fields[FLOW_FIELD] is not None else []
+        for b, (sel, diag_id, ids, image, query) in enumerate(
+            zip(selections, diag_ids, query_ids, images, queries)
         ):
             if diag_id:
                 diagnostics.STORE.put(diag_id, sel, image=image, query=query, query_ids=ids)
+                if b < len(flows) and flows[b]:
+                    diagnostics.STORE.put_flow(diag_id, sel, num_tokens=image.shape[0])
         return [sel.rows for sel in selections]
 
 

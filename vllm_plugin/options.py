@@ -20,8 +20,10 @@ MERGE = "prune_merge"
 QUERY = "prune_query"
 SEED = "prune_seed"
 DIAGNOSTICS = "prune_diagnostics"
+FLOW = "prune_flow"
+PRUNE_LAYER = "prune_layer"
 
-USER_KWARGS = (KEEP_RATIO, METHOD, MERGE, QUERY, SEED, DIAGNOSTICS)
+USER_KWARGS = (KEEP_RATIO, METHOD, MERGE, QUERY, SEED, DIAGNOSTICS, FLOW, PRUNE_LAYER)
 """The kwargs users set."""
 
 TAG = "prune_tag"
@@ -39,6 +41,11 @@ OWN_KWARGS = frozenset((*USER_KWARGS, TAG, QUERY_IDS))
 MAX_QUERY_TOKENS = 512
 """The relevance query is cut to its last this-many tokens: a query is [T, D] per image in the
 worker, and T must not be the client's to choose without bound."""
+
+DEFAULT_PRUNE_LAYER = 2
+"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/flow.py)."""
+MAX_PRUNE_LAYER = 1024
+"""A bound for parsing; the model's own layer count is checked where the model is known."""
 
 
 class PruneOptionError(ValueError):
@@ -58,6 +65,10 @@ class PruneOptions:
     """One query for every image, or one per image in prompt order; None: the prompt's text."""
     seed: int | None = None
     diagnostics_id: int | None = None
+    flow: bool = False
+    """Keep what the flow diagnostics pass needs (the kept rows) under ``diagnostics_id``."""
+    prune_layer: int = DEFAULT_PRUNE_LAYER
+    """``flow`` method: decoder layers the scout runs; it ranks by the last one's attention."""
 
     @property
     def prunes(self) -> bool:
@@ -106,7 +117,36 @@ class PruneOptions:
                     DIAGNOSTICS, f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
                 )
             opts = dataclasses.replace(opts, diagnostics_id=v)
+        if (v := kwargs.get(FLOW)) is not None:
+            if not isinstance(v, bool):
+                raise PruneOptionError(FLOW, f"{FLOW} must be true or false, got {v!r}")
+            if v and opts.diagnostics_id is None:
+                raise PruneOptionError(
+                    FLOW, f"{FLOW} needs {DIAGNOSTICS}: the id its flow diagnostics are fetched by"
+                )
+            opts = dataclasses.replace(opts, flow=v)
+        if (v := kwargs.get(PRUNE_LAYER)) is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PRUNE_LAYER:
+                raise PruneOptionError(
+                    PRUNE_LAYER,
+                    f"{PRUNE_LAYER} must be an integer in [1, {MAX_PRUNE_LAYER}] (decoder layers "
+                    f"the flow method's scout runs), got {v!r}",
+                )
+            opts = dataclasses.replace(opts, prune_layer=v)
         return opts
+
+    def check_layers(self, num_layers: int) -> None:
+        """``prune_layer`` against the served model's decoder layers (``flow`` method only).
+
+        Raises:
+            PruneOptionError: the scout would need more layers than the model has.
+        """
+        if self.method == "flow" and self.prune_layer > num_layers:
+            raise PruneOptionError(
+                PRUNE_LAYER,
+                f"{PRUNE_LAYER} must be at most the model's {num_layers} decoder layers, got "
+                f"{self.prune_layer}",
+            )
 
     def queries_for(self, num_images: int) -> tuple[str, ...] | None:
         """The query of each image (None: the prompt's text, for every image).
@@ -135,6 +175,10 @@ class PruneOptions:
             out[SEED] = self.seed
         if self.diagnostics_id is not None:
             out[DIAGNOSTICS] = self.diagnostics_id
+        if self.flow:
+            out[FLOW] = True
+        if self.method == "flow":
+            out[PRUNE_LAYER] = self.prune_layer
         return out
 
     def seed_for(self, query_ids: Sequence[int]) -> int:
