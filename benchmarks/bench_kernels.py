@@ -188,7 +188,9 @@ def _gpu_markdown(result: dict) -> str:
         f" x D = {first['hidden']} {first['dtype']} per image, K = {first['keep']}; medians of "
         "`triton.testing.do_bench` in ms. Floor: the bytes the selection must move (image and "
         "query read once, scores, indices, the K rows gathered) at the device-to-device copy "
-        f"bandwidth measured here, {result['copy_gbps']:.0f} GB/s (Triton {result['triton']}).\n\n"
+        f"bandwidth measured here, {result['copy_gbps']:.0f} GB/s (Triton {result['triton']}). "
+        "`same kept`: images whose kept set is the same with both backends; they round "
+        "differently, so a near-tie at the cut may go either way.\n\n"
         + common.markdown_table(
             [
                 "images",
