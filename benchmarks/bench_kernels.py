@@ -174,8 +174,8 @@ def _gpu_markdown(result: dict) -> str:
             f"{r['triton_ms']:.3f}",
             f"{r['torch_ms'] / r['triton_ms']:.1f}x",
             f"{r['triton_relevance_ms']:.3f}",
-            f"{r['bytes'] / 1e6:.1f}",
-            f"{r['floor_ms']:.3f}",
+            f"{r['bytes'] / 1e6:.3g}",
+            f"{r['floor_ms']:.3g}",
             f"{r['triton_over_floor']:.1f}x",
             r["kept_identical"],
         ]
