@@ -12,15 +12,27 @@ accuracy against the key and agreement with the unpruned answer, each with a 95%
 With random weights (the built-in models) accuracy is chance; only agreement means anything.
 
 ``--make-synthetic PATH [--items N]`` writes a set of random images and made-up questions.
+
+On the trained ShapesVQA model (``--model shapes``, or any folder it was saved to) the benchmark
+asks fresh ShapesVQA v2 questions instead (``--seed`` replays a draw; equal counts per question
+type), in the task's own multiple-choice form: the greedy next token restricted to the type's
+options. Per configuration it adds accuracy per question type, and the **object hit rate** of
+each selection (the share of the asked object's patches kept, read from the engine's diagnostics):
+it needs no LM and says why an answer survived. It also runs a control with every image swapped
+for another scene's, which should bring accuracy to chance. The relevance query is the question
+text, as the server sets it.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
+import math
 import random
+import sys
 from pathlib import Path
 
 from . import common
@@ -28,6 +40,9 @@ from . import common
 NAME = "fidelity"
 LETTERS = "ABCDEFGH"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHAPES_RATIOS = (1.0, 0.5, 0.25, 0.11, 0.05, 0.02)
+SHAPES_METHODS = ("simignore", "simignore+merge", "uniform", "random")
+SHAPES_ITEMS = 600  # 200 per question type
 RANDOM_WEIGHTS_NOTE = (
     "random weights: accuracy is chance level and says nothing; only agreement with the unpruned "
     "answer is meaningful"
@@ -42,8 +57,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--make-synthetic", metavar="PATH", help="write a synthetic JSONL set and exit"
     )
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
-    parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"keep ratios (default {' '.join(map(str, common.RATIOS))}; ShapesVQA model: "
+        f"{' '.join(map(str, SHAPES_RATIOS))})",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"methods (default {' '.join(common.METHODS)}; ShapesVQA model: "
+        f"{' '.join(SHAPES_METHODS)}, where simignore+merge is simignore with prune_merge)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="ShapesVQA model: seed of the question draw (default: a fresh one, recorded)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +218,12 @@ def letter_token_ids(tokenizer, count: int) -> list[int]:
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     from vllm import SamplingParams
 
+    from lvlm_prune.shapes import is_shapes_model
+
+    if is_shapes_model(llm.llm_engine.vllm_config.model_config.model) and not args.data:
+        return run_shapes(args, llm, model_label)
+    ratios = args.ratios or list(common.RATIOS)
+    methods = args.methods or list(common.METHODS)
     if args.data:
         items, source = load_jsonl(Path(args.data)), str(args.data)
     else:
@@ -201,7 +241,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         )
         for item in items
     ]
-    configs = common.configs_for(args.ratios, args.methods)
+    configs = common.configs_for(ratios, methods)
     runs = [(c.name, c) for c in configs] + [("stock (repeat)", common.Config(1.0))]
 
     predictions: dict[str, list[int]] = {}
@@ -255,6 +295,9 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
 
 
 def markdown(result: dict) -> str:
+    if result.get("task"):
+        return shapes_markdown(result)
+
     def pct(x):
         return f"{100 * x:.1f}%"
 
@@ -278,3 +321,319 @@ def markdown(result: dict) -> str:
         lines.append(f"**Note — {result['note']}.**")
     lines += ["", common.markdown_table(headers, rows)]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The trained ShapesVQA model
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    keep_ratio: float
+    method: str | None = None  # None: stock
+    merge: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.method is None:
+            return "stock"
+        return f"{self.method}{'+merge' if self.merge else ''}@{self.keep_ratio:g}"
+
+    def mm_kwargs(self, question: str, *, seed: int, diag_id: int | None) -> dict:
+        if self.method is None:
+            return {"keep_ratio": 1.0}
+        kwargs = {
+            "keep_ratio": self.keep_ratio,
+            "prune_method": self.method,
+            "prune_merge": self.merge,
+            "prune_query": question,  # what the server sets: the user's question text
+            "prune_seed": seed,  # random: a draw per item, not per question text
+        }
+        if diag_id is not None:
+            kwargs["prune_diagnostics"] = diag_id
+        return kwargs
+
+
+def shapes_configs(ratios, methods) -> list[ShapesConfig]:
+    out = [ShapesConfig(1.0)]
+    for ratio in ratios:
+        if ratio >= 1.0:
+            continue
+        for method in methods:
+            base, _, merge = method.partition("+")
+            if base not in ("simignore", "uniform", "random") or merge not in ("", "merge"):
+                raise SystemExit(f"unknown method {method!r}: use one of {list(SHAPES_METHODS)}")
+            out.append(ShapesConfig(ratio, base, merge == "merge"))
+    return out
+
+
+def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
+    from vllm import SamplingParams
+
+    from lvlm_prune.kernels import keep_count
+    from lvlm_prune.shapes import scenes
+
+    n = args.items or (12 if args.smoke else SHAPES_ITEMS)
+    n = 3 * math.ceil(n / 3)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"ShapesVQA draw: seed={seed}, {n} questions", file=sys.stderr)
+    items = scenes.sample(seed, n, per_type=True)
+    images = [scene.image() for scene, _ in items]
+    patches = [scene.object_patches() for scene, _ in items]
+    tokenizer = llm.get_tokenizer()
+    option_ids = {t: tokenizer.convert_tokens_to_ids(list(o)) for t, o in scenes.OPTIONS.items()}
+    sampling = [
+        SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=option_ids[q.type])
+        for _, q in items
+    ]
+    configs = shapes_configs(args.ratios or SHAPES_RATIOS, args.methods or SHAPES_METHODS)
+    # The control: every question asked about the next item's image (another scene).
+    runs = [(c.name, c, images) for c in configs]
+    runs.append(("mismatched image", ShapesConfig(1.0), images[1:] + images[:1]))
+    runs.append(("stock (repeat)", ShapesConfig(1.0), images))
+
+    def answer(out, q) -> str:
+        return q.options[option_ids[q.type].index(out.outputs[0].token_ids[0])]
+
+    predictions: dict[str, list[str]] = {}
+    kept: dict[str, list[list[int]]] = {}
+    scores: list | None = None
+    bar = common.progress(len(runs) * n, f"{NAME} ({model_label})")
+    next_id = 1
+    for name, config, imgs in runs:
+        diag_ids = None
+        if config.method is not None:
+            diag_ids = list(range(next_id, next_id + n))
+            next_id += n
+        reqs = [
+            {
+                "prompt": f"USER: <image>\n{q.text} ASSISTANT:",
+                "multi_modal_data": {"image": img},
+                "mm_processor_kwargs": config.mm_kwargs(
+                    q.text, seed=seed * 1000 + i, diag_id=None if diag_ids is None else diag_ids[i]
+                ),
+            }
+            for i, ((_, q), img) in enumerate(zip(items, imgs))
+        ]
+        outs = llm.generate(reqs, sampling, use_tqdm=False)
+        predictions[name] = [answer(o, q) for o, (_, q) in zip(outs, items)]
+        if diag_ids is not None:
+            (diag,) = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=(diag_ids,))
+            kept[name] = [diag[i][0]["kept_indices"] for i in diag_ids]
+            if scores is None and config.method == "simignore":
+                scores = [diag[i][0]["scores"] for i in diag_ids]
+        bar.update(n)
+    bar.close()
+
+    types = [q.type for _, q in items]
+    stock = predictions["stock"]
+    rows = []
+    for name, config, _ in runs:
+        pred = predictions[name]
+        correct = [p == q.answer for p, (_, q) in zip(pred, items)]
+        agree = [p == s for p, s in zip(pred, stock)]
+        row = {
+            "config": name,
+            "keep_ratio": config.keep_ratio,
+            "kept_tokens": keep_count(scenes.NUM_PATCHES, config.keep_ratio),
+            "method": config.method,
+            "merge": config.merge,
+            "n": n,
+            **_proportion("accuracy", correct),
+            **_proportion("agreement_with_stock", agree),
+            "per_type": {
+                t: _proportion("accuracy", [c for c, ty in zip(correct, types) if ty == t])
+                for t in scenes.QUESTION_TYPES
+            },
+            "predictions": pred,
+        }
+        if name in kept:
+            hits = [_hit_rate(p[q.target], k) for p, (_, q), k in zip(patches, items, kept[name])]
+            row["object_hit_rate"] = sum(hits) / n
+            row["object_hit_rate_per_type"] = {
+                t: _mean([h for h, ty in zip(hits, types) if ty == t])
+                for t in scenes.QUESTION_TYPES
+            }
+        elif config.method is None and name != "mismatched image":
+            row["object_hit_rate"] = 1.0
+        rows.append(row)
+    stock_acc = rows[0]["accuracy"]
+    for row in rows:
+        row["accuracy_vs_stock"] = row["accuracy"] / stock_acc if stock_acc else None
+    return {
+        "benchmark": NAME,
+        "task": scenes.VERSION,
+        "model": model_label,
+        "data": f"{scenes.VERSION}, {n} fresh questions ({n // 3} per type), seed {seed}",
+        "seed": seed,
+        "n_items": n,
+        "chance_accuracy": sum(scenes.CHANCE[t] for t in types) / n,
+        "chance_per_type": scenes.CHANCE,
+        "scoring": "greedy next token restricted to the question type's options "
+        "(SHAPES.md multiple-choice form); relevance query = the question text",
+        "relevance_scores": _score_summary(scores, items, patches) if scores else None,
+        "note": None,
+        "rows": rows,
+    }
+
+
+def _proportion(key: str, flags: list[bool]) -> dict:
+    hits = sum(flags)
+    return {key: hits / len(flags), f"{key}_ci95": common.wilson_interval(hits, len(flags))}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _hit_rate(object_patches: list[int], kept_indices: list[int]) -> float:
+    kept_set = set(kept_indices)
+    return sum(p in kept_set for p in object_patches) / len(object_patches)
+
+
+def _score_summary(scores, items, patches) -> dict:
+    """Mean simignore score (best cosine to a question word) of the asked object's patches, of
+    the other objects' patches and of the background: how word-like the image rows are."""
+    asked, other, background = [], [], []
+    for row, (scene, q), obj_patches in zip(scores, items, patches):
+        on_object = scene.patch_coverage().sum(0) > 0
+        for o, ps in enumerate(obj_patches):
+            (asked if o == q.target else other).extend(row[p] for p in ps)
+        background.extend(s for s, on in zip(row, on_object) if not on)
+    return {
+        "asked_object": _mean(asked),
+        "other_objects": _mean(other),
+        "background": _mean(background),
+        "background_p99": sorted(background)[int(0.99 * (len(background) - 1))],
+    }
+
+
+def shapes_headline(result: dict) -> list[str]:
+    """One line per method: share of full-token accuracy kept at 64 and 29 tokens."""
+    rows = {r["config"]: r for r in result["rows"]}
+    lines = []
+    methods = sorted(
+        {(r["method"], r["merge"]) for r in result["rows"] if r["method"]},
+        key=lambda m: SHAPES_METHODS.index(m[0] + ("+merge" if m[1] else "")),
+    )
+    for method, merge in methods:
+        label = method + ("+merge" if merge else "")
+        parts = []
+        for ratio in (0.11, 0.05):
+            row = rows.get(f"{label}@{ratio:g}")
+            if row:
+                parts.append(
+                    f"{row['kept_tokens']} tokens: {100 * row['accuracy_vs_stock']:.1f}% of "
+                    f"full-token accuracy (hit rate {100 * row['object_hit_rate']:.0f}%)"
+                )
+        if parts:
+            lines.append(f"- `{label}` — " + "; ".join(parts))
+    return lines
+
+
+def shapes_markdown(result: dict) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def ci(row, key):
+        lo, hi = row[f"{key}_ci95"]
+        return f"{pct(row[key])} ({pct(lo)}–{pct(hi)})"
+
+    headers = [
+        "config",
+        "tokens",
+        "accuracy (95% CI)",
+        "colour",
+        "pattern",
+        "exists",
+        "agreement with stock (95% CI)",
+        "object hit rate",
+    ]
+    rows = [
+        [
+            r["config"],
+            r["kept_tokens"],
+            ci(r, "accuracy"),
+            *(pct(r["per_type"][t]["accuracy"]) for t in ("colour", "pattern", "exists")),
+            ci(r, "agreement_with_stock"),
+            pct(r.get("object_hit_rate")),
+        ]
+        for r in result["rows"]
+    ]
+    chance = result["chance_per_type"]
+    lines = [
+        f"### Fidelity — model `{result['model']}` on {result['task']}",
+        "",
+        f"Data: {result['data']}. Scoring: {result['scoring']}. Intervals: Wilson 95%. Chance: "
+        f"{pct(result['chance_accuracy'])} overall (colour {pct(chance['colour'])}, pattern "
+        f"{pct(chance['pattern'])}, exists {pct(chance['exists'])}). `mismatched image`: each "
+        "question asked about another scene's image (the answer must come from the image). "
+        "Object hit rate: the share of the asked object's patches the selection kept.",
+        "",
+        "Headline (accuracy relative to the unpruned model):",
+        *shapes_headline(result),
+    ]
+    scores = result.get("relevance_scores")
+    if scores:
+        lines += [
+            "",
+            "Relevance scores (simignore: best cosine of an image row to a question word), mean "
+            f"over patches: asked object {scores['asked_object']:.2f}, other objects "
+            f"{scores['other_objects']:.2f}, background {scores['background']:.2f} (99th "
+            f"percentile {scores['background_p99']:.2f}).",
+        ]
+    lines += ["", common.markdown_table(headers, rows)]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> bool:
+    """ShapesVQA model: accuracy and object hit rate vs kept tokens, one line per method."""
+    if not result.get("task"):
+        return False
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    rows = result["rows"]
+    stock = rows[0]
+    control = next(r for r in rows if r["config"] == "mismatched image")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {
+        "simignore": "o-",
+        "simignore+merge": "D--",
+        "uniform": "s-",
+        "random": "^-",
+    }
+    for label, style in styles.items():
+        method, _, merge = label.partition("+")
+        pts = [r for r in rows if r["method"] == method and r["merge"] == bool(merge)]
+        if not pts:
+            continue
+        pts = [stock] + pts
+        shift = 1 + 0.02 * (list(styles).index(label) - 1.5)  # keep the intervals apart
+        xs = [r["kept_tokens"] * shift for r in pts]
+        acc = [r["accuracy"] for r in pts]
+        err = [  # clamped: at 0 % or 100 % the interval's bound can sit a rounding error inside
+            [max(0.0, a - r["accuracy_ci95"][0]) for a, r in zip(acc, pts)],
+            [max(0.0, r["accuracy_ci95"][1] - a) for a, r in zip(acc, pts)],
+        ]
+        axes[0].errorbar(xs, acc, yerr=err, fmt=style, capsize=3, label=label, ms=5)
+        axes[1].plot(xs, [r["object_hit_rate"] for r in pts], style, label=label, ms=5)
+    axes[0].axhline(result["chance_accuracy"], color="grey", ls=":", label="chance")
+    axes[0].axhline(control["accuracy"], color="k", ls="--", lw=1, label="mismatched image")
+    axes[0].set_ylabel("accuracy (95% CI)")
+    axes[0].set_title(f"{result['task']}: accuracy — model {result['model']}")
+    axes[1].set_ylabel("share of the asked object's patches kept")
+    axes[1].set_title("object hit rate of the selection")
+    ticks = sorted({r["kept_tokens"] for r in rows})
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("image tokens kept (of 576)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,116 @@
+"""Training in seconds: each stage's loss falls over a few steps, the forward used for training is
+the stock model's, and the pipeline writes a checkpoint transformers loads."""
+
+import numpy as np
+import torch
+
+from lvlm_prune.shapes import model as shapes_model
+from lvlm_prune.shapes import scenes, train
+
+
+def fresh(seed):
+    torch.manual_seed(seed)
+    return train._fresh_model(seed)
+
+
+def batch_losses(model, background, batch, rows_fn):
+    rows = rows_fn()
+    targets = train.attention_targets(batch)
+    hidden, probs = train.lm_forward(
+        model,
+        train.input_embeds(model, batch, rows),
+        {0: targets[0][0], 1: targets[1][0]},
+        train.output_positions(batch),
+    )
+    answer, _ = train.answer_loss(model, hidden, batch)
+    return answer + train.attention_loss(probs, targets)
+
+
+def test_training_forward_is_the_stock_forward(seed):
+    model, _ = fresh(seed)
+    model.eval()
+    batch = train.make_batch(np.random.default_rng(seed), 2, turns=2, bos=True, pixels=True)
+    pixels = train.PixelNoise(torch.Generator().manual_seed(seed))(batch.clean)
+    with torch.no_grad():
+        rows = train.vision_rows(model, pixels)
+        out = train.output_positions(batch)
+        hidden, _ = train.lm_forward(model, train.input_embeds(model, batch, rows), {}, out)
+        ours = model.lm_head(hidden)
+        stock = model(input_ids=batch.ids, pixel_values=pixels).logits[:, out]
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_steps_lower_each_stage_loss(seed):
+    model, background = fresh(seed)
+    emb = model.get_input_embeddings().weight.detach()
+    rng = np.random.default_rng(seed)
+    batch = train.make_batch(rng, 2, turns=2, bos=False, pixels=True)
+    pixels = train.PixelNoise(torch.Generator().manual_seed(seed))(batch.clean)
+    targets = train.row_targets(batch, emb, background)
+
+    def vision_loss():
+        return train.alignment_loss(train.vision_rows(model, pixels), targets, batch.coverage)
+
+    def lm_loss():
+        return batch_losses(model, background, batch, lambda: targets)
+
+    for stage, loss_fn in (("vision", vision_loss), ("lm", lm_loss)):
+        params = train._stage_params(model, stage)
+        opt = torch.optim.AdamW(params, lr=2e-3)
+        first = loss_fn().item()
+        for _ in range(8):
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+        last = loss_fn().item()
+        print(f"{stage}: loss {first:.3f} -> {last:.3f}")
+        assert last < 0.8 * first, (stage, first, last)
+
+
+def test_embeddings_are_orthonormal_and_background_is_orthogonal(seed):
+    model, background = fresh(seed)
+    emb = model.get_input_embeddings().weight
+    assert not emb.requires_grad
+    gram = emb @ emb.T
+    torch.testing.assert_close(gram, torch.eye(len(emb)), atol=1e-5, rtol=0)
+    assert (emb @ background).abs().max() < 1e-5
+
+
+def test_attention_targets_point_at_the_asked_objects_patches(seed):
+    rng = np.random.default_rng(seed)
+    batch = train.make_batch(rng, 3, turns=3, bos=True, pixels=False)
+    (q0, mask0, valid0), (q1, mask1) = train.attention_targets(batch)
+    ids = batch.ids
+    attribute_ids = set(shapes_model.token_ids(" ".join(shapes_model.ATTRIBUTE_WORDS)))
+    for b in range(3):
+        for m in range(q0.shape[1]):
+            if not valid0[b, m]:
+                continue
+            pos = int(q0[b, m])
+            assert int(ids[b, pos]) in attribute_ids
+            keys = mask0[b, m].nonzero().flatten().tolist()
+            if keys == [pos]:  # no object has this attribute
+                continue
+            patches = [k - batch.image_start for k in keys]
+            assert all(0 <= p < scenes.NUM_PATCHES for p in patches)
+            assert (ids[b, keys] == shapes_model.IMAGE_TOKEN_ID).all()
+        for t in range(q1.shape[1]):
+            keys = mask1[b, t].nonzero().flatten().tolist()
+            assert 1 <= len(keys) <= 2 and all(int(ids[b, k]) in attribute_ids for k in keys)
+            assert int(ids[b, q1[b, t] + 1]) == int(batch.answers[b, t])
+
+
+def test_smoke_pipeline_writes_a_loadable_checkpoint(tmp_path):
+    assert train.main(["--out", str(tmp_path), "--smoke", "--jobs", "1", "--quiet"]) == 0
+    model, processor = shapes_model.load_model(tmp_path)
+    assert shapes_model.is_shapes_model(tmp_path)
+    assert (tmp_path / train.LOG_NAME).read_text().count("\n") >= 3
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+        add_generation_prompt=True,
+    )
+    image = scenes.sample(0, 1)[0][0].image()
+    inputs = processor(images=[image], text=text, return_tensors="pt")
+    assert (inputs["input_ids"] == shapes_model.IMAGE_TOKEN_ID).sum() == scenes.NUM_PATCHES
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[-1] == shapes_model.SPEC.vocab_size
