@@ -2,7 +2,8 @@
 
 Created in the API process with prometheus-client's default registry, which vLLM's ``/metrics``
 exposes. Names follow vLLM's (``_total``, ``_seconds``, a ``model_name`` label). Selection time is
-measured in the workers and drained from them over ``collective_rpc``.
+measured in the workers and drained from them over ``collective_rpc``; a flow pass's time comes
+back with its answer.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ SELECTION_SECONDS = Histogram(
     "Wall time of the token selection per encoder batch, measured in the worker.",
     LABELS,
     buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+)
+FLOW_SECONDS = Histogram(
+    "lvlm_prune_flow_seconds",
+    "Wall time of one flow diagnostics pass (one eager forward of the request's prompt), "
+    "measured in the worker.",
+    LABELS,
+    buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+)
+FLOW_REJECTED = Counter(
+    "lvlm_prune_flow_rejected",
+    "Requests for flow diagnostics refused with HTTP 429: the server's flow passes were all busy.",
+    LABELS,
 )
 DIAGNOSTICS_PENDING = Gauge(
     "lvlm_prune_diagnostics_pending",

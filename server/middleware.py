@@ -3,8 +3,11 @@
 Request: validates ``pruning`` (pydantic), maps it onto vLLM's ``mm_processor_kwargs``, gives each
 image its own relevance query (the text of the user message that carries it, not the chat template;
 ``image_queries``), and tags the request so the processor's token counts can be read back. vLLM's OpenAI serving does everything
-else. Response: adds a ``pruning`` object (counts always; scores, kept indices, top query tokens and
-a heatmap when asked) to the JSON body, or as one more chunk before ``data: [DONE]`` when streaming.
+else. Response: adds a ``pruning`` object (counts always; scores, kept indices, top query tokens, a
+heatmap and the information flow when asked) to the JSON body, or as one more chunk before
+``data: [DONE]`` when streaming. Flow diagnostics hold one of the server's few flow slots from the
+moment the request is accepted to the end of its flow pass; without a free slot the answer is an
+immediate 429.
 
 It sits inside vLLM's authentication middleware (it is added before it), so a request without the
 API key is refused before anything here runs.
@@ -30,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lvlm_prune.vllm_plugin import options
 from lvlm_prune.vllm_plugin.accounting import LEDGER
+from lvlm_prune.vllm_plugin.flow import FlowUnavailable
 
 from . import metrics
 from .heatmap import render_heatmap
@@ -43,9 +47,19 @@ TOP_QUERY_TOKENS = 5
 
 
 class BadRequest(Exception):
+    status = 400
+    kind = "BadRequestError"
+
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message, self.param = message, param
+
+
+class TooManyFlowPasses(BadRequest):
+    """Every flow slot is taken: refused at once (429) rather than queued."""
+
+    status = 429
+    kind = "RateLimitError"
 
 
 class PruningMiddleware:
@@ -74,7 +88,9 @@ class PruningMiddleware:
         try:
             request = prepare_request(payload, ROUTES[path], state)
         except BadRequest as err:
-            return await _send_error(send, err.message, err.param)
+            if isinstance(err, TooManyFlowPasses):
+                metrics.FLOW_REJECTED.labels(state.model_name).inc()
+            return await _send_error(send, err.message, err.param, status=err.status, kind=err.kind)
         if request is None and not had_pruning:
             return await self.app(scope, _replay(body, receive), send)
 
@@ -96,15 +112,24 @@ class PreparedRequest:
     diagnostics_id: int | None
     heatmap: bool
     images: list[str | None] = field(default_factory=list)  # inline data URLs, for heatmaps
+    flow: bool = False  # holds one of the server's flow slots until released
 
 
 def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
     """Validate and rewrite ``payload`` in place; None when there is nothing for us to do."""
     raw_pruning = payload.pop("pruning", None)
     raw_kwargs = payload.get("mm_processor_kwargs")
+    raw_flow = None
     if raw_kwargs is not None:
         if not isinstance(raw_kwargs, dict):
             raise BadRequest("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+        # Raw prune_flow asks what pruning.diagnostics "flow" asks: the server supplies the id.
+        raw_flow = raw_kwargs.pop(options.FLOW, None)
+        if raw_flow is not None and not isinstance(raw_flow, bool):
+            raise BadRequest(
+                f"mm_processor_kwargs.{options.FLOW} must be true or false, got {raw_flow!r}",
+                f"mm_processor_kwargs.{options.FLOW}",
+            )
         check_raw_kwargs(raw_kwargs)
 
     pruning = PruningRequest()
@@ -117,8 +142,11 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
             first = err.errors()[0]
             param = f"pruning.{first['loc'][0]}" if first["loc"] else "pruning"
             raise BadRequest(f"{param}: {first['msg']}", param) from None
-    if pruning.diagnostics and state.diagnostics_unavailable:
+    flow = pruning.diagnostics == "flow" or bool(raw_flow)
+    if (pruning.diagnostics or flow) and state.diagnostics_unavailable:
         raise BadRequest(state.diagnostics_unavailable, "pruning.diagnostics")
+    if flow and state.flow_unavailable:
+        raise BadRequest(state.flow_unavailable, "pruning.diagnostics")
 
     # vLLM's /v1/completions takes text and token prompts only: pruning is validated there, but
     # there is no image to prune, as in a chat request without one.
@@ -128,6 +156,7 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
     mm_kwargs = dict(raw_kwargs or {})
     mm_kwargs.update(pruning.mm_processor_kwargs())
     check_query_count(mm_kwargs, len(images), "pruning" if pruning.query is not None else None)
+    check_prune_layer(mm_kwargs, state.num_layers, "pruning" if pruning.prune_layer else None)
     if pruning.requery and options.QUERY in mm_kwargs:
         raise BadRequest(
             "pruning.requery re-selects every image for the latest question; it cannot be "
@@ -141,13 +170,22 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
     request = PreparedRequest(
         tag=uuid.uuid4().hex, diagnostics_id=None, heatmap=pruning.diagnostics == "heatmap"
     )
-    if pruning.diagnostics:
+    if pruning.diagnostics or flow:
         request.diagnostics_id = secrets.randbits(63) or 1
         request.images = images
     # A tag or diagnostics id the client sent itself stays, for vLLM's gate to refuse (plugin.py).
     if request.diagnostics_id is not None:
         mm_kwargs.setdefault(options.DIAGNOSTICS, request.diagnostics_id)
     mm_kwargs.setdefault(options.TAG, request.tag)
+    if flow:
+        mm_kwargs[options.FLOW] = True
+        if not state.try_start_flow():
+            raise TooManyFlowPasses(
+                f'pruning.diagnostics "flow": the server runs at most {state.max_flow_passes} '
+                "flow passes at a time and all are busy; retry shortly, or ask without flow",
+                "pruning.diagnostics",
+            )
+        request.flow = True
     payload["mm_processor_kwargs"] = mm_kwargs
     LEDGER.expect(request.tag, request.diagnostics_id)
     return request
@@ -174,6 +212,17 @@ def check_query_count(mm_kwargs: dict, num_images: int, source: str | None) -> N
             f"{param} has {len(query)} queries for {num_images} image(s) in the messages: give "
             "one string for every image, or one string per image in prompt order",
             param,
+        )
+
+
+def check_prune_layer(mm_kwargs: dict, num_layers: int, source: str | None) -> None:
+    """A scout cannot run more decoder layers than the model has (the processor refuses it too,
+    for the flow method, but without the field's name)."""
+    layer = mm_kwargs.get(options.PRUNE_LAYER)
+    if isinstance(layer, int) and layer > num_layers:
+        param = f"{source or 'mm_processor_kwargs'}.{options.PRUNE_LAYER}"
+        raise BadRequest(
+            f"{param} must be at most the model's {num_layers} decoder layers, got {layer}", param
         )
 
 
@@ -309,11 +358,20 @@ class ResponseRewriter:
         return message
 
     async def release(self) -> None:
-        """Take the request's entries out of the stores if the response never finished."""
-        if not self.done:
-            self.done = True
-            LEDGER.pop(self.request.tag)
-            await self.state.pop_diagnostics(self.request.diagnostics_id)
+        """Take the request's entries out of the stores if the response never finished; give
+        back its flow slot."""
+        try:
+            if not self.done:
+                self.done = True
+                LEDGER.pop(self.request.tag)
+                await self.state.pop_diagnostics(self.request.diagnostics_id)
+        finally:
+            self._end_flow()
+
+    def _end_flow(self) -> None:
+        if self.request.flow:
+            self.request.flow = False
+            self.state.end_flow()
 
     def _remember_chunk(self, data: bytes) -> None:
         for line in data.split(b"\n"):
@@ -327,7 +385,14 @@ class ResponseRewriter:
             return None
         self.done = True
         counts = LEDGER.pop(self.request.tag)
-        entries = await self.state.pop_diagnostics(self.request.diagnostics_id)
+        flow, flow_error = None, None
+        try:
+            if self.request.flow and counts is not None and self.mode != "passthrough":
+                flow, flow_error = await self._run_flow(counts.prompt_token_ids)
+        finally:
+            self._end_flow()
+            # Also drops the kept rows of a flow pass that did not run.
+            entries = await self.state.pop_diagnostics(self.request.diagnostics_id)
         if counts is None or self.mode == "passthrough":
             return None
         metrics.observe_request(model or self.state.model_name, counts)
@@ -341,7 +406,21 @@ class ResponseRewriter:
             method=counts.method,
             merge=counts.merge,
             per_image=per_image,
+            flow=flow,
+            flow_error=flow_error,
         ).model_dump(exclude_none=True)
+
+    async def _run_flow(self, prompt_ids: list[int] | None) -> tuple[dict | None, str | None]:
+        """(flow, None), or (None, why not): the response goes out either way."""
+        if not prompt_ids:
+            return None, "the processor recorded no prompt for this request"
+        try:
+            return await self.state.run_flow(self.request.diagnostics_id, prompt_ids), None
+        except FlowUnavailable as err:
+            return None, str(err)
+        except Exception as err:  # a failed pass must not fail the answer
+            logger.exception("lvlm-prune: the flow pass failed")
+            return None, f"the flow pass failed: {type(err).__name__}: {err}"
 
     def _fill_all_diagnostics(self, per_image: list[ImagePruning], entries: list[dict]) -> None:
         for i, (image, entry) in enumerate(zip(per_image, entries)):
@@ -420,24 +499,26 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _send_error(send: Send, message: str, param: str | None) -> None:
+async def _send_error(
+    send: Send,
+    message: str,
+    param: str | None,
+    *,
+    status: int = 400,
+    kind: str = "BadRequestError",
+) -> None:
     from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
     body = (
-        ErrorResponse(
-            error=ErrorInfo(message=message, type="BadRequestError", param=param, code=400)
-        )
+        ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=status))
         .model_dump_json()
         .encode()
     )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 429:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -17,7 +17,7 @@ from argparse import Namespace
 
 from fastapi import FastAPI
 
-from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options
+from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, flow, options
 from lvlm_prune.vllm_plugin.accounting import LEDGER
 
 from . import metrics
@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0
 RPC_TIMEOUT_SECONDS = 10.0
+MAX_FLOW_PASSES = 2
+"""Requests with flow diagnostics in flight at once; one more is answered 429 at once. Each costs
+one extra forward of its prompt, during which its engine runs nothing else."""
+FLOW_WAIT_SECONDS = 300.0
+"""How long a response waits for its flow pass before it goes out without ``flow``. The engine
+side has no timeout: a worker RPC abandoned half-way would leave its reply in the queue for the
+next call to read."""
 
 # NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's
 # validate_request_mm_kwargs by name and call it on every request that can carry images
@@ -117,10 +124,51 @@ class ServerState:
                 f"pruning.diagnostics needs the server started with --worker-extension-cls "
                 f"{WORKER_EXTENSION} (lvlm-prune serve sets it)"
             )
+        self.flow_unavailable = self.diagnostics_unavailable
+        if (getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
+            self.flow_unavailable = (
+                'pruning.diagnostics "flow" needs every decoder layer on each worker: it is not '
+                "available with pipeline parallelism"
+            )
+        self.num_layers = engine_client.model_config.hf_text_config.num_hidden_layers
+        self.max_flow_passes = MAX_FLOW_PASSES
+        self.flow_passes = 0
         self.tokenizer = engine_client.get_tokenizer()
         self.poller: asyncio.Task | None = None
 
-    async def rpc_every_engine(self, method: str, *, args: tuple = ()) -> list[list]:
+    def try_start_flow(self) -> bool:
+        """Take one of the flow slots, if one is free (the event loop is the only caller)."""
+        if self.flow_passes >= self.max_flow_passes:
+            return False
+        self.flow_passes += 1
+        return True
+
+    def end_flow(self) -> None:
+        self.flow_passes = max(0, self.flow_passes - 1)
+
+    async def run_flow(self, diag_id: int, prompt_ids: list[int]) -> dict:
+        """The ``flow`` object of a finished request: its engine's workers rerun its prompt with
+        the kept rows in place (``PruneWorkerExtension.lvlm_prune_flow``).
+
+        Raises:
+            FlowUnavailable: no engine held the request's rows, or the pass could not run.
+        """
+        per_engine = await asyncio.wait_for(
+            self.rpc_every_engine("lvlm_prune_flow", args=(diag_id, prompt_ids), timeout=None),
+            FLOW_WAIT_SECONDS,
+        )
+        for per_worker in per_engine:
+            answers = [a for a in per_worker if a is not None]
+            if answers:
+                result = flow.combine_flow(answers)
+                seconds = max(a["seconds"] for a in answers)
+                metrics.FLOW_SECONDS.labels(self.model_name).observe(seconds)
+                return result
+        raise flow.FlowUnavailable("no worker held this request's kept rows")
+
+    async def rpc_every_engine(
+        self, method: str, *, args: tuple = (), timeout: float | None = RPC_TIMEOUT_SECONDS
+    ) -> list[list]:
         """A worker-extension RPC on every worker of every data-parallel engine behind this API
         process; answers as ``[engine][worker]``.
 
@@ -133,13 +181,9 @@ class ServerState:
         core = getattr(self.engine_client, "engine_core", None)
         call_all = getattr(core, "call_utility_all_async", None)
         if call_all is None:  # an in-process engine client: one engine
-            return [
-                await self.engine_client.collective_rpc(
-                    method, timeout=RPC_TIMEOUT_SECONDS, args=args
-                )
-            ]
+            return [await self.engine_client.collective_rpc(method, timeout=timeout, args=args)]
         # EngineCore.collective_rpc(method, timeout, args, kwargs)
-        return await call_all("collective_rpc", method, RPC_TIMEOUT_SECONDS, tuple(args), None)
+        return await call_all("collective_rpc", method, timeout, tuple(args), None)
 
     async def pop_diagnostics(self, diag_id: int | None) -> list[dict]:
         if diag_id is None:

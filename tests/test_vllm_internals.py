@@ -171,3 +171,63 @@ def test_rpc_to_every_data_parallel_engine():
     assert _params(EngineCore.collective_rpc) == ["self", "method", "timeout", "args", "kwargs"]
     for client in (AsyncMPClient, DPLBAsyncMPClient):
         assert _params(client.call_utility_all_async) == ["self", "method", "args"]
+
+
+def test_decoder_layer_parts_the_flow_pass_runs():
+    """``vllm_plugin.flow`` reruns vLLM's ``LlamaDecoderLayer.forward`` with its own submodules and
+    replaces only ``self.attn(q, k, v)`` (paged attention): the steps and names must still be
+    vLLM's, in its order."""
+    from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer
+
+    from lvlm_prune.vllm_plugin import flow
+
+    layer_steps = [
+        "self.input_layernorm(hidden_states)",
+        "self.input_layernorm(hidden_states, residual)",
+        "self.self_attn(",
+        "self.post_attention_layernorm(hidden_states, residual)",
+        "self.mlp(hidden_states)",
+    ]
+    attention_steps = [
+        "self.qkv_proj(hidden_states)",
+        "qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)",
+        "self.rotary_emb(positions, q, k)",
+        "self.attn(q, k, v)",
+        "self.o_proj(attn_output)",
+    ]
+    for fn, steps in (
+        (LlamaDecoderLayer.forward, layer_steps),
+        (LlamaAttention.forward, attention_steps),
+    ):
+        source = inspect.getsource(fn)
+        at = [source.find(step) for step in steps]
+        assert all(i >= 0 for i in at) and at == sorted(at), dict(zip(steps, at))
+    init = inspect.getsource(LlamaDecoderLayer.__init__) + inspect.getsource(
+        LlamaAttention.__init__
+    )
+    for name in (*flow.LAYER_PARTS, *flow.ATTENTION_PARTS):
+        assert f"self.{name} =" in init or name == "rotary_emb", name
+    assert "self.rotary_emb =" in inspect.getsource(LlamaAttention._init_rotary_emb)
+
+
+def test_what_the_flow_pass_reads_of_vllm():
+    from vllm.distributed import (
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+    from vllm.inputs import MultiModalInput
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert callable(tensor_model_parallel_all_reduce)
+    assert callable(get_tensor_model_parallel_world_size)
+    # The processor hands the prompt as the engine runs it to the server (accounting.LEDGER).
+    assert "prompt_token_ids" in MultiModalInput.__annotations__
+    # The worker extension reaches the model through the worker it is mixed into.
+    assert _params(Worker.get_model) == ["self"]
+    # The pass builds its input with vLLM's own merge of the kept rows into the prompt.
+    assert _params(LlavaForConditionalGeneration.embed_input_ids) == [
+        "self",
+        "input_ids",
+        "multimodal_embeddings",
+        "is_multimodal",
+    ]

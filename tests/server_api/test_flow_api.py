@@ -1,0 +1,225 @@
+"""Flow diagnostics and the flow method through a real ``lvlm-prune serve`` and the ``openai``
+client: the ``flow`` object, its agreement with transformers, the bound on concurrent flow passes
+(429), bad input (400) and the metrics."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import flow_reference as fref
+import hf_reference as ref
+import openai
+import pytest
+import requests
+import torch
+from helpers import data_url, make_image
+
+from lvlm_prune.server.plugin import MAX_FLOW_PASSES
+from server_api.serving import API_KEY, MODEL
+
+N = 576
+LAYERS = 2  # the tiny model's decoder layers
+QUESTION = "Which animal sits on the green grass?"
+
+
+def messages(question=QUESTION, images=(0,)):
+    content = [{"type": "image_url", "image_url": {"url": data_url(make_image(s))}} for s in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+
+
+def chat(client, pruning, *, images=(0,), max_tokens=2, **extra):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=messages(images=images),
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body={"pruning": pruning, **extra},
+    )
+
+
+def post(server, body):
+    return requests.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": messages(), "max_tokens": 2, **body},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+
+
+def prompt_ids(server, ratio: float, images=(0,)) -> list[int]:
+    """The prompt as the server runs it: vLLM's own /tokenize renders the same chat."""
+    response = requests.post(
+        f"{server.url}/tokenize",
+        json={
+            "model": MODEL,
+            "messages": messages(images=images),
+            "mm_processor_kwargs": {"keep_ratio": ratio},
+        },
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["tokens"]
+
+
+def scrape(server, name: str) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    found = re.search(rf'^{name}\{{model_name="{MODEL}"\}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("images", [(0,), (0, 1)], ids=["one-image", "two-images"])
+def test_flow_through_the_openai_client_matches_transformers(
+    server, client, tiny_model_dir, images
+):
+    response = chat(client, {"keep_ratio": 0.25, "diagnostics": "flow"}, images=images)
+    pruning = response.model_extra["pruning"]
+    flow = pruning["flow"]
+    assert "flow_error" not in pruning
+    # Everything diagnostics true gives is there too (and no heatmap).
+    for image in pruning["per_image"]:
+        assert image["grid"] == [24, 24] and len(image["kept_indices"]) == 144
+        assert image["top_query_tokens"] and "heatmap_png" not in image
+
+    assert len(flow["layers"]) == LAYERS
+    for layer in flow["layers"]:
+        assert set(layer) == {"system", "image", "question"}
+        assert abs(sum(layer.values()) - 1) < 1e-4, layer
+    assert isinstance(flow["cliff_layer"], int)
+    assert [m["layer"] for m in flow["image_map_layers"]] == list(range(LAYERS))
+    for entry in flow["image_map_layers"]:
+        assert len(entry["per_image"]) == len(images)
+        for grid, image in zip(entry["per_image"], pruning["per_image"]):
+            assert [len(grid), len(grid[0])] == image["grid"]
+            flat = [v for row in grid for v in row]
+            assert [i for i, v in enumerate(flat) if v is not None] == image["kept_indices"]
+
+    # The same numbers as transformers' eager attention on the same pruned input.
+    tokenizer = ref.load(tiny_model_dir)[1].tokenizer
+    q_ids = tokenizer.encode(QUESTION, add_special_tokens=False)
+    kept = [ref.reference_kept(tiny_model_dir, make_image(s), q_ids, 144) for s in images]
+    assert [i["kept_indices"] for i in pruning["per_image"]] == [k.tolist() for k in kept]
+    ids = prompt_ids(server, 0.25, images)
+    assert len(ids) == response.usage.prompt_tokens
+    rows = [ref.pruned_rows(tiny_model_dir, make_image(s), k) for s, k in zip(images, kept)]
+    shares, maps = fref.prompt_flow(tiny_model_dir, ids, rows)
+    for got, want in zip(flow["layers"], shares):
+        assert [got["system"], got["image"], got["question"]] == pytest.approx(want, abs=1e-4)
+    for entry in flow["image_map_layers"]:
+        for grid, indices, want in zip(entry["per_image"], kept, maps[entry["layer"]]):
+            flat = [v for row in grid for v in row]
+            got = torch.tensor([flat[i] for i in indices.tolist()], dtype=torch.float64)
+            assert float((got - want).abs().max()) < 1e-4
+
+
+def test_flow_in_the_streaming_answer_and_through_raw_kwargs(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages(),
+            max_tokens=2,
+            stream=True,
+            extra_body={"pruning": {"keep_ratio": 0.25, "diagnostics": "flow"}},
+        )
+    )
+    pruning = chunks[-1].model_extra["pruning"]
+    assert len(pruning["flow"]["layers"]) == LAYERS
+    # Raw mm_processor_kwargs ask the same with prune_flow (the server supplies the id).
+    raw = chat(client, {"keep_ratio": 0.5}, mm_processor_kwargs={"prune_flow": True})
+    pruning = raw.model_extra["pruning"]
+    assert len(pruning["flow"]["layers"]) == LAYERS and "kept_indices" in pruning["per_image"][0]
+    # Without flow, no flow.
+    assert "flow" not in chat(client, {"diagnostics": True}).model_extra["pruning"]
+
+
+def test_flow_method_through_the_api(client, tiny_model_dir):
+    response = chat(
+        client, {"keep_ratio": 0.25, "method": "flow", "prune_layer": 1, "diagnostics": True}
+    )
+    pruning = response.model_extra["pruning"]
+    (image,) = pruning["per_image"]
+    assert pruning["method"] == image["method"] == "flow"
+    assert pruning["image_tokens_after"] == 144
+    q_ids = ref.load(tiny_model_dir)[1].tokenizer.encode(QUESTION, add_special_tokens=False)
+    scores = fref.scout_scores(tiny_model_dir, make_image(0), q_ids, 1)
+    assert image["kept_indices"] == fref.top_k(scores, 144).tolist()
+
+
+def test_flow_passes_are_bounded_with_a_429(server, client):
+    """More concurrent flow requests than the server's slots: the extra ones are refused at
+    once with an OpenAI-style 429 (the openai client's RateLimitError); the others get their
+    flow; afterwards every slot is free again."""
+    rejected_before = scrape(server, "lvlm_prune_flow_rejected_total")
+    passes_before = scrape(server, "lvlm_prune_flow_seconds_count")
+    count = MAX_FLOW_PASSES + 4
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = chat(client, {"keep_ratio": 0.25, "diagnostics": "flow"}, max_tokens=24)
+        except openai.APIStatusError as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    served = [r for r in results if not isinstance(r, openai.APIStatusError)]
+    assert all(isinstance(r, openai.RateLimitError) for r in refused), refused
+    assert served and len(refused) >= count - 2 * MAX_FLOW_PASSES, (len(served), len(refused))
+    for err in refused:
+        assert (err.status_code, err.body["type"], err.body["param"]) == (
+            429,
+            "RateLimitError",
+            "pruning.diagnostics",
+        )
+        assert "flow passes" in err.body["message"]
+        assert err.response.headers["retry-after"] == "1"
+    for response in served:
+        assert len(response.model_extra["pruning"]["flow"]["layers"]) == LAYERS
+    rejected = scrape(server, "lvlm_prune_flow_rejected_total") - rejected_before
+    assert rejected == len(refused)
+    assert scrape(server, "lvlm_prune_flow_seconds_count") - passes_before == len(served)
+    # Every slot came back: one more flow request than there are slots, one after the other.
+    for _ in range(MAX_FLOW_PASSES + 1):
+        assert "flow" in chat(client, {"diagnostics": "flow"}).model_extra["pruning"]
+
+
+BAD = {
+    "diagnostics unknown": ({"pruning": {"diagnostics": "flows"}}, "pruning.diagnostics"),
+    "prune_layer 0": ({"pruning": {"method": "flow", "prune_layer": 0}}, "pruning.prune_layer"),
+    "prune_layer string": (
+        {"pruning": {"method": "flow", "prune_layer": "2"}},
+        "pruning.prune_layer",
+    ),
+    "prune_layer beyond the model": (
+        {"pruning": {"keep_ratio": 0.25, "method": "flow", "prune_layer": LAYERS + 1}},
+        "pruning.prune_layer",
+    ),
+    "raw prune_flow not a bool": (
+        {"mm_processor_kwargs": {"prune_flow": "yes"}},
+        "mm_processor_kwargs.prune_flow",
+    ),
+    "raw prune_layer": (
+        {"mm_processor_kwargs": {"prune_layer": 0}},
+        "mm_processor_kwargs.prune_layer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_flow_input_is_a_400_naming_the_field(server, client, case):
+    body, param = BAD[case]
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == 400 and param.split(".")[-1] in error["message"]
+    if param.startswith(("pruning.", "mm_processor_kwargs.")):
+        assert error["param"] == param
+    # The server keeps serving, with its flow slots intact.
+    assert "flow" in chat(client, {"diagnostics": "flow"}).model_extra["pruning"]
