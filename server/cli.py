@@ -1,4 +1,5 @@
-"""``lvlm-prune``: serve a model through vLLM's OpenAI server with pruning on, or run a benchmark.
+"""``lvlm-prune``: serve a model through vLLM's OpenAI server with pruning on, run a benchmark, or
+explain one question's information flow (``lvlm-prune explain IMAGE QUESTION``).
 
 ``lvlm-prune serve [MODEL] [--keep-ratio R] [--prune-method M] [vLLM serve options...]`` is vLLM's
 own OpenAI server (``vllm serve``) with our defaults filled in: the plugin and its API layer
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\ncommands: serve, bench   (lvlm-prune COMMAND --help)")
+        print("\ncommands: serve, bench, explain   (lvlm-prune COMMAND --help)")
         return
     command, rest = argv[0], argv[1:]
     if command == "serve":
@@ -33,8 +34,12 @@ def main(argv: list[str] | None = None) -> None:
         from lvlm_prune.benchmarks.__main__ import main as bench_main
 
         bench_main(rest)
+    elif command == "explain":
+        from .explain import main as explain_main
+
+        explain_main(rest)
     else:
-        sys.exit(f"lvlm-prune: unknown command {command!r} (serve, bench)")
+        sys.exit(f"lvlm-prune: unknown command {command!r} (serve, bench, explain)")
 
 
 def _add_own_flags(parser) -> None:

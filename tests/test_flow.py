@@ -320,3 +320,54 @@ def test_bad_flow_kwargs_raise_and_the_engine_keeps_serving(llm, bad, message):
     assert message in str(err.value)
     out = llm.generate(request(keep_ratio=0.25, prune_method="flow"), SAMPLING, use_tqdm=False)
     assert sum(t == ref.IMAGE_TOKEN_ID for t in out[0].prompt_token_ids) == 144
+
+
+def test_explain_writes_the_picture_and_the_json(tiny_model_dir, tmp_path):
+    """``lvlm-prune explain``: one request through the offline engine, flow method and flow
+    diagnostics; the JSON is the server's ``pruning`` with diagnostics "flow"."""
+    import json
+    import subprocess
+    import sys
+
+    image = tmp_path / "scene.png"
+    make_image(3).save(image)
+    question = "What is the color of the car?"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lvlm_prune.server.cli",
+            "explain",
+            str(image),
+            question,
+            "--model",
+            tiny_model_dir,
+            "--keep-ratio",
+            "0.25",
+            "--method",
+            "flow",
+            "--max-tokens",
+            "4",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "out" / "scene"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "scene.json").read_text())
+    png = (tmp_path / "out" / "scene.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 600_000
+    (entry,) = result["per_image"]
+    q_ids = ref.load(tiny_model_dir)[1].tokenizer.encode(question, add_special_tokens=False)
+    want = fref.top_k(fref.scout_scores(tiny_model_dir, make_image(3), q_ids, 2), 144)
+    assert entry["method"] == "flow" and entry["kept_indices"] == want.tolist()
+    assert entry["grid"] == [24, 24] and len(entry["scores"]) == 24
+    flow_out = result["flow"]
+    assert len(flow_out["layers"]) == LAYERS
+    assert all(abs(sum(layer.values()) - 1) < 1e-4 for layer in flow_out["layers"])
+    assert [m["layer"] for m in flow_out["image_map_layers"]] == list(range(LAYERS))
+    assert result["prompt_tokens"] > 144 and f"wrote {tmp_path}" in proc.stdout
