@@ -181,7 +181,11 @@ def assert_flow_matches(got, want_shares, want_maps, kept, *, atol=ATOL):
             assert [i for i, v in enumerate(flat) if v is not None] == indices
             values = torch.tensor([flat[i] for i in indices], dtype=torch.float64)
             diff = float((values - want).abs().max())
-            assert diff < atol, f"layer {entry['layer']} map differs by {diff:.2e}"
+            # A map's values are each ~1/N: 1e-4 of its largest value, not 1e-4 absolute (that
+            # would let a map 6 % off pass). Measured: ~1e-9 absolute.
+            assert diff < atol * float(want.max()), (
+                f"layer {entry['layer']} map differs by {diff:.2e}"
+            )
     assert got["cliff_layer"] == flow.cliff_layer([s[1] for s in want_shares])
 
 
