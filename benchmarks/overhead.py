@@ -1,4 +1,5 @@
-"""Where TTFT goes: input processing, vision tower, projector, the selection, the LLM prefill.
+"""Where TTFT goes: input processing, vision tower, projector, the selection, the LLM prefill;
+what the flow method's scout and a flow diagnostics pass cost.
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the benchmark can time
 the pieces from outside the product code: forward hooks on the model's vision tower, projector and
@@ -7,6 +8,9 @@ language model; a timing wrapper around the model instance's ``embed_multimodal`
 runs in the API process, here the same one). All of it is installed for the run and removed after.
 The plugin's own record of the selection time (``diagnostics.STORE.drain_timings``) is read too,
 as a cross-check. One request at a time with ``max_tokens=1``, so the LLM forward is the prefill.
+The ``flow`` method's scout (``vllm_plugin.flow.scout_scores``) is timed on its own; after the
+rounds, flow diagnostics passes (``flow.fetch_flow``, the RPC into the worker) are timed against
+the LLM forward of the same prompt.
 """
 
 from __future__ import annotations
@@ -16,10 +20,21 @@ import collections
 import contextlib
 import time
 
+from lvlm_prune.vllm_plugin import options
+
 from . import common
 
 NAME = "overhead"
-PIECES = ("processor", "vision_tower", "projector", "selection", "embed_multimodal", "llm_forward")
+PIECES = (
+    "processor",
+    "vision_tower",
+    "projector",
+    "scout",
+    "selection",
+    "embed_multimodal",
+    "llm_forward",
+)
+FLOW_RATIOS = (1.0, 0.25)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 1)"
     )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
-    parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
+    parser.add_argument("--methods", nargs="+", default=[*common.METHODS, "flow"])
+    parser.add_argument(
+        "--prune-layer",
+        type=int,
+        default=None,
+        help="the flow method's scout layers (default: the plugin's, 2)",
+    )
+    parser.add_argument(
+        "--flow-passes",
+        type=int,
+        default=None,
+        help="flow diagnostics passes timed per keep ratio (default 4; smoke 1)",
+    )
 
 
 class Probe:
@@ -87,6 +114,7 @@ class Probe:
 
 @contextlib.contextmanager
 def instrumented(llm):
+    from lvlm_prune.vllm_plugin import flow as plugin_flow
     from lvlm_prune.vllm_plugin import llava as plugin_llava
 
     model = common.model_of(llm)
@@ -99,10 +127,18 @@ def instrumented(llm):
         probe.attribute("llm_forward", model.language_model.model, "forward", instance=True)
         probe.attribute("embed_multimodal", model, "embed_multimodal", instance=True)
         probe.attribute("selection", plugin_llava, "select_tokens")
+        probe.attribute("scout", plugin_flow, "scout_scores")
         probe.attribute("processor", plugin_llava.LlavaPruneMultiModalProcessor, "apply")
         yield probe, model
     finally:
         probe.remove()
+
+
+def request_for(config, image, args: argparse.Namespace) -> dict:
+    req = common.request(config, image)
+    if config.method == "flow" and not config.stock and args.prune_layer is not None:
+        req["mm_processor_kwargs"]["prune_layer"] = args.prune_layer
+    return req
 
 
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
@@ -125,7 +161,9 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
                 probe.take()
                 diagnostics.STORE.drain_timings()
                 with common.Timer() as t:
-                    (out,) = llm.generate([common.request(config, image)], sampling, use_tqdm=False)
+                    (out,) = llm.generate(
+                        [request_for(config, image, args)], sampling, use_tqdm=False
+                    )
                 pieces = probe.take()
                 recorded = sum(s for s, _ in diagnostics.STORE.drain_timings())
                 bar.update()
@@ -141,6 +179,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
                     pieces["embed_multimodal"]
                     - pieces["vision_tower"]
                     - pieces["projector"]
+                    - pieces["scout"]
                     - pieces["selection"]
                 )
                 s["engine_other"].append(
@@ -151,6 +190,8 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
                 s["selection_recorded_by_plugin"].append(recorded)
                 prompt_tokens[config.name] = len(out.prompt_token_ids)
         hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+        ratios = [r for r in FLOW_RATIOS if r in {c.keep_ratio for c in configs}]
+        flow_rows = time_flow_passes(llm, probe, args, ratios)
     bar.close()
 
     rows = []
@@ -168,8 +209,19 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             }
         )
     stock = rows[0]["median_seconds"]
+    for row in rows:
+        row["scout_share_of_stock_ttft"] = row["median_seconds"]["scout"] / stock["ttft"]
+    for row in flow_rows:
+        row["prefill_seconds"] = next(
+            r["median_seconds"]["llm_forward"] for r in rows if r["keep_ratio"] == row["keep_ratio"]
+        )
+        row["times_prefill"] = row["median_pass_seconds"] / row["prefill_seconds"]
     vision = stock["vision_tower"] + stock["projector"]
     flops = estimated_flops(hf_config, rows[0]["prompt_tokens"])
+    prune_layer = args.prune_layer or options.DEFAULT_PRUNE_LAYER
+    flops["scout"] = estimated_scout_flops(hf_config, rows[0]["prompt_tokens"], prune_layer)
+    flops["scout_to_llm_ratio"] = flops["scout"] / flops["llm"]
+    flops["prune_layer"] = prune_layer
     return {
         "benchmark": NAME,
         "model": model_label,
@@ -188,7 +240,61 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         "llm_to_vision_time_ratio_stock": stock["llm_forward"] / vision if vision else None,
         "estimated_flops_stock": flops,
         "rows": rows,
+        "flow_passes": flow_rows,
     }
+
+
+def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> list[dict]:
+    """Flow diagnostics: per keep ratio, the pass as the worker timed it and the RPC's wall time
+    (``flow.fetch_flow``), after one request with ``prune_flow`` each."""
+    from vllm import SamplingParams
+
+    from lvlm_prune.vllm_plugin import flow
+
+    passes = args.flow_passes or (1 if args.smoke else 4)
+    sampling = SamplingParams(max_tokens=1, temperature=0.0)
+    rows = []
+    for ratio in ratios:
+        pass_s, wall_s = [], []
+        for i in range(passes + 1):  # the first one warms up
+            diag_id = 7_000_000 + int(ratio * 1000) * 100 + i
+            config = common.Config(ratio)
+            req = common.request(config, common.make_image(3_000_000 + 100 * i + int(ratio * 10)))
+            req["mm_processor_kwargs"].update(prune_diagnostics=diag_id, prune_flow=True)
+            (out,) = llm.generate([req], sampling, use_tqdm=False)
+            probe.take()
+            with common.Timer() as t:
+                result = llm.collective_rpc("lvlm_prune_flow", args=(diag_id, out.prompt_token_ids))
+            llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
+            flow.combine_flow([r for r in result if r is not None])
+            if i:
+                pass_s.append(max(r["seconds"] for r in result if r is not None))
+                wall_s.append(t.seconds)
+        rows.append(
+            {
+                "keep_ratio": ratio,
+                "prompt_tokens": len(out.prompt_token_ids),
+                "median_pass_seconds": common.summary(pass_s)["median"],
+                "median_rpc_seconds": common.summary(wall_s)["median"],
+                "samples": {"pass": pass_s, "rpc": wall_s},
+            }
+        )
+    return rows
+
+
+def estimated_scout_flops(hf_config, tokens: int, prune_layer: int) -> float:
+    """Matmul + attention FLOPs of the flow method's scout over about ``tokens`` tokens: its first
+    ``prune_layer - 1`` decoder layers in full, then the last one's q/k/v projections and the
+    question rows' attention (small)."""
+    t = hf_config.text_config
+    th = t.hidden_size
+    kv_heads = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+    head_dim = getattr(t, "head_dim", None) or th // t.num_attention_heads
+    qkv = 2 * th * (t.num_attention_heads + 2 * kv_heads) * head_dim
+    attn_proj = 2 * th * t.num_attention_heads * head_dim + 2 * th * kv_heads * head_dim
+    full = 2 * tokens * (attn_proj + 3 * th * t.intermediate_size)
+    full += 4 * tokens * tokens * t.num_attention_heads * head_dim
+    return (prune_layer - 1) * full + tokens * qkv
 
 
 def estimated_flops(hf_config, prompt_tokens: int) -> dict:
@@ -231,10 +337,12 @@ def markdown(result: dict) -> str:
         "vision tower",
         "projector",
         "selection",
+        "scout",
         "query embed + gather",
         "LLM forward",
         "engine other",
         "selection / TTFT",
+        "scout / stock TTFT",
         "co-tenant CPU",
     ]
     rows = []
@@ -250,15 +358,31 @@ def markdown(result: dict) -> str:
                 ms("vision_tower"),
                 ms("projector"),
                 ms("selection"),
+                ms("scout"),
                 ms("pruning_other"),
                 ms("llm_forward"),
                 ms("engine_other"),
                 f"**{100 * r['selection_share_of_ttft']:.2f}%**",
+                f"{100 * r['scout_share_of_stock_ttft']:.1f}%",
                 f"{100 * m['cotenant']:.0f}%",
             ]
         )
     fl = result["estimated_flops_stock"]
     measured = result["llm_to_vision_time_ratio_stock"]
+    flow_table = common.markdown_table(
+        ["keep ratio", "prompt tokens", "flow pass", "RPC wall", "LLM forward", "pass / prefill"],
+        [
+            [
+                f"{f['keep_ratio']:g}",
+                f["prompt_tokens"],
+                f"{f['median_pass_seconds'] * 1e3:.1f}",
+                f"{f['median_rpc_seconds'] * 1e3:.1f}",
+                f"{f['prefill_seconds'] * 1e3:.1f}",
+                f"**{f['times_prefill']:.2f}\u00d7**",
+            ]
+            for f in result.get("flow_passes", [])
+        ],
+    )
     return "\n".join(
         [
             f"### Overhead breakdown — model `{result['model']}`",
@@ -274,5 +398,18 @@ def markdown(result: dict) -> str:
             f"{measured:.1f} : 1; estimated FLOPs {fl['llm_to_vision_ratio']:.1f} : 1 "
             f"({fl['llm'] / 1e9:.1f} vs {(fl['vision_tower'] + fl['projector']) / 1e9:.1f} GFLOP, "
             f"{fl['vision_layers_run']} vision layers run, {fl['prompt_tokens']} prompt tokens).",
+            "",
+            f"`scout` is the `flow` method's scout pass (its first `prune_layer` = "
+            f"{fl['prune_layer']} decoder layers over the image and the question); `scout / stock "
+            "TTFT` is its median over stock's median TTFT. Estimated FLOPs: scout / stock LLM "
+            f"prefill = {100 * fl['scout_to_llm_ratio']:.1f}% (the floor: {fl['prune_layer'] - 1} "
+            "of the model's decoder layers over about as many tokens as the stock prompt, plus "
+            "the last scout layer's projections).",
+            "",
+            "Flow diagnostics (`prune_flow`): medians in ms of the worker's pass (one eager "
+            "forward of the prompt with attention probabilities read out) and of the RPC around "
+            "it, against the LLM forward (prefill) of a prompt of the same keep ratio above.",
+            "",
+            flow_table,
         ]
     )
