@@ -93,6 +93,13 @@ def default_model() -> tuple[str, str]:
     return args.model, names[0] if names else args.model
 
 
+def _model_name(model: str) -> str:
+    """How the picture names a checkpoint: the project's own model by its name, else as given."""
+    from lvlm_prune.shapes import MODEL_NAME, is_shapes_model
+
+    return MODEL_NAME if Path(model).is_dir() and is_shapes_model(model) else model
+
+
 def explain(
     image_path: Path,
     question: str,
@@ -114,13 +121,12 @@ def explain(
 
     from lvlm_prune.vllm_plugin import WORKER_EXTENSION, flow
 
-    path, name = (model, model) if model else default_model()
+    path, name = (model, _model_name(model)) if model else default_model()
     llm = LLM(
         path,
         served_model_name=name,
         dtype=dtype,
         enforce_eager=True,
-        max_model_len=4096,
         limit_mm_per_prompt={"image": 1},
         worker_extension_cls=WORKER_EXTENSION,
         seed=0,
