@@ -209,13 +209,14 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             }
         )
     stock = rows[0]["median_seconds"]
+    # Paired per round (a config's i-th sample and stock's i-th ran in the same round): a shared
+    # machine's slow drift cancels out of the ratio.
+    stock_ttft = samples[configs[0].name]["ttft"]
     for row in rows:
-        row["scout_share_of_stock_ttft"] = row["median_seconds"]["scout"] / stock["ttft"]
-    for row in flow_rows:
-        row["prefill_seconds"] = next(
-            r["median_seconds"]["llm_forward"] for r in rows if r["keep_ratio"] == row["keep_ratio"]
-        )
-        row["times_prefill"] = row["median_pass_seconds"] / row["prefill_seconds"]
+        scout = samples[row["config"]]["scout"]
+        row["scout_share_of_stock_ttft"] = common.summary(
+            [a / b for a, b in zip(scout, stock_ttft)]
+        )["median"]
     vision = stock["vision_tower"] + stock["projector"]
     flops = estimated_flops(hf_config, rows[0]["prompt_tokens"])
     prune_layer = args.prune_layer or options.DEFAULT_PRUNE_LAYER
@@ -251,18 +252,19 @@ def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> lis
 
     from lvlm_prune.vllm_plugin import flow
 
-    passes = args.flow_passes or (1 if args.smoke else 4)
+    passes = args.flow_passes or (1 if args.smoke else 6)
     sampling = SamplingParams(max_tokens=1, temperature=0.0)
     rows = []
     for ratio in ratios:
-        pass_s, wall_s = [], []
+        pass_s, wall_s, prefill_s = [], [], []
         for i in range(passes + 1):  # the first one warms up
             diag_id = 7_000_000 + int(ratio * 1000) * 100 + i
             config = common.Config(ratio)
             req = common.request(config, common.make_image(3_000_000 + 100 * i + int(ratio * 10)))
             req["mm_processor_kwargs"].update(prune_diagnostics=diag_id, prune_flow=True)
-            (out,) = llm.generate([req], sampling, use_tqdm=False)
             probe.take()
+            (out,) = llm.generate([req], sampling, use_tqdm=False)
+            prefill = probe.take()["llm_forward"]  # this very prompt's prefill
             with common.Timer() as t:
                 result = llm.collective_rpc("lvlm_prune_flow", args=(diag_id, out.prompt_token_ids))
             llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
@@ -270,13 +272,19 @@ def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> lis
             if i:
                 pass_s.append(max(r["seconds"] for r in result if r is not None))
                 wall_s.append(t.seconds)
+                prefill_s.append(prefill)
         rows.append(
             {
                 "keep_ratio": ratio,
                 "prompt_tokens": len(out.prompt_token_ids),
                 "median_pass_seconds": common.summary(pass_s)["median"],
                 "median_rpc_seconds": common.summary(wall_s)["median"],
-                "samples": {"pass": pass_s, "rpc": wall_s},
+                "prefill_seconds": common.summary(prefill_s)["median"],
+                # Each pass over its own request's prefill, then the median.
+                "times_prefill": common.summary([a / b for a, b in zip(pass_s, prefill_s)])[
+                    "median"
+                ],
+                "samples": {"pass": pass_s, "rpc": wall_s, "prefill": prefill_s},
             }
         )
     return rows
@@ -401,14 +409,16 @@ def markdown(result: dict) -> str:
             "",
             f"`scout` is the `flow` method's scout pass (its first `prune_layer` = "
             f"{fl['prune_layer']} decoder layers over the image and the question); `scout / stock "
-            "TTFT` is its median over stock's median TTFT. Estimated FLOPs: scout / stock LLM "
-            f"prefill = {100 * fl['scout_to_llm_ratio']:.1f}% (the floor: {fl['prune_layer'] - 1} "
+            "TTFT` is its time over stock's TTFT in the same round, median over rounds. "
+            "Estimated FLOPs: scout / stock LLM prefill = "
+            f"{100 * fl['scout_to_llm_ratio']:.1f}% (the floor: {fl['prune_layer'] - 1} "
             "of the model's decoder layers over about as many tokens as the stock prompt, plus "
             "the last scout layer's projections).",
             "",
             "Flow diagnostics (`prune_flow`): medians in ms of the worker's pass (one eager "
-            "forward of the prompt with attention probabilities read out) and of the RPC around "
-            "it, against the LLM forward (prefill) of a prompt of the same keep ratio above.",
+            "forward of the prompt with attention probabilities read out), of the RPC around it, "
+            "and of the same request's own LLM forward (its prefill); `pass / prefill` is per "
+            "request, then the median.",
             "",
             flow_table,
         ]
