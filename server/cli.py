@@ -135,12 +135,15 @@ def serve(argv: list[str]) -> None:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
+    from .supervision import exit_status
+
     # NOTE(vLLM 0.32): the same steps as vllm/entrypoints/launchers/api_server/entry.py:main.
     cli_env_setup()
     args = build_serve_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
+    sys.exit(exit_status())  # non-zero when the engine died, so a supervisor restarts us
 
 
 if __name__ == "__main__":

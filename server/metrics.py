@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from lvlm_prune.vllm_plugin.accounting import LEDGER
+
 LABELS = ("model_name",)
 
 IMAGE_TOKENS_BEFORE = Counter(
@@ -57,6 +59,12 @@ DIAGNOSTICS_PENDING = Gauge(
     "Diagnostics entries held in the workers' bounded store, not yet fetched.",
     LABELS,
 )
+LEDGER_ENTRIES = Gauge(
+    "lvlm_prune_ledger_entries",
+    "Requests this API process holds an entry for: accepted, response not finished. Back to 0 "
+    "when idle, disconnects and errors included. Per process, so no model_name label.",
+)
+LEDGER_ENTRIES.set_function(lambda: len(LEDGER))  # read at scrape time
 
 
 def observe_request(model_name: str, counts) -> None:

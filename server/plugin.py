@@ -20,8 +20,9 @@ from fastapi import FastAPI
 from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, flow, options
 from lvlm_prune.vllm_plugin.accounting import LEDGER
 
-from . import metrics
+from . import metrics, supervision
 from .inspect import router as inspect_router
+from .media_limits import answer_oversized_images_with_400
 from .middleware import PruningMiddleware
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,7 @@ class PruningEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         allow_pruning_kwargs_per_request()
+        answer_oversized_images_with_400()
         # Added before vLLM adds its authentication middleware, so ours runs inside it.
         app.add_middleware(PruningMiddleware)
         app.include_router(inspect_router)
@@ -235,6 +237,7 @@ class PruningEndpointPlugin:
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:  # the CPU-only render server has no engine
             return
+        supervision.watch(engine_client)
         if not serves_pruned_llava(engine_client.model_config):
             logger.warning("lvlm-prune: %s is not a pruned LLaVA model; API layer off", args.model)
             return
