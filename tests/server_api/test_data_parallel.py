@@ -95,3 +95,30 @@ def test_every_request_gets_its_diagnostics_from_the_engine_that_ran_it(dp_serve
         per_engine[engine] = per_engine.get(engine, 0.0) + float(count)
     assert sorted(per_engine) == ["0", "1"], per_engine
     assert all(count > 0 for count in per_engine.values()), per_engine
+
+
+def test_flow_diagnostics_come_from_the_engine_that_ran_the_request(dp_server):
+    """The flow pass reruns a request on the engine that served it; the other engine answers
+    "not mine" without a collective (its workers would otherwise wait for each other)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{dp_server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    for i in range(4):
+        response = client.chat.completions.create(
+            model=MODEL,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(make_image(320 + i))}},
+                        {"type": "text", "text": f"What is in picture {i}?"},
+                    ],
+                }
+            ],
+            max_tokens=2,
+            extra_body={"pruning": {"keep_ratio": 0.25, "diagnostics": "flow"}},
+        )
+        pruning = response.model_extra["pruning"]
+        assert "flow_error" not in pruning, pruning["flow_error"]
+        layers = pruning["flow"]["layers"]
+        assert len(layers) == 2 and all(abs(sum(x.values()) - 1) < 1e-4 for x in layers)
