@@ -4,6 +4,8 @@ transformers' eager attention (``output_attentions=True``) on the same float32 i
 Random weights: only attention shares, maps, scores, kept indices and logprobs are compared.
 """
 
+import types
+
 import flow_reference as fref
 import hf_reference as ref
 import pytest
@@ -142,6 +144,13 @@ def test_flow_options():
     with pytest.raises(PruneOptionError, match="at most the model's 2 decoder layers, got 3"):
         PruneOptions.from_kwargs({"prune_method": "flow", "prune_layer": 3}).check_layers(2)
     PruneOptions.from_kwargs({"prune_layer": 3}).check_layers(2)  # simignore: not used
+    # What the worker could not run is refused in the processor, naming the kwarg.
+    qwen = types.SimpleNamespace(model_type="qwen2", num_hidden_layers=4)
+    flow.check_supported(PruneOptions(), qwen)  # neither flow method nor flow diagnostics
+    with pytest.raises(PruneOptionError, match="prune_method: information flow supports llama"):
+        flow.check_supported(PruneOptions(method="flow"), qwen)
+    with pytest.raises(PruneOptionError, match="prune_flow: information flow supports"):
+        flow.check_supported(PruneOptions(flow=True, diagnostics_id=1), qwen)
 
 
 # ---- in a real engine -----------------------------------------------------------------------

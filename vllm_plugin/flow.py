@@ -31,6 +31,10 @@ from collections.abc import Sequence
 
 import torch
 
+MODEL_TYPES = ("llama", "mistral")
+"""Language models whose vLLM decoder layers are ``LlamaDecoderLayer`` (or subclass it): the
+pass reruns that layer's steps (pinned in tests/test_vllm_internals.py)."""
+
 MAP_LAYERS = (0, 1, 2)
 """Decoder layers whose image map flow diagnostics return (those the model has)."""
 
@@ -56,6 +60,26 @@ tests/test_vllm_internals.py)."""
 
 class FlowUnavailable(RuntimeError):
     """The served model or its input does not allow a flow pass; the message says why."""
+
+
+def check_supported(opts, text_config) -> None:
+    """Refuse, in the processor (before the engine sees the request), what the worker could not
+    run: the flow method or flow diagnostics on another language model, a scout deeper than the
+    model.
+
+    Raises:
+        PruneOptionError: naming ``prune_method`` / ``prune_flow`` / ``prune_layer``.
+    """
+    from .options import FLOW, METHOD, PruneOptionError
+
+    opts.check_layers(text_config.num_hidden_layers)
+    if (opts.method == "flow" or opts.flow) and text_config.model_type not in MODEL_TYPES:
+        kwarg = METHOD if opts.method == "flow" else FLOW
+        raise PruneOptionError(
+            kwarg,
+            f"{kwarg}: information flow supports {', '.join(MODEL_TYPES)} language models; this "
+            f"model's is {text_config.model_type!r}",
+        )
 
 
 # ---- attention ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ shorter image run needs no position fix-up.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,6 +49,8 @@ from . import diagnostics, flow, options
 from .accounting import LEDGER, RequestCounts
 from .options import PruneOptions
 
+logger = logging.getLogger(__name__)
+
 # Per-image fields the processor adds for the model. Every processed image carries all of them
 # (keep_ratio 1.0 included), so items of different requests batch together in the worker.
 KEEP_FIELD = "prune_keep"
@@ -74,7 +77,7 @@ class LlavaPruneMultiModalProcessor(LlavaMultiModalProcessor):
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
         opts = PruneOptions.from_kwargs(merged)
-        opts.check_layers(self.info.get_hf_config().text_config.num_hidden_layers)
+        flow.check_supported(opts, self.info.get_hf_config().text_config)
         tag = merged.get(options.TAG)
         kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
         mm_items = inputs.mm_data_items
@@ -310,13 +313,20 @@ class LlavaPruneForConditionalGeneration(LlavaForConditionalGeneration):
         scores: list[torch.Tensor | None] = [None] * len(images)
         if scouted:
             layers = _per_image(fields[LAYER_FIELD])
-            found = flow.scout_scores(
-                self,
-                [images[b] for b in scouted],
-                [queries[b] for b in scouted],
-                [layers[b] for b in scouted],
-                bos=embedded[-1] if bos_id is not None else None,
-            )
+            try:
+                found = flow.scout_scores(
+                    self,
+                    [images[b] for b in scouted],
+                    [queries[b] for b in scouted],
+                    [layers[b] for b in scouted],
+                    bos=embedded[-1] if bos_id is not None else None,
+                )
+            except flow.FlowUnavailable as err:
+                # The processor refuses what it can see; what only the worker sees (pipeline
+                # parallelism) must not stop the engine: the selection falls back to uniform
+                # and says so in its method. Every rank raises here, before any collective.
+                logger.warning("lvlm-prune: flow method unavailable, uniform instead: %s", err)
+                found = [None] * len(scouted)
             for b, s in zip(scouted, found):
                 scores[b] = s
         selections = select_tokens(
