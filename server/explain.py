@@ -29,7 +29,9 @@ MAP_LAYER = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lvlm-prune explain",
-        description=__doc__.strip().splitlines()[0],
+        description="One question about one image through the offline engine, with flow "
+        "diagnostics: writes a PNG (attention shares per decoder layer with the cliff, the "
+        "relevance heatmap, a shallow layer's attention map) and the JSON behind it.",
     )
     parser.add_argument("image", type=Path, help="an image file (PNG, JPEG, ...)")
     parser.add_argument("question", help="the question about it")
