@@ -4,7 +4,8 @@ NAME: latency, throughput, overhead, fidelity, prefill-gpu, or all. Each prints 
 and writes ``NAME-MODEL.{json,md}`` (and a PNG where it plots) to ``--out`` (default
 ``./benchmarks/results/`` of the working directory; with ``--smoke``, its ``smoke/`` subfolder,
 which git ignores). ``kernels`` (the Triton kernels: torch + Triton only, no engine) is not part
-of ``all``.
+of ``all``, nor are ``serve`` (rate sweeps against real servers) and ``soak`` (minutes of mixed
+traffic, then checks; exits 1 when one fails), which start their own servers and run for long.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from . import (  # noqa: E402
     multiturn,
     overhead,
     prefill_gpu,
+    serve,
+    soak,
     throughput,
 )
 
@@ -35,6 +38,8 @@ BENCHMARKS = {
     "fidelity": fidelity,
     "prefill-gpu": prefill_gpu,
     "multiturn": multiturn,
+    "serve": serve,
+    "soak": soak,
 }
 
 
@@ -88,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench_kernels.add_arguments(p)
-    p = sub.add_parser("all", help="every benchmark above with its defaults, one shared engine")
+    p = sub.add_parser(
+        "all", help="every benchmark above but serve and soak, with defaults, one shared engine"
+    )
     _add_common(p)
     return parser
 
@@ -106,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.name == "all":
         rest = argv[1:]
-        names = list(BENCHMARKS)
+        # serve and soak (IN_ALL = False) start their own servers for tens of minutes.
+        names = [n for n, m in BENCHMARKS.items() if getattr(m, "IN_ALL", True)]
         runs = [parser.parse_args([name, *rest]) for name in names]
     else:
         runs = [args]
-    sections = []
+    sections, failed = [], False
     command = common.command_line(argv)
     for run_args in runs:
-        section = run_one(run_args, command)
+        section, passed = run_one(run_args, command)
+        failed |= passed is False
         if section:
             sections.append(section)
     if args.name == "all" and sections:
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
         print(f"\nsummary: {path}")
-    return 0
+    return 1 if failed else 0
 
 
 def _model_name(args) -> str:
@@ -137,14 +146,15 @@ def _out_dir(args) -> Path:
     return args.out or common.results_dir(smoke=args.smoke)
 
 
-def run_one(args: argparse.Namespace, command: str) -> str | None:
-    """Run one benchmark, write its files, print its table; return its markdown section."""
+def run_one(args: argparse.Namespace, command: str) -> tuple[str | None, bool | None]:
+    """Run one benchmark, write its files, print its table; return its markdown section and
+    whether its checks passed (None: it has none; a failed soak makes the command exit 1)."""
     module = BENCHMARKS[args.name]
     machine = common.machine_info()
     if module is prefill_gpu:
         result = module.run(args)
         if result is None:
-            return f"### LLM prefill on a GPU\n\n{prefill_gpu.NO_CUDA}"
+            return f"### LLM prefill on a GPU\n\n{prefill_gpu.NO_CUDA}", None
         stem = f"{args.name}-{'tiny-cpu' if args.smoke else 'llava7b-shape'}"
     else:
         model_dir, label = common.resolve_model(_model_name(args))
@@ -172,7 +182,7 @@ def run_one(args: argparse.Namespace, command: str) -> str | None:
     print(
         f"wrote {files['json']}, {files['md']}" + (f", {out / (stem + '.png')}" if plotted else "")
     )
-    return section
+    return section, result.get("passed")
 
 
 if __name__ == "__main__":

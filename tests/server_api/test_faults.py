@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ import pytest
 import requests
 from helpers import data_url, make_image
 
+from lvlm_prune.benchmarks.soak import oversized_png_url
 from server_api.serving import API_KEY, MODEL, Server, free_port
 
 LONG = 1700  # output tokens (ignore_eos): still generating when the fault comes, at 2048 tokens
@@ -249,21 +249,12 @@ def test_client_closing_50_requests_does_not_disturb_the_others(server):
 # Bad images
 
 
-def oversized_png() -> str:
-    """A PNG that declares 20000 x 20000 pixels, over vLLM's (and PIL's) limit, in a few KB."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("1", (20000, 20000)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.mark.parametrize("kind", ["oversized", "not-an-image"])
 def test_bad_images_are_400_and_the_server_serves_on(server, kind):
     payload = body(1, stream=False, max_tokens=2)
     part = payload["messages"][0]["content"][0]
     if kind == "oversized":
-        part["image_url"]["url"] = oversized_png()
+        part["image_url"]["url"] = oversized_png_url()  # declares 20000 x 20000 pixels
     else:
         part["image_url"]["url"] = "data:image/png;base64," + base64.b64encode(b"no" * 999).decode()
     r = requests.post(

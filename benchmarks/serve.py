@@ -1,0 +1,808 @@
+"""Online serving under load: the highest request rate each setting sustains at a p99 TTFT SLO.
+
+A real ``lvlm-prune serve`` on 127.0.0.1 (one per workload), driven over HTTP by vLLM's own serving
+benchmark (``vllm.benchmarks.serve.benchmark``, what ``vllm bench serve`` runs: Poisson arrivals,
+streamed chat completions, TTFT / TPOT / ITL percentiles, goodput at an SLO). The settings differ
+only in the request's ``pruning.keep_ratio`` (``--extra-body``), so all of them hit the same server
+with the same engine, KV cache and caches, and they interleave at every rate.
+
+Workloads: ``random-mm`` (vLLM's dataset: random text of ``--input-len`` tokens and one fresh
+random 336 x 336 image per request, so no cache ever hits) on ``--model``; ``shapes`` (fresh
+ShapesVQA v2 scenes with their own questions, answers to EOS) on the trained ShapesVQA model.
+
+Steps per workload: warm-up; the **unloaded** TTFT of every setting (one request at a time); the
+**SLO**: p99 TTFT <= 2 x stock's unloaded median TTFT; a rate sweep on a geometric grid starting
+at 0.4 x stock's unloaded request rate (1 / its mean end-to-end latency), every setting still in
+the SLO running once per rate, back to back in rotated order, each dropped after two failing
+rates in a row; one refining rate (the geometric midpoint) between each setting's last pass and
+first failure. A rate passes when every request succeeded and p99 TTFT is within the SLO; the
+**sustainable rate** is the highest that passed, and the headline is its ratio to stock's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import shlex
+import time
+import urllib.request
+from pathlib import Path
+
+from . import common, multiturn
+
+NAME = "serve"
+USES_ENGINE = False  # starts its own servers
+IN_ALL = False  # tens of minutes: run on its own
+GOAL_RATIO = 3.0  # sustainable rate at keep 0.25 / stock's, on the bench model
+GOAL_KEEP_RATIO = 0.25
+SLO_FACTOR = 2.0
+START_FACTOR = 0.4
+MAX_FACTOR = 12.0
+IMAGE_SIZE = 336
+
+
+# --------------------------------------------------------------------------------------------
+# The server, its metrics and its processes (shared with the soak)
+
+
+class Server(multiturn.Server):
+    """A real ``lvlm-prune serve`` on 127.0.0.1 with vLLM's defaults except what is given here.
+
+    The same start, readiness wait, log and SIGTERM stop as the multi-turn benchmark's server;
+    only the vLLM options differ (block size and prefix caching left at vLLM's defaults).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        name: str,
+        max_model_len: int,
+        timeout: float,
+        images_per_prompt: int = 1,
+        mm_processor_cache_gb: float | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(
+            model_dir, name=name, block_size=0, max_model_len=max_model_len, timeout=timeout
+        )
+        self.vllm_args = [
+            *("--served-model-name", name, "--port", str(self.port)),
+            *("--enforce-eager", "--max-model-len", str(max_model_len)),
+            *("--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})),
+            *extra_args,
+        ]
+        if mm_processor_cache_gb is not None:
+            self.vllm_args += ["--mm-processor-cache-gb", f"{mm_processor_cache_gb:g}"]
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.url)
+
+    def processes(self) -> dict:
+        """``{"api": Process, "VLLM::EngineCore": Process, ...}``: the API process and vLLM's
+        engine processes under it (found by process tree: vLLM names them ``VLLM::...``)."""
+        import psutil
+
+        api = psutil.Process(self.proc.pid)
+        out = {"api": api}
+        for child in api.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                name = child.name()
+                if name.startswith("VLLM::"):
+                    key, n = name, 1
+                    while key in out:
+                        n += 1
+                        key = f"{name} #{n}"
+                    out[key] = child
+        return out
+
+    def engine_core(self):
+        return next(p for name, p in self.processes().items() if name.startswith("VLLM::Engine"))
+
+    def log_tail(self, chars: int = 5000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample on ``/metrics``, keyed ``name{labels}`` as Prometheus writes it."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return out
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of ``name`` over every label set that has the given labels."""
+    total = 0.0
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(w in rest for w in wanted):
+            total += value
+    return total
+
+
+class CpuMeter:
+    """Share of the machine's CPU that processes other than this one and the server used."""
+
+    def __init__(self, server: Server) -> None:
+        import psutil
+
+        self._procs = [psutil.Process(), *server.processes().values()]
+        self._start = self._read()
+        self._t0 = time.monotonic()
+
+    def _read(self) -> tuple[float, float]:
+        import psutil
+
+        busy = psutil.cpu_times()
+        total_busy = sum(busy) - busy.idle - getattr(busy, "iowait", 0.0)
+        ours = 0.0
+        for p in self._procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                ours += t.user + t.system
+        return total_busy, ours
+
+    def share(self) -> float:
+        end, wall = self._read(), time.monotonic() - self._t0
+        capacity = wall * (os.cpu_count() or 1)
+        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(0.0, min(1.0, other / capacity)) if capacity > 0 else 0.0
+
+
+def data_url(image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    mime = "jpeg" if fmt.upper() == "JPEG" else fmt.lower()
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    keep_ratio: float
+
+    @property
+    def stock(self) -> bool:
+        return self.keep_ratio >= 1.0
+
+    @property
+    def name(self) -> str:
+        return "stock" if self.stock else f"keep {self.keep_ratio:g}"
+
+    def extra_body(self) -> dict:
+        # Stock is keep_ratio 1.0 on the same server: the processor leaves the prompt alone.
+        return {"pruning": {"keep_ratio": self.keep_ratio}}
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    model_dir: str
+    model_label: str
+    output_len: int
+    ignore_eos: bool
+    description: str
+
+    def requests(self, tokenizer, n: int, seed: int, input_len: int) -> list:
+        if self.name == "random-mm":
+            return random_mm_requests(tokenizer, n, seed, input_len, self.output_len)
+        return shapes_requests(tokenizer, n, seed, self.output_len)
+
+    def vllm_command(self, setting: Setting, input_len: int) -> str:
+        """The ``vllm bench serve`` line one rate of this workload corresponds to."""
+        if self.name != "random-mm":
+            return "no vLLM dataset: ShapesVQA scenes made here, sent by the same benchmark()"
+        return shlex.join(
+            [
+                *("vllm", "bench", "serve", "--backend", "openai-chat"),
+                *("--endpoint", "/v1/chat/completions"),
+                *random_mm_args(input_len, self.output_len, "N", "SEED"),
+                *("--extra-body", json.dumps(setting.extra_body())),
+                *("--request-rate", "RATE", "--goodput", "ttft:SLO_MS"),
+                *("--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"),
+            ]
+        )
+
+
+def random_mm_args(input_len: int, output_len: int, n, seed) -> list[str]:
+    return [
+        *("--dataset-name", "random-mm", "--num-prompts", str(n), "--seed", str(seed)),
+        *("--random-input-len", str(input_len), "--random-output-len", str(output_len)),
+        *("--random-range-ratio", "0", "--random-mm-base-items-per-request", "1"),
+        *("--random-mm-num-mm-items-range-ratio", "0"),
+        *("--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}'),
+        *("--random-mm-bucket-config", f"{{({IMAGE_SIZE}, {IMAGE_SIZE}, 1): 1.0}}"),
+    ]
+
+
+def random_mm_requests(tokenizer, n: int, seed: int, input_len: int, output_len: int) -> list:
+    """vLLM's ``--dataset-name random-mm``, parsed by its own argument parser: random text and
+    one random-pixel JPEG per request, drawn from ``seed`` (a new seed per rate and setting)."""
+    from vllm.benchmarks.datasets import get_samples
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(
+        ["--backend", "openai-chat", *random_mm_args(input_len, output_len, n, seed)]
+    )
+    return get_samples(args, tokenizer)
+
+
+def shapes_requests(tokenizer, n: int, seed: int, output_len: int) -> list:
+    """Fresh ShapesVQA v2 scenes, each with one of its own questions (PNG, as the model saw)."""
+    from vllm.benchmarks.datasets import SampleRequest
+
+    from lvlm_prune.shapes import scenes
+
+    out = []
+    for scene, question in scenes.sample(seed, n):
+        url = data_url(scene.image())
+        out.append(
+            SampleRequest(
+                prompt=question.text,
+                prompt_len=len(tokenizer.encode(question.text)),
+                expected_output_len=output_len,
+                multi_modal_data=[{"type": "image_url", "image_url": {"url": url}}],
+            )
+        )
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=("random-mm", "shapes"),
+        default=None,
+        help="random-mm on --model, and/or shapes (ShapesVQA questions on the trained "
+        "ShapesVQA model) (default: both; smoke: random-mm)",
+    )
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.25, 0.11])
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="request rates (req/s) instead of the adaptive grid (every setting runs each)",
+    )
+    parser.add_argument(
+        "--rate-step",
+        type=float,
+        default=2 ** (1 / 3),
+        help="factor between grid rates (default 2^(1/3), three per doubling)",
+    )
+    parser.add_argument(
+        "--seconds-per-rate",
+        type=float,
+        default=None,
+        help="arrivals per rate last this long (default 20; smoke 4)",
+    )
+    parser.add_argument(
+        "--min-requests", type=int, default=None, help="per rate (default 24; smoke 6)"
+    )
+    parser.add_argument(
+        "--unloaded", type=int, default=None, help="one-at-a-time requests per setting (10; 4)"
+    )
+    parser.add_argument(
+        "--input-len", type=int, default=24, help="random-mm text tokens (default 24)"
+    )
+    parser.add_argument(
+        "--output-len",
+        type=int,
+        default=None,
+        help="random-mm output tokens, ignore_eos (default 16; smoke 4); shapes: at most 8, to EOS",
+    )
+    parser.add_argument(
+        "--mm-processor-cache-gb",
+        type=float,
+        default=0.25,
+        help="the server's processor cache (fresh images never hit it; bounded so a long sweep "
+        "does not fill the shared machine's memory; default 0.25)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-timeout", type=float, default=900, help="seconds to wait for a server to start"
+    )
+
+
+def workloads_for(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
+    names = args.workloads or (["random-mm"] if args.smoke else ["random-mm", "shapes"])
+    model_dir, label = common.resolve_model(args.model or ("tiny" if args.smoke else "bench"))
+    out, skipped = [], []
+    for name in names:
+        if name == "random-mm":
+            out.append(
+                Workload(
+                    "random-mm",
+                    model_dir,
+                    label,
+                    output_len=args.output_len or (4 if args.smoke else 16),
+                    ignore_eos=True,
+                    description=f"vLLM's random-mm: {args.input_len} random text tokens, one "
+                    f"fresh random {IMAGE_SIZE} x {IMAGE_SIZE} JPEG, "
+                    f"{args.output_len or (4 if args.smoke else 16)} output tokens (ignore_eos)",
+                )
+            )
+            continue
+        from lvlm_prune.shapes import MODEL_NAME, released_model_dir
+
+        try:
+            shapes_dir = str(released_model_dir())
+        except FileNotFoundError as err:
+            skipped.append(f"shapes: {err}")
+            continue
+        out.append(
+            Workload(
+                "shapes",
+                shapes_dir,
+                MODEL_NAME,
+                output_len=8,
+                ignore_eos=False,
+                description="fresh ShapesVQA v2 scenes (PNG) with one of their own questions, "
+                "answered to EOS (at most 8 tokens)",
+            )
+        )
+    return out, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+class Runner:
+    """One workload against one server: every measurement is one call of vLLM's benchmark."""
+
+    def __init__(self, server: Server, workload: Workload, args: argparse.Namespace) -> None:
+        from vllm.tokenizers import get_tokenizer
+
+        self.server, self.workload, self.args = server, workload, args
+        self.tokenizer = get_tokenizer(workload.model_dir)
+        self.seed = args.seed * 1_000_003
+        self.slo_ms: float | None = None
+
+    def next_seed(self) -> int:
+        self.seed += 1
+        return self.seed
+
+    def measure(self, setting: Setting, *, n: int, rate: float, one_at_a_time=False) -> dict:
+        from vllm.benchmarks.serve import TaskType, benchmark
+
+        seed = self.next_seed()
+        requests = self.workload.requests(self.tokenizer, n, seed, self.args.input_len)
+        random.seed(seed)
+        import numpy as np
+
+        np.random.seed(seed % 2**32)  # vLLM's Poisson arrival times come from numpy's global RNG
+        meter = CpuMeter(self.server)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            raw = asyncio.run(
+                benchmark(
+                    task_type=TaskType.GENERATION,
+                    endpoint_type="openai-chat",
+                    api_url=f"{self.server.url}/v1/chat/completions",
+                    base_url=self.server.url,
+                    model_id=self.server.name,
+                    model_name=self.server.name,
+                    tokenizer=self.tokenizer,
+                    input_requests=requests,
+                    logprobs=None,
+                    request_rate=rate,
+                    burstiness=1.0,
+                    disable_tqdm=True,
+                    num_warmups=0,
+                    profile=False,
+                    selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"],
+                    selected_percentiles=[50.0, 99.0],
+                    ignore_eos=self.workload.ignore_eos,
+                    goodput_config_dict={"ttft": self.slo_ms} if self.slo_ms else {},
+                    max_concurrency=1 if one_at_a_time else None,
+                    lora_modules=None,
+                    extra_headers=None,
+                    extra_body=setting.extra_body(),
+                )
+            )
+        point = _point(raw, setting, rate, n, seed)
+        point["cotenant_cpu_share"] = meter.share()
+        point["vllm_output"] = _result_block(printed.getvalue())
+        if self.slo_ms is not None and not one_at_a_time:
+            point["within_slo"] = bool(point["failed"] == 0 and point["p99_ttft_ms"] <= self.slo_ms)
+        return point
+
+
+def _point(raw: dict, setting: Setting, rate: float, n: int, seed: int) -> dict:
+    keys = (
+        "completed",
+        "failed",
+        "duration",
+        "request_throughput",
+        "request_goodput",
+        "output_throughput",
+        "total_input_tokens",
+        "total_output_tokens",
+        "max_concurrent_requests",
+        "mean_ttft_ms",
+        "p50_ttft_ms",
+        "p99_ttft_ms",
+        "p50_tpot_ms",
+        "p99_tpot_ms",
+        "p50_itl_ms",
+        "p99_itl_ms",
+        "mean_e2el_ms",
+        "p50_e2el_ms",
+        "p99_e2el_ms",
+    )
+    point = {"setting": setting.name, "keep_ratio": setting.keep_ratio, "rate": rate, "n": n}
+    point["seed"] = seed
+    point.update({k: _plain(raw.get(k)) for k in keys})
+    point["ttfts_ms"] = [round(t * 1e3, 2) for t, e in zip(raw["ttfts"], raw["errors"]) if not e]
+    errors = [e for e in raw["errors"] if e]
+    point["errors"] = sorted(set(e.strip().splitlines()[-1][:300] for e in errors))[:3]
+    return point
+
+
+def _plain(value):
+    """numpy scalars from vLLM's metrics as Python numbers (JSON)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _result_block(printed: str) -> str:
+    """vLLM's own "Serving Benchmark Result" block, as ``vllm bench serve`` prints it."""
+    at = printed.find("=" * 10)
+    return printed[at:].strip() if at >= 0 else printed.strip()
+
+
+def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> dict:
+    seconds = args.seconds_per_rate or (4 if args.smoke else 20)
+    min_requests = args.min_requests or (6 if args.smoke else 24)
+    unloaded_n = args.unloaded or (4 if args.smoke else 10)
+    label = f"{NAME} {runner.workload.name}"
+
+    print(f"[{label}] warm-up", flush=True)
+    for setting in settings:
+        runner.measure(setting, n=3, rate=math.inf, one_at_a_time=True)
+
+    print(f"[{label}] unloaded: {unloaded_n} requests per setting, one at a time", flush=True)
+    unloaded_points: dict[str, list[dict]] = {s.name: [] for s in settings}
+    halves = (unloaded_n - unloaded_n // 2, unloaded_n // 2)
+    for round_, n in enumerate(halves):
+        for setting in common.rotated(settings, round_):
+            if n:
+                p = runner.measure(setting, n=n, rate=math.inf, one_at_a_time=True)
+                unloaded_points[setting.name].append(p)
+    unloaded = {name: _unloaded(points) for name, points in unloaded_points.items()}
+    stock = unloaded[settings[0].name]
+    runner.slo_ms = SLO_FACTOR * stock["ttft_ms"]["median"]
+    base_rate = 1e3 / stock["e2el_ms"]["mean"]
+    print(
+        f"[{label}] stock unloaded TTFT {stock['ttft_ms']['median']:.0f} ms -> SLO p99 TTFT <= "
+        f"{runner.slo_ms:.0f} ms; stock unloaded rate {base_rate:.2f} req/s",
+        flush=True,
+    )
+
+    def n_for(rate: float) -> int:
+        return max(min_requests, math.ceil(rate * seconds))
+
+    points: list[dict] = []
+
+    def run_rate(rate: float, active: list[Setting], index: int) -> None:
+        for setting in common.rotated(active, index):
+            p = runner.measure(setting, n=n_for(rate), rate=rate)
+            points.append(p)
+            print(
+                f"[{label}] {setting.name:>9} @ {rate:6.2f} req/s: p99 TTFT "
+                f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
+                f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
+                f"{'within' if p['within_slo'] else 'OUT OF'} SLO",
+                flush=True,
+            )
+
+    if args.rates:
+        for i, rate in enumerate(sorted(args.rates)):
+            run_rate(rate, settings, i)
+    else:
+        active, fails = list(settings), {s.name: 0 for s in settings}
+        rate, index = START_FACTOR * base_rate, 0
+        while active and rate <= MAX_FACTOR * base_rate:
+            run_rate(rate, active, index)
+            for setting in list(active):
+                p = _last(points, setting)
+                fails[setting.name] = 0 if p["within_slo"] else fails[setting.name] + 1
+                if fails[setting.name] >= 2:
+                    active.remove(setting)
+            rate, index = rate * args.rate_step, index + 1
+        refine = []
+        for setting in settings:
+            passed, failed = _bracket(points, setting)
+            if passed is not None and failed is not None:
+                refine.append((setting, math.sqrt(passed * failed)))
+        for i, (setting, rate) in enumerate(common.rotated(refine, index)):
+            run_rate(rate, [setting], i)
+
+    sustainable = {s.name: _sustainable(points, s) for s in settings}
+    stock_rate = sustainable[settings[0].name]
+    return {
+        "workload": runner.workload.name,
+        "model": runner.workload.model_label,
+        "description": runner.workload.description,
+        "server_args": runner.server.vllm_args,
+        "vllm_bench_serve_equivalent": {
+            s.name: runner.workload.vllm_command(s, args.input_len) for s in settings
+        },
+        "slo": {
+            "p99_ttft_ms": runner.slo_ms,
+            "rule": f"p99 TTFT <= {SLO_FACTOR:g} x stock's unloaded median TTFT, and no "
+            "failed request",
+        },
+        "stock_unloaded_rate": base_rate,
+        "seconds_per_rate": seconds,
+        "min_requests": min_requests,
+        "unloaded": unloaded,
+        "points": points,
+        "sustainable_rate": sustainable,
+        "ratio_to_stock": {
+            name: (rate / stock_rate if rate and stock_rate else None)
+            for name, rate in sustainable.items()
+        },
+    }
+
+
+def _last(points: list[dict], setting: Setting) -> dict:
+    return next(p for p in reversed(points) if p["setting"] == setting.name)
+
+
+def _unloaded(points: list[dict]) -> dict:
+    ttfts = [t for p in points for t in p["ttfts_ms"]]
+    e2el = [p["mean_e2el_ms"] for p in points]
+    return {
+        "ttft_ms": common.summary(ttfts),
+        "e2el_ms": {"mean": sum(e2el) / len(e2el)},
+        "tpot_ms_median": points[0]["p50_tpot_ms"],
+        "cotenant_cpu_share": max(p["cotenant_cpu_share"] for p in points),
+    }
+
+
+def _bracket(points: list[dict], setting: Setting) -> tuple[float | None, float | None]:
+    """The highest passing rate and the lowest failing rate above it."""
+    own = [p for p in points if p["setting"] == setting.name]
+    passed = max((p["rate"] for p in own if p["within_slo"]), default=None)
+    if passed is None:
+        return None, None
+    failed = min(
+        (p["rate"] for p in own if not p["within_slo"] and p["rate"] > passed), default=None
+    )
+    return passed, failed
+
+
+def _sustainable(points: list[dict], setting: Setting) -> float | None:
+    return max(
+        (p["rate"] for p in points if p["setting"] == setting.name and p["within_slo"]),
+        default=None,
+    )
+
+
+def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+    settings = [Setting(r) for r in sorted(set(args.ratios), reverse=True)]
+    if not settings[0].stock:
+        settings.insert(0, Setting(1.0))
+    workloads, skipped = workloads_for(args)
+    results = []
+    for workload in workloads:
+        with Server(
+            workload.model_dir,
+            name=workload.model_label,
+            max_model_len=args.max_model_len,
+            timeout=args.server_timeout,
+            mm_processor_cache_gb=args.mm_processor_cache_gb,
+        ) as server:
+            results.append(sweep(Runner(server, workload, args), settings, args))
+        print(markdown_workload(results[-1]), flush=True)
+    return {
+        "benchmark": NAME,
+        "model": model_label,
+        "settings": [s.name for s in settings],
+        "skipped": skipped,
+        "client": "vllm.benchmarks.serve.benchmark (vllm bench serve's core), openai-chat "
+        "backend, streaming; the benchmark process runs on the same machine as the server",
+        "workloads": results,
+        "goal": _goal(results),
+    }
+
+
+def _goal(results: list[dict]) -> dict | None:
+    for r in results:
+        if r["workload"] == "random-mm":
+            ratio = r["ratio_to_stock"].get(f"keep {GOAL_KEEP_RATIO:g}")
+            return {
+                "what": f"sustainable rate at keep {GOAL_KEEP_RATIO:g} >= {GOAL_RATIO:g} x stock's "
+                f"({r['model']}, random-mm)",
+                "ratio": ratio,
+                "met": ratio is not None and ratio >= GOAL_RATIO,
+            }
+    return None
+
+
+def sustainable_rate(result: dict, keep_ratio: float, workload: str = "random-mm") -> float | None:
+    """The sustainable rate of one setting in a ``serve`` result (the soak's default load)."""
+    for r in result.get("workloads", []):
+        if r["workload"] == workload:
+            return r["sustainable_rate"].get(Setting(keep_ratio).name)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Table and plot
+
+
+def _f(x, digits=0) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_workload(r: dict) -> str:
+    slo = r["slo"]["p99_ttft_ms"]
+    lines = [
+        f"#### Workload `{r['workload']}` on `{r['model']}`",
+        "",
+        f"{r['description']}. **SLO: p99 TTFT <= {slo:.0f} ms** ({SLO_FACTOR:g} x stock's "
+        f"unloaded median TTFT) with no failed request. Each rate: Poisson arrivals for "
+        f"{r['seconds_per_rate']:g} s (at least {r['min_requests']} requests).",
+        "",
+        "Sustainable rate (the highest rate within the SLO):",
+        "",
+    ]
+    rows = []
+    for name, u in r["unloaded"].items():
+        rate = r["sustainable_rate"][name]
+        ratio = r["ratio_to_stock"][name]
+        rows.append(
+            [
+                name,
+                _f(u["ttft_ms"]["median"]),
+                _f(u["tpot_ms_median"], 1),
+                _f(rate, 2),
+                "n/a" if ratio is None else f"**{ratio:.2f}x**",
+            ]
+        )
+    lines.append(
+        common.markdown_table(
+            [
+                "setting",
+                "unloaded TTFT ms (median)",
+                "unloaded TPOT ms",
+                "sustainable req/s",
+                "ratio to stock",
+            ],
+            rows,
+        )
+    )
+    lines += ["", "Every rate measured (rotated order at each rate):", ""]
+    rows = []
+    for p in sorted(r["points"], key=lambda p: (p["keep_ratio"] * -1, p["rate"])):
+        rows.append(
+            [
+                p["setting"],
+                f"{p['rate']:.2f}",
+                p["completed"],
+                p["failed"],
+                _f(p["p50_ttft_ms"]),
+                _f(p["p99_ttft_ms"]),
+                _f(p["p50_tpot_ms"], 1),
+                _f(p["output_throughput"], 1),
+                _f(p["request_throughput"], 2),
+                _f(p["request_goodput"], 2),
+                f"{p['cotenant_cpu_share']:.0%}",
+                "yes" if p["within_slo"] else "**no**",
+            ]
+        )
+    lines.append(
+        common.markdown_table(
+            [
+                "setting",
+                "rate req/s",
+                "ok",
+                "failed",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "TPOT p50 ms",
+                "output tok/s",
+                "req/s",
+                f"goodput req/s (TTFT <= {slo:.0f} ms)",
+                "co-tenant CPU",
+                "within SLO",
+            ],
+            rows,
+        )
+    )
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"### Serving under load — model `{result['model']}`", ""]
+    goal = result["goal"]
+    if goal:
+        lines += [
+            f"Goal: {goal['what']}: **{'met' if goal['met'] else 'NOT met'}** "
+            f"({_f(goal['ratio'], 2)}x).",
+            "",
+        ]
+    lines += [
+        "One `lvlm-prune serve` per workload, every setting on it through the request's "
+        "`pruning.keep_ratio` (`--extra-body`; stock = 1.0), interleaved at each rate. Client: "
+        f"{result['client']}. TTFT, TPOT, throughput and goodput are vLLM's benchmark's own "
+        "numbers (client side: from sending the request to the first streamed token).",
+    ]
+    for r in result["workloads"]:
+        lines += ["", markdown_workload(r)]
+    for s in result["skipped"]:
+        lines += ["", f"Skipped: {s}"]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> bool:
+    plt = common.pyplot()
+    if plt is None or not result["workloads"]:
+        return False
+    workloads = result["workloads"]
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7.5), squeeze=False)
+    for col, r in enumerate(workloads):
+        top, bottom = axes[0][col], axes[1][col]
+        for name in r["unloaded"]:
+            own = sorted((p for p in r["points"] if p["setting"] == name), key=lambda p: p["rate"])
+            rates = [p["rate"] for p in own]
+            (line,) = top.plot(
+                rates, [p["p99_ttft_ms"] for p in own], marker="o", label=f"{name} p99"
+            )
+            top.plot(
+                rates,
+                [p["p50_ttft_ms"] for p in own],
+                ls="--",
+                color=line.get_color(),
+                alpha=0.6,
+                label=f"{name} p50",
+            )
+            bottom.plot(rates, [p["request_goodput"] for p in own], marker="o", label=name)
+            if r["sustainable_rate"][name]:
+                top.axvline(r["sustainable_rate"][name], color=line.get_color(), lw=0.8, ls=":")
+        slo = r["slo"]["p99_ttft_ms"]
+        top.axhline(slo, color="black", lw=1, label=f"SLO {slo:.0f} ms")
+        top.set_yscale("log")
+        top.set_ylabel("TTFT ms (client side)")
+        top.set_title(f"{r['workload']} on {r['model']}: TTFT vs request rate")
+        bottom.set_ylabel(f"goodput req/s (TTFT <= {slo:.0f} ms)")
+        bottom.set_xlabel("request rate (req/s, Poisson)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def load_result(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

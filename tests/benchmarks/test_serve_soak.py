@@ -1,0 +1,93 @@
+"""``lvlm-prune bench serve`` and ``bench soak`` for real, in their short forms on the tiny model.
+
+Each starts its own ``lvlm-prune serve``; the tests read the JSON the command writes. The soak's
+60 seconds must pass every check (no 5xx, every valid request answered once, bad ones 400,
+dropped streams stopped, engine and stores idle afterwards, counters exact, memory flat); the
+serve sweep must produce vLLM's benchmark numbers for every setting, with the pruning applied.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lvlm_prune.benchmarks import soak
+
+
+def bench(args: list[str], out, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lvlm_prune.benchmarks", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_soak_mix_has_every_kind_in_its_share():
+    requests = soak.plan(np.random.default_rng(0), 100.0, 60.0, 0, drop_tokens=100)
+    n = len(requests)
+    assert 5400 < n < 6600  # Poisson at 100/s for 60 s
+    share = lambda pred: sum(map(pred, requests)) / n
+    assert share(lambda r: r.kind == "invalid") == pytest.approx(soak.SHARE_INVALID, abs=0.02)
+    assert share(lambda r: r.kind == "bad-image") == pytest.approx(soak.SHARE_BAD_IMAGE, abs=0.01)
+    assert share(lambda r: r.kind == "disconnect") == pytest.approx(soak.SHARE_DISCONNECT, abs=0.01)
+    assert share(lambda r: r.heatmap) == pytest.approx(soak.SHARE_HEATMAP, abs=0.02)
+    assert share(lambda r: r.images == 2) == pytest.approx(soak.SHARE_TWO_IMAGES, abs=0.02)
+    valid = [r for r in requests if r.kind == "valid"]
+    assert sum(r.stream for r in valid) / len(valid) == pytest.approx(0.5, abs=0.03)
+    # Only dropped streams ask the marker ratio the soak counts them by.
+    for r in requests:
+        marked = isinstance(r.pruning, dict) and r.pruning.get("keep_ratio") == soak.DROP_KEEP_RATIO
+        assert marked == (r.kind == "disconnect")
+
+
+def test_one_minute_soak_passes_every_check(tmp_path):
+    # 4096 tokens of context: a dropped stream asks ~3800, so even a starved client leaves before
+    # the tiny model could finish it.
+    proc = bench(["soak", "--smoke", "--minutes", "1", "--max-model-len", "4096"], tmp_path, 600)
+    path = tmp_path / "soak-tiny.json"
+    assert path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(path.read_text())
+    failed = [c for c in result["checks"] if not c["ok"]]
+    assert not failed, json.dumps(failed, indent=1) + json.dumps(result["problems"], indent=1)
+    assert proc.returncode == 0
+    counts = result["counts"]
+    for kind in ("invalid", "bad_image", "disconnect", "valid_heatmap", "valid_two_images"):
+        assert counts[kind] > 0, counts
+    assert 0 < counts["valid_streamed"] < counts["valid"]
+    assert {"api", "VLLM::EngineCore"} <= {m["process"] for m in result["memory"]["processes"]}
+    assert "every check passed" in (tmp_path / "soak-tiny.md").read_text()
+
+
+def test_serve_sweep_runs_vllm_benchmark_for_every_setting(tmp_path):
+    args = ["serve", "--smoke", "--rates", "3", "--seconds-per-rate", "2", "--unloaded", "2"]
+    proc = bench(args, tmp_path, 600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serve-tiny.json").read_text())
+    (workload,) = result["workloads"]
+    assert workload["workload"] == "random-mm"
+    settings = ["stock", "keep 0.25", "keep 0.11"]
+    assert list(workload["unloaded"]) == settings
+    stock_ttft = workload["unloaded"]["stock"]["ttft_ms"]["median"]
+    assert workload["slo"]["p99_ttft_ms"] == pytest.approx(2 * stock_ttft)
+    points = {p["setting"]: p for p in workload["points"]}
+    assert set(points) == set(settings)
+    prompt = {}
+    for name, p in points.items():
+        assert p["rate"] == 3 and p["failed"] == 0 and p["completed"] == p["n"] >= 6
+        assert 0 < p["p50_ttft_ms"] <= p["p99_ttft_ms"]
+        assert 0 <= p["request_goodput"] <= p["request_throughput"] * 1.001
+        assert p["within_slo"] == (p["p99_ttft_ms"] <= workload["slo"]["p99_ttft_ms"])
+        prompt[name] = p["total_input_tokens"] / p["completed"]
+    # The pruning field reached the server: 576 image tokens at stock, 144 and 64 pruned (the
+    # random text around them differs by a few tokens between draws).
+    assert prompt["stock"] - prompt["keep 0.25"] == pytest.approx(576 - 144, abs=12)
+    assert prompt["stock"] - prompt["keep 0.11"] == pytest.approx(576 - 64, abs=12)
+    passed = [p["rate"] for p in workload["points"] if p["setting"] == "stock" and p["within_slo"]]
+    assert workload["sustainable_rate"]["stock"] == (max(passed) if passed else None)
+    assert "vllm bench serve" in workload["vllm_bench_serve_equivalent"]["keep 0.25"]
+    assert (tmp_path / "serve-tiny.md").exists()
