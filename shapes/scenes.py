@@ -259,6 +259,18 @@ def sample(seed: int, n: int, *, per_type: bool = False) -> list[tuple[Scene, Qu
     return out
 
 
+def example(seed: int = 0) -> tuple[Scene, Question]:
+    """The first scene drawn from ``seed`` that has a striped object, with the question
+    "What color is the striped object?" (a newcomer's first request)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        scene = sample_scene(rng)
+        i = scene.find(pattern="striped")
+        if i is not None:
+            text = TEMPLATES["colour"].format(pattern="striped")
+            return scene, Question("colour", text, scene.objects[i].color, None, "striped", i)
+
+
 def first_word(reply: str) -> str:
     """A reply's first word, lowercased, punctuation stripped (SHAPES.md's scoring)."""
     words = reply.strip().split()

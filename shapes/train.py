@@ -75,10 +75,10 @@ class TrainConfig:
 
 
 SMOKE = TrainConfig(
-    vision=StageConfig(steps=6, batch=2, lr=1e-3, warmup=1, eval_every=3),
-    lm=StageConfig(steps=6, batch=2, lr=2e-3, warmup=1, eval_every=3),
-    join=StageConfig(steps=4, batch=2, lr=3e-4, warmup=1, eval_every=2),
-    eval_items=6,
+    vision=StageConfig(steps=3, batch=2, lr=1e-3, warmup=1, eval_every=3),
+    lm=StageConfig(steps=3, batch=2, lr=2e-3, warmup=1, eval_every=3),
+    join=StageConfig(steps=2, batch=2, lr=3e-4, warmup=1, eval_every=2),
+    eval_items=3,
 )
 
 

@@ -5,14 +5,14 @@ Fresh questions every run (the seed is printed). The thresholds sit well inside 
 measures on 1,000 questions, so a run fails only when the model or the engine changed.
 """
 
-import numpy as np
 import pytest
-from helpers import close_llm, data_url, make_llm
-from vllm import SamplingParams
+from helpers import close_llm, make_llm
 
 from lvlm_prune.shapes import released_model_dir, scenes
+from lvlm_prune.shapes.evaluate import accuracy_by_type, ask
 
-ITEMS = 240  # 80 per question type
+ITEMS = 210  # 70 per question type
+CONTROL_ITEMS = 150
 ACCURACY_FLOOR = 0.95
 TYPE_FLOOR = 0.90
 
@@ -22,36 +22,6 @@ def llm():
     engine = make_llm(str(released_model_dir()))
     yield engine
     close_llm(engine)
-
-
-def chat(question: str, image) -> list[dict]:
-    """The user message as the openai client sends it: an image part, then the question."""
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": data_url(image)}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
-
-
-def ask(llm, items, images) -> list[str]:
-    sampling = SamplingParams(max_tokens=4, temperature=0.0)
-    outs = llm.chat(
-        [chat(q.text, img) for (_, q), img in zip(items, images)], sampling, use_tqdm=False
-    )
-    return [o.outputs[0].text for o in outs]
-
-
-def accuracy_by_type(items, replies) -> dict[str, float]:
-    out = {}
-    for t in scenes.QUESTION_TYPES:
-        hits = [scenes.score_reply(r, q) for (_, q), r in zip(items, replies) if q.type == t]
-        out[t] = float(np.mean(hits))
-    out["all"] = float(np.mean([scenes.score_reply(r, q) for (_, q), r in zip(items, replies)]))
-    return out
 
 
 def test_answers_fresh_questions_from_the_image(llm, seed):
@@ -72,17 +42,17 @@ def test_answers_fresh_questions_from_the_image(llm, seed):
 
 def test_another_scenes_image_brings_accuracy_to_chance(llm, seed):
     """Each question asked about the next scene's image: the answer must come from the image."""
-    items = scenes.sample(seed, ITEMS, per_type=True)
+    items = scenes.sample(seed, CONTROL_ITEMS, per_type=True)
     images = [scene.image() for scene, _ in items]
     replies = ask(llm, items, images[1:] + images[:1])
     acc = accuracy_by_type(items, replies)
-    chance = sum(scenes.CHANCE[q.type] for _, q in items) / ITEMS
+    chance = sum(scenes.CHANCE[q.type] for _, q in items) / CONTROL_ITEMS
     print(f"accuracy with swapped images: {acc} (chance {chance:.3f})")
-    # Chance is 1/6, 1/4 and 1/2 by type (about 0.31 overall); the standard error on 240 items
-    # is about 0.03, on 80 about 0.05.
+    # Chance is 1/6, 1/4 and 1/2 by type (about 0.31 overall); the standard error on 150 items
+    # is about 0.04, on 50 about 0.06.
     assert acc["all"] <= chance + 0.15, acc
-    assert acc["colour"] <= scenes.CHANCE["colour"] + 0.2, acc
-    assert acc["pattern"] <= scenes.CHANCE["pattern"] + 0.2, acc
+    assert acc["colour"] <= scenes.CHANCE["colour"] + 0.25, acc
+    assert acc["pattern"] <= scenes.CHANCE["pattern"] + 0.25, acc
 
 
 def test_fidelity_harness_on_the_trained_model(llm, seed, tmp_path):

@@ -44,7 +44,7 @@ def test_a_few_steps_lower_each_stage_loss(seed):
     model, background = fresh(seed)
     emb = model.get_input_embeddings().weight.detach()
     rng = np.random.default_rng(seed)
-    batch = train.make_batch(rng, 2, turns=2, bos=False, pixels=True)
+    batch = train.make_batch(rng, 1, turns=2, bos=False, pixels=True)
     pixels = train.PixelNoise(torch.Generator().manual_seed(seed))(batch.clean)
     targets = train.row_targets(batch, emb, background)
 
@@ -58,7 +58,7 @@ def test_a_few_steps_lower_each_stage_loss(seed):
         params = train._stage_params(model, stage)
         opt = torch.optim.AdamW(params, lr=2e-3)
         first = loss_fn().item()
-        for _ in range(8):
+        for _ in range(6):
             opt.zero_grad()
             loss_fn().backward()
             opt.step()
