@@ -91,7 +91,7 @@ def is_shapes_model(model_dir: str | Path) -> bool:
 
 def build_tokenizer(spec: ShapesModelSpec = SPEC):
     """Word-level tokenizer: one token per word or punctuation mark, BOS prepended."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
@@ -100,6 +100,10 @@ def build_tokenizer(spec: ShapesModelSpec = SPEC):
     # Splits "object?" into "object", "?" and "ASSISTANT:" into "ASSISTANT", ":"; whitespace and
     # newlines only separate words, so the chat template's "\n" and a plain " " tokenise alike.
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # vLLM detokenises a reply as decode(prompt tail + new) minus decode(prompt tail): with
+    # words joined by spaces a reply would come out as " red". Fused, it is "red" (a whole text
+    # decodes without spaces: "USER:Whatcolor...", which nothing shows).
+    tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
