@@ -5,6 +5,10 @@ questions through vLLM's chat path (LLaVA-1.5's template, the image as a PNG dat
 scores each reply by its first word (SHAPES.md), and repeats the set with every image swapped for
 another scene's (the control: accuracy must fall to chance when the answer has to come from the
 image). Prints accuracy per question type with 95 % intervals, as JSON.
+
+``--position-check K [K ...]`` instead measures, in transformers, how much of what pruning to K
+rows costs comes from the question moving closer to the image rows (RoPE distances the model
+never saw in training) rather than from rows lost (see :func:`position_check`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import json
 import random
 import sys
 import time
+
+import torch
 
 from . import scenes
 from .model import released_model_dir
@@ -73,21 +79,88 @@ def _with_intervals(items, replies) -> dict:
     return out
 
 
+@torch.no_grad()
+def position_check(model_dir, items, keep_counts, *, batch: int = 20) -> dict:
+    """Accuracy after simignore keeps K image rows, with the rows at consecutive positions (what
+    vLLM does for LLaVA: the question moves up to follow the K rows) and at their unpruned
+    positions (the question where it would be unpruned). transformers, not vLLM: vLLM has no
+    hook for a LLaVA prompt's position ids. Greedy over the question type's options.
+
+    Tells whether answers lost to pruning were lost with the rows or with the shift in RoPE
+    distances between the question and the rows it reads.
+    """
+    from lvlm_prune.kernels import select_tokens
+
+    from . import model as shapes_model
+    from .train import vision_rows
+
+    model, processor = shapes_model.load_model(model_dir)
+    tokenizer = processor.tokenizer
+    embed = model.get_input_embeddings()
+    lm = model.model.language_model
+    head = tokenizer.encode("USER:", add_special_tokens=True)
+    tail = tokenizer.encode("ASSISTANT:", add_special_tokens=False)
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        pixels = torch.stack([torch.from_numpy(scene.pixels()) for scene, _ in chunk])
+        rows = vision_rows(model, shapes_model.pixel_values(pixels))
+        for (_, q), image_rows in zip(chunk, rows):
+            question = tokenizer.encode(q.text, add_special_tokens=False)
+            query = embed(torch.tensor(question))
+            text_after = embed(torch.tensor(question + tail))
+            options = tokenizer.convert_tokens_to_ids(list(q.options))
+            for k in keep_counts:
+                (sel,) = select_tokens(
+                    [image_rows], [query], [k], methods=["simignore"], merge=[False], seeds=[0]
+                )
+                embeds = torch.cat([embed(torch.tensor(head)), sel.rows, text_after])[None]
+                n_head, n_after = len(head), len(text_after)
+                consecutive = torch.arange(embeds.shape[1])
+                unpruned = torch.cat(
+                    [
+                        torch.arange(n_head),
+                        n_head + sel.kept,
+                        n_head + scenes.NUM_PATCHES + torch.arange(n_after),
+                    ]
+                )
+                for name, pos in (("consecutive", consecutive), ("unpruned", unpruned)):
+                    hidden = lm(inputs_embeds=embeds, position_ids=pos[None]).last_hidden_state
+                    logits = model.lm_head(hidden[0, -1])[options]
+                    right = q.options[int(logits.argmax())] == q.answer
+                    hits.setdefault(f"{k}/{name}/{q.type}", []).append(right)
+                    hits.setdefault(f"{k}/{name}/all", []).append(right)
+    return {key: sum(v) / len(v) for key, v in sorted(hits.items())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lvlm_prune.shapes.evaluate")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: released)")
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=None, help="default: a fresh one, printed")
+    parser.add_argument(
+        "--position-check",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="instead: simignore keeps K rows; accuracy with the rows at consecutive vs unpruned "
+        "positions (transformers)",
+    )
     args = parser.parse_args(argv)
+    model_dir = args.model or str(released_model_dir())
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"seed={seed}", file=sys.stderr)
+    if args.position_check:
+        items = scenes.sample(seed, args.items, per_type=True)
+        result = position_check(model_dir, items, args.position_check)
+        print(json.dumps({"seed": seed, "items": args.items, "accuracy": result}, indent=2))
+        return 0
 
     from lvlm_prune import envs
 
     envs.use_offline_defaults()
     from vllm import LLM
 
-    model_dir = args.model or str(released_model_dir())
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}", file=sys.stderr)
     llm = LLM(model_dir, enforce_eager=True, max_model_len=2048, seed=0)
     items = scenes.sample(seed, args.items)
     images = [scene.image() for scene, _ in items]
