@@ -57,8 +57,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="tiny | bench (built-in random-weight LLaVA-1.5 shapes) | a local checkpoint folder "
-        "(default: bench; tiny with --smoke)",
+        help="shapes (the trained built-in model) | tiny | bench (random-weight LLaVA-1.5 shapes) "
+        "| a local checkpoint folder (default: bench; tiny with --smoke)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="seconds-long version on the tiny model"

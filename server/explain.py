@@ -86,13 +86,12 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")
 
 
-def default_model() -> tuple[str, str]:
-    """(path, name) of what ``lvlm-prune serve`` serves without a MODEL."""
-    from .cli import build_serve_args
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(path, name): a built-in model by name (``lvlm_prune.models``; the default is what
+    ``lvlm-prune serve`` serves without a MODEL) or a checkpoint as given."""
+    from lvlm_prune import models
 
-    args = build_serve_args([])
-    names = getattr(args, "served_model_name", None)
-    return args.model, names[0] if names else args.model
+    return models.resolve(model or models.DEFAULT) or (model, _model_name(model))
 
 
 def _model_name(model: str) -> str:
@@ -123,7 +122,7 @@ def explain(
 
     from lvlm_prune.vllm_plugin import WORKER_EXTENSION, flow
 
-    path, name = (model, _model_name(model)) if model else default_model()
+    path, name = resolve_model(model)
     llm = LLM(
         path,
         served_model_name=name,

@@ -20,6 +20,7 @@ def server(tiny_model_dir, tmp_path_factory):
         "-m",
         "lvlm_prune.server.cli",
         "serve",
+        "tiny",
         "--port",
         str(port),
         "--keep-ratio",

@@ -38,7 +38,7 @@ def chat_server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("chat-server") / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     cmd = [
-        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "--port", str(port)),
+        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "tiny", "--port", str(port)),
         *("--api-key", API_KEY, "--dtype", "float32", "--enforce-eager"),
         *("--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 2}'),
         "--enable-prompt-tokens-details",

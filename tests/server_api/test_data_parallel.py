@@ -36,7 +36,7 @@ def dp_server(tiny_model_dir, tmp_path_factory):
         "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}",
     }
     cmd = [
-        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve"),
+        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "tiny"),
         *("--port", str(port), "--data-parallel-size", "2"),
         *("--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"),
     ]

@@ -105,7 +105,7 @@ def doomed_server(tiny_model_dir, tmp_path):
     log = tmp_path / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     cmd = [
-        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "--port", str(port)),
+        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "tiny", "--port", str(port)),
         *("--api-key", API_KEY, "--enforce-eager", "--max-model-len", "4096"),
     ]
     with open(log, "w") as out:

@@ -1,0 +1,30 @@
+"""The models lvlm-prune ships or builds, by name: one resolver for the CLI, benchmarks and tests.
+
+- ``shapes``: ``lvlm-prune-shapes``, a LLaVA-1.5-architecture model trained on ShapesVQA, shipped
+  in the package; the default of ``lvlm-prune serve``.
+- ``tiny``, ``bench``: LLaVA-1.5 shapes with random weights, built offline and cached (tests;
+  ``bench`` keeps LLaVA-1.5-7B's LLM : vision prefill cost proportion, for speed).
+"""
+
+from __future__ import annotations
+
+DEFAULT = "shapes"
+
+
+def names() -> list[str]:
+    from lvlm_prune.vllm_plugin.tiny_models import SPECS
+
+    return [DEFAULT, *SPECS]
+
+
+def resolve(name: str) -> tuple[str, str] | None:
+    """(checkpoint folder, served model name) of a built-in model, or None for any other name."""
+    if name == "shapes":
+        from lvlm_prune.shapes import MODEL_NAME, released_model_dir
+
+        return str(released_model_dir()), MODEL_NAME
+    from lvlm_prune.vllm_plugin.tiny_models import SPECS, build_tiny_llava
+
+    if name in SPECS:
+        return str(build_tiny_llava(SPECS[name])), f"lvlm-prune-{name}"
+    return None
