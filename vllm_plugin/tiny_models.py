@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from lvlm_prune import envs
 
 # Bump when the files this module writes change in any way.
 BUILDER_VERSION = 3
@@ -103,10 +104,7 @@ SPECS = {"tiny": TINY, "bench": BENCH}
 
 
 def cache_root() -> Path:
-    root = os.environ.get("LVLM_PRUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lvlm-prune"
-    )
-    return Path(root) / "models"
+    return envs.cache_dir() / "models"
 
 
 def build_tiny_llava(spec: TinyLlavaSpec = TINY, *, root: Path | None = None) -> Path:
