@@ -4,19 +4,21 @@ A real ``lvlm-prune serve`` on 127.0.0.1 (one per workload), driven over HTTP by
 benchmark (``vllm.benchmarks.serve.benchmark``, what ``vllm bench serve`` runs: Poisson arrivals,
 streamed chat completions, TTFT / TPOT / ITL percentiles, goodput at an SLO). The settings differ
 only in the request's ``pruning.keep_ratio`` (``--extra-body``), so all of them hit the same server
-with the same engine, KV cache and caches, and they interleave at every rate.
+with the same engine, KV cache and caches, and they take turns throughout.
 
 Workloads: ``random-mm`` (vLLM's dataset: random text of ``--input-len`` tokens and one fresh
 random 336 x 336 image per request, so no cache ever hits) on ``--model``; ``shapes`` (fresh
 ShapesVQA v2 scenes with their own questions, answers to EOS) on the trained ShapesVQA model.
 
-Steps per workload: warm-up; the **unloaded** TTFT of every setting (one request at a time); the
-**SLO**: p99 TTFT <= 2 x stock's unloaded median TTFT; a rate sweep on a geometric grid starting
-at 0.4 x stock's unloaded request rate (1 / its mean end-to-end latency), every setting still in
-the SLO running once per rate, back to back in rotated order, each dropped after two failing
-rates in a row; one refining rate (the geometric midpoint) between each setting's last pass and
-first failure. A rate passes when every request succeeded and p99 TTFT is within the SLO; the
-**sustainable rate** is the highest that passed, and the headline is its ratio to stock's.
+Steps per workload: warm-up; the **unloaded** TTFT and end-to-end latency of every setting (one
+request at a time); the **SLO**: p99 TTFT <= 2 x stock's unloaded median TTFT, for every setting;
+then each setting searches its own geometric grid of rates (three per doubling), starting at half
+its unloaded rate (1 / its mean end-to-end latency alone): up while it passes, stopping after two
+failing rates in a row, or down from a failing start until a rate passes; one more rate at the
+geometric midpoint between its highest pass and the failure above it. The settings take turns, one
+rate each per round in rotated order, so drift on a shared machine falls on all of them. A rate
+passes when every request succeeded and p99 TTFT is within the SLO; the **sustainable rate** is
+the highest that passed, and the headline is its ratio to stock's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import os
 import random
 import re
 import shlex
+import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -45,8 +49,9 @@ IN_ALL = False  # tens of minutes: run on its own
 GOAL_RATIO = 3.0  # sustainable rate at keep 0.25 / stock's, on the bench model
 GOAL_KEEP_RATIO = 0.25
 SLO_FACTOR = 2.0
-START_FACTOR = 0.4
+START_FACTOR = 0.5
 MAX_FACTOR = 12.0
+MAX_STEPS_DOWN = 4
 IMAGE_SIZE = 336
 
 
@@ -105,11 +110,29 @@ class Server(multiturn.Server):
                     out[key] = child
         return out
 
+    def __enter__(self) -> Server:
+        # A SIGTERM to the benchmark stops the server too (the default would leave it running).
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            if getattr(self, "_previous_sigterm", None) is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
+
     def engine_core(self):
         return next(p for name, p in self.processes().items() if name.startswith("VLLM::Engine"))
 
     def log_tail(self, chars: int = 5000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
@@ -298,10 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seconds-per-rate",
         type=float,
         default=None,
-        help="arrivals per rate last this long (default 20; smoke 4)",
+        help="arrivals per rate last this long (default 15; smoke 4)",
     )
     parser.add_argument(
-        "--min-requests", type=int, default=None, help="per rate (default 24; smoke 6)"
+        "--min-requests", type=int, default=None, help="per rate (default 12; smoke 6)"
     )
     parser.add_argument(
         "--unloaded", type=int, default=None, help="one-at-a-time requests per setting (10; 4)"
@@ -475,8 +498,8 @@ def _result_block(printed: str) -> str:
 
 
 def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> dict:
-    seconds = args.seconds_per_rate or (4 if args.smoke else 20)
-    min_requests = args.min_requests or (6 if args.smoke else 24)
+    seconds = args.seconds_per_rate or (4 if args.smoke else 15)
+    min_requests = args.min_requests or (6 if args.smoke else 12)
     unloaded_n = args.unloaded or (4 if args.smoke else 10)
     label = f"{NAME} {runner.workload.name}"
 
@@ -495,10 +518,9 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
     unloaded = {name: _unloaded(points) for name, points in unloaded_points.items()}
     stock = unloaded[settings[0].name]
     runner.slo_ms = SLO_FACTOR * stock["ttft_ms"]["median"]
-    base_rate = 1e3 / stock["e2el_ms"]["mean"]
     print(
         f"[{label}] stock unloaded TTFT {stock['ttft_ms']['median']:.0f} ms -> SLO p99 TTFT <= "
-        f"{runner.slo_ms:.0f} ms; stock unloaded rate {base_rate:.2f} req/s",
+        f"{runner.slo_ms:.0f} ms",
         flush=True,
     )
 
@@ -507,39 +529,38 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
 
     points: list[dict] = []
 
-    def run_rate(rate: float, active: list[Setting], index: int) -> None:
-        for setting in common.rotated(active, index):
-            p = runner.measure(setting, n=n_for(rate), rate=rate)
-            points.append(p)
-            print(
-                f"[{label}] {setting.name:>9} @ {rate:6.2f} req/s: p99 TTFT "
-                f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
-                f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
-                f"{'within' if p['within_slo'] else 'OUT OF'} SLO",
-                flush=True,
-            )
+    def run_point(setting: Setting, rate: float) -> dict:
+        p = runner.measure(setting, n=n_for(rate), rate=rate)
+        points.append(p)
+        print(
+            f"[{label}] {setting.name:>9} @ {rate:6.3f} req/s: p99 TTFT "
+            f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
+            f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
+            f"{'within' if p['within_slo'] else 'OUT OF'} SLO",
+            flush=True,
+        )
+        return p
 
+    round_ = 0
     if args.rates:
-        for i, rate in enumerate(sorted(args.rates)):
-            run_rate(rate, settings, i)
+        for round_, rate in enumerate(sorted(args.rates)):
+            for setting in common.rotated(settings, round_):
+                run_point(setting, rate)
     else:
-        active, fails = list(settings), {s.name: 0 for s in settings}
-        rate, index = START_FACTOR * base_rate, 0
-        while active and rate <= MAX_FACTOR * base_rate:
-            run_rate(rate, active, index)
-            for setting in list(active):
-                p = _last(points, setting)
-                fails[setting.name] = 0 if p["within_slo"] else fails[setting.name] + 1
-                if fails[setting.name] >= 2:
-                    active.remove(setting)
-            rate, index = rate * args.rate_step, index + 1
+        ladders = [
+            Ladder(s, 1e3 / unloaded[s.name]["e2el_ms"]["mean"], args.rate_step) for s in settings
+        ]
+        while any(not ladder.done for ladder in ladders):
+            for ladder in common.rotated([x for x in ladders if not x.done], round_):
+                ladder.record(run_point(ladder.setting, ladder.rate)["within_slo"])
+            round_ += 1
         refine = []
         for setting in settings:
             passed, failed = _bracket(points, setting)
             if passed is not None and failed is not None:
                 refine.append((setting, math.sqrt(passed * failed)))
-        for i, (setting, rate) in enumerate(common.rotated(refine, index)):
-            run_rate(rate, [setting], i)
+        for setting, rate in common.rotated(refine, round_):
+            run_point(setting, rate)
 
     sustainable = {s.name: _sustainable(points, s) for s in settings}
     stock_rate = sustainable[settings[0].name]
@@ -556,7 +577,7 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
             "rule": f"p99 TTFT <= {SLO_FACTOR:g} x stock's unloaded median TTFT, and no "
             "failed request",
         },
-        "stock_unloaded_rate": base_rate,
+        "unloaded_rates": {name: 1e3 / u["e2el_ms"]["mean"] for name, u in unloaded.items()},
         "seconds_per_rate": seconds,
         "min_requests": min_requests,
         "unloaded": unloaded,
@@ -569,8 +590,42 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
     }
 
 
-def _last(points: list[dict], setting: Setting) -> dict:
-    return next(p for p in reversed(points) if p["setting"] == setting.name)
+@dataclasses.dataclass
+class Ladder:
+    """One setting's search for its sustainable rate on a geometric grid of ratio ``step``.
+
+    It starts at ``START_FACTOR`` x the setting's own unloaded rate (1 / its mean end-to-end
+    latency alone) and climbs until two rates in a row fail; if its first rate fails it goes
+    down instead, until one passes (at most ``MAX_STEPS_DOWN`` steps).
+    """
+
+    setting: Setting
+    unloaded_rate: float
+    step: float
+    rate: float = 0.0
+    going_down: bool = False
+    fails_in_a_row: int = 0
+    steps_down: int = 0
+    measured: int = 0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.rate = START_FACTOR * self.unloaded_rate
+
+    def record(self, passed: bool) -> None:
+        self.measured += 1
+        if self.measured == 1 and not passed:
+            self.going_down = True
+        if self.going_down:
+            if passed or self.steps_down >= MAX_STEPS_DOWN:
+                self.done = True
+            else:
+                self.steps_down += 1
+                self.rate /= self.step
+            return
+        self.fails_in_a_row = 0 if passed else self.fails_in_a_row + 1
+        self.rate *= self.step
+        self.done = self.fails_in_a_row >= 2 or self.rate > MAX_FACTOR * self.unloaded_rate
 
 
 def _unloaded(points: list[dict]) -> dict:
@@ -604,6 +659,7 @@ def _sustainable(points: list[dict], setting: Setting) -> float | None:
 
 
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's dataset and request bars, per rate
     settings = [Setting(r) for r in sorted(set(args.ratios), reverse=True)]
     if not settings[0].stock:
         settings.insert(0, Setting(1.0))
@@ -697,7 +753,7 @@ def markdown_workload(r: dict) -> str:
             rows,
         )
     )
-    lines += ["", "Every rate measured (rotated order at each rate):", ""]
+    lines += ["", "Every rate measured (the settings took turns, one rate each per round):", ""]
     rows = []
     for p in sorted(r["points"], key=lambda p: (p["keep_ratio"] * -1, p["rate"])):
         rows.append(
@@ -749,7 +805,7 @@ def markdown(result: dict) -> str:
         ]
     lines += [
         "One `lvlm-prune serve` per workload, every setting on it through the request's "
-        "`pruning.keep_ratio` (`--extra-body`; stock = 1.0), interleaved at each rate. Client: "
+        "`pruning.keep_ratio` (`--extra-body`; stock = 1.0), the settings taking turns. Client: "
         f"{result['client']}. TTFT, TPOT, throughput and goodput are vLLM's benchmark's own "
         "numbers (client side: from sending the request to the first streamed token).",
     ]

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from lvlm_prune.benchmarks import soak
+from lvlm_prune.benchmarks import serve, soak
 
 
 def bench(args: list[str], out, timeout: float) -> subprocess.CompletedProcess:
@@ -43,6 +43,25 @@ def test_soak_mix_has_every_kind_in_its_share():
     for r in requests:
         marked = isinstance(r.pruning, dict) and r.pruning.get("keep_ratio") == soak.DROP_KEEP_RATIO
         assert marked == (r.kind == "disconnect")
+
+
+def ladder_rates(capacity: float, start: float = 1.0) -> list[float]:
+    """The rates one setting's search tries when every rate up to ``capacity`` passes."""
+    ladder = serve.Ladder(serve.Setting(1.0), unloaded_rate=start / serve.START_FACTOR, step=2.0)
+    tried = []
+    while not ladder.done:
+        tried.append(ladder.rate)
+        ladder.record(ladder.rate <= capacity)
+    return tried
+
+
+def test_rate_search_climbs_to_two_failures_or_descends_from_a_failing_start():
+    assert ladder_rates(5.0) == [1, 2, 4, 8, 16]
+    assert ladder_rates(0.3) == [1, 0.5, 0.25]
+    assert ladder_rates(0.01) == [1, 0.5, 0.25, 0.125, 0.0625]  # at most 4 steps down
+    points = [{"setting": "stock", "rate": r, "within_slo": r <= 5.0} for r in ladder_rates(5.0)]
+    assert serve._bracket(points, serve.Setting(1.0)) == (4, 8)
+    assert serve._sustainable(points, serve.Setting(1.0)) == 4
 
 
 def test_one_minute_soak_passes_every_check(tmp_path):
