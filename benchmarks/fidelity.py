@@ -35,13 +35,17 @@ import random
 import sys
 from pathlib import Path
 
+from lvlm_prune.kernels import PRUNE_METHODS
+
 from . import common
 
 NAME = "fidelity"
 LETTERS = "ABCDEFGH"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHAPES_RATIOS = (1.0, 0.5, 0.25, 0.11, 0.05, 0.02)
-SHAPES_METHODS = ("simignore", "simignore+merge", "uniform", "random")
+SHAPES_METHODS = ("simignore", "simignore+merge", "uniform", "random", "flow", "flow/1")
+"""``+merge``: with ``prune_merge``; ``flow/L``: the flow method with ``prune_layer`` L (``flow``
+alone: its default, 2; the trained model's cliff is at layer 1)."""
 SHAPES_ITEMS = 600  # 200 per question type
 RANDOM_WEIGHTS_NOTE = (
     "random weights: accuracy is chance level and says nothing; only agreement with the unpruned "
@@ -70,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help=f"methods (default {' '.join(common.METHODS)}; ShapesVQA model: "
-        f"{' '.join(SHAPES_METHODS)}, where simignore+merge is simignore with prune_merge)",
+        f"{' '.join(SHAPES_METHODS)}, where simignore+merge is simignore with prune_merge and "
+        "flow/L the flow method with prune_layer L)",
     )
     parser.add_argument(
         "--seed",
@@ -332,12 +337,20 @@ class ShapesConfig:
     keep_ratio: float
     method: str | None = None  # None: stock
     merge: bool = False
+    prune_layer: int | None = None  # flow: the scout's depth (None: the method's default)
+
+    @property
+    def spec(self) -> str:
+        """The method as ``--methods`` names it (``simignore+merge``, ``flow/1``, ...)."""
+        merge = "+merge" if self.merge else ""
+        layer = f"/{self.prune_layer}" if self.prune_layer is not None else ""
+        return f"{self.method}{merge}{layer}"
 
     @property
     def name(self) -> str:
         if self.method is None:
             return "stock"
-        return f"{self.method}{'+merge' if self.merge else ''}@{self.keep_ratio:g}"
+        return f"{self.spec}@{self.keep_ratio:g}"
 
     def mm_kwargs(self, question: str, *, seed: int, diag_id: int | None) -> dict:
         if self.method is None:
@@ -349,6 +362,8 @@ class ShapesConfig:
             "prune_query": question,  # what the server sets: the user's question text
             "prune_seed": seed,  # random: a draw per item, not per question text
         }
+        if self.prune_layer is not None:
+            kwargs["prune_layer"] = self.prune_layer
         if diag_id is not None:
             kwargs["prune_diagnostics"] = diag_id
         return kwargs
@@ -360,10 +375,15 @@ def shapes_configs(ratios, methods) -> list[ShapesConfig]:
         if ratio >= 1.0:
             continue
         for method in methods:
-            base, _, merge = method.partition("+")
-            if base not in ("simignore", "uniform", "random") or merge not in ("", "merge"):
+            rest, _, layer = method.partition("/")
+            base, _, merge = rest.partition("+")
+            if (
+                base not in PRUNE_METHODS
+                or merge not in ("", "merge")
+                or (layer and (base != "flow" or not layer.isdigit()))
+            ):
                 raise SystemExit(f"unknown method {method!r}: use one of {list(SHAPES_METHODS)}")
-            out.append(ShapesConfig(ratio, base, merge == "merge"))
+            out.append(ShapesConfig(ratio, base, merge == "merge", int(layer) if layer else None))
     return out
 
 
@@ -438,6 +458,7 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
             "kept_tokens": keep_count(scenes.NUM_PATCHES, config.keep_ratio),
             "method": config.method,
             "merge": config.merge,
+            "spec": config.spec if config.method else None,
             "n": n,
             **_proportion("accuracy", correct),
             **_proportion("agreement_with_stock", agree),
@@ -512,12 +533,9 @@ def shapes_headline(result: dict) -> list[str]:
     """One line per method: share of full-token accuracy kept at 64 and 29 tokens."""
     rows = {r["config"]: r for r in result["rows"]}
     lines = []
-    methods = sorted(
-        {(r["method"], r["merge"]) for r in result["rows"] if r["method"]},
-        key=lambda m: SHAPES_METHODS.index(m[0] + ("+merge" if m[1] else "")),
-    )
-    for method, merge in methods:
-        label = method + ("+merge" if merge else "")
+    specs = {r["spec"] for r in result["rows"] if r["method"]}
+    order = {spec: i for i, spec in enumerate(SHAPES_METHODS)}
+    for label in sorted(specs, key=lambda s: (order.get(s, len(order)), s)):
         parts = []
         for ratio in (0.11, 0.05):
             row = rows.get(f"{label}@{ratio:g}")
@@ -602,14 +620,15 @@ def plot(result: dict, path) -> bool:
         "simignore+merge": "D--",
         "uniform": "s-",
         "random": "^-",
+        "flow": "v-",
+        "flow/1": "v--",
     }
     for label, style in styles.items():
-        method, _, merge = label.partition("+")
-        pts = [r for r in rows if r["method"] == method and r["merge"] == bool(merge)]
+        pts = [r for r in rows if r["method"] and r.get("spec") == label]
         if not pts:
             continue
         pts = [stock] + pts
-        shift = 1 + 0.02 * (list(styles).index(label) - 1.5)  # keep the intervals apart
+        shift = 1 + 0.02 * (list(styles).index(label) - 2.5)  # keep the intervals apart
         xs = [r["kept_tokens"] * shift for r in pts]
         acc = [r["accuracy"] for r in pts]
         err = [  # clamped: at 0 % or 100 % the interval's bound can sit a rounding error inside
