@@ -128,41 +128,9 @@ def build_processor(tokenizer=None, spec: ShapesModelSpec = SPEC):
 
 
 def build_config(spec: ShapesModelSpec = SPEC):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from lvlm_prune.vllm_plugin.tiny_models import llava_config
 
-    vision = CLIPVisionConfig(
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 4,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        projection_dim=spec.vision_hidden,
-    )
-    text = LlamaConfig(
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
-        vocab_size=spec.vocab_size,
-        max_position_embeddings=spec.max_position_embeddings,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=spec.num_image_tokens,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    config.architectures = ["LlavaForConditionalGeneration"]
-    return config
+    return llava_config(spec)
 
 
 def new_model(spec: ShapesModelSpec = SPEC, *, seed: int = 0):

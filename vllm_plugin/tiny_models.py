@@ -128,44 +128,10 @@ def build_tiny_llava(spec: TinyLlavaSpec = TINY, *, root: Path | None = None) ->
     return out
 
 
-def _build_tokenizer(spec: TinyLlavaSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    # No full 256-byte initial alphabet: lone byte tokens made random generations detokenize to "".
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size - 8, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=spec.max_position_embeddings,
-    )
-
-
-def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    tokenizer = _build_tokenizer(spec)
-    assert len(tokenizer) <= spec.vocab_size, (len(tokenizer), spec.vocab_size)
-    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+def llava_config(spec):
+    """The LLaVA-1.5 config (CLIP tower, GELU projector, Llama LM) of a spec with this module's
+    fields: the random-weight models here and the trained ``lvlm-prune-shapes``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
         image_size=spec.image_size,
@@ -198,6 +164,46 @@ def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
         projector_hidden_act="gelu",
     )
     config.architectures = ["LlavaForConditionalGeneration"]
+    return config
+
+
+def _build_tokenizer(spec: TinyLlavaSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # No full 256-byte initial alphabet: lone byte tokens made random generations detokenize to "".
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size - 8, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=spec.max_position_embeddings,
+    )
+
+
+def _write_model(spec: TinyLlavaSpec, out: Path) -> None:
+    import torch
+    from transformers import (
+        LlavaForConditionalGeneration,
+    )
+
+    tokenizer = _build_tokenizer(spec)
+    assert len(tokenizer) <= spec.vocab_size, (len(tokenizer), spec.vocab_size)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+
+    config = llava_config(spec)
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
     processor = make_llava_processor(tokenizer, spec.image_size, spec.patch_size)
