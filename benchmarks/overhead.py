@@ -116,6 +116,7 @@ class Probe:
 def instrumented(llm):
     from lvlm_prune.vllm_plugin import flow as plugin_flow
     from lvlm_prune.vllm_plugin import llava as plugin_llava
+    from lvlm_prune.vllm_plugin import pruning
 
     model = common.model_of(llm)
     probe = Probe()
@@ -126,7 +127,7 @@ def instrumented(llm):
         # forward hooks on the language model never fire; wrap the instance's forward instead.
         probe.attribute("llm_forward", model.language_model.model, "forward", instance=True)
         probe.attribute("embed_multimodal", model, "embed_multimodal", instance=True)
-        probe.attribute("selection", plugin_llava, "select_tokens")
+        probe.attribute("selection", pruning, "select_tokens")
         probe.attribute("scout", plugin_flow, "scout_scores")
         probe.attribute("processor", plugin_llava.LlavaPruneMultiModalProcessor, "apply")
         yield probe, model

@@ -79,17 +79,26 @@ def test_overridden_vllm_method_keeps_its_signature(base, name, params):
     ids=lambda c: c.__name__,
 )
 def test_every_override_matches_the_method_it_replaces(ours):
-    """Every method our subclass defines that vLLM's class also has: same parameters, and in the
-    pinned list above (so a new override cannot skip being pinned)."""
+    """Every method our classes define (the family's class and the shared mixins it inherits)
+    that a vLLM class also has: same parameters as the first vLLM class in the MRO that defines
+    it, and in the pinned list above (so a new override cannot skip being pinned)."""
     pinned = {name for _, name, _ in OVERRIDDEN}
-    for name, fn in vars(ours).items():
-        if not callable(fn) or name.startswith("__"):
+    vllm_bases = [c for c in ours.__mro__ if c.__module__.split(".")[0] == "vllm"]
+    assert vllm_bases, f"{ours.__name__} subclasses no vLLM class"
+    checked = set()
+    for own in ours.__mro__:
+        if not own.__module__.startswith("lvlm_prune."):
             continue
-        base_fn = getattr(ours.__mro__[1], name, None)
-        if base_fn is None:
-            continue  # our own helper
-        assert name in pinned, f"{ours.__name__}.{name} overrides vLLM but is not pinned here"
-        assert _params(fn) == _params(base_fn), name
+        for name, fn in vars(own).items():
+            if not callable(fn) or name.startswith("__") or name in checked:
+                continue
+            base = next((c for c in vllm_bases if name in vars(c)), None)
+            if base is None:
+                continue  # our own helper
+            checked.add(name)
+            assert name in pinned, f"{own.__name__}.{name} overrides vLLM but is not pinned here"
+            assert _params(fn) == _params(getattr(base, name)), f"{own.__name__}.{name}"
+    assert checked, "no override found: the walk is broken"
 
 
 def test_processor_inputs_and_context_we_read():

@@ -1,8 +1,8 @@
 """Qwen2.5-VL with question-aware image-token pruning, as subclasses of vLLM's own classes.
 
-The processor and the selection are LLaVA's (``PruneProcessorMixin``, ``PruneModelMixin``: the
-model-independent part, written to move into one module shared by every family). What Qwen2.5-VL
-adds is M-RoPE: every token has a (t, h, w) position, an image's tokens sit on its grid of
+The processor and the selection are every family's (``pruning.py``); Qwen2.5-VL supplies N per
+image from its own grid (dynamic resolution: N = rows x cols after the 2x2 merger) and adds
+M-RoPE: every token has a (t, h, w) position, an image's tokens sit on its grid of
 rows x cols (after the 2x2 merger), and the text after an image starts at the image's base
 position + max(rows, cols). A pruned image must keep those: each kept token its own original
 (t, h, w), the text after it the position it has without pruning.
@@ -45,8 +45,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
-from vllm.config.multimodal import MultiModalDummyOptions
-from vllm.inputs import MultiModalHashes, MultiModalInput
+from vllm.inputs import MultiModalInput
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -55,34 +54,14 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.hasher import MultiModalHasher
-from vllm.multimodal.inputs import (
-    MultiModalFeatureSpec,
-    MultiModalFieldConfig,
-    MultiModalKwargsItems,
-    PlaceholderRange,
-)
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
-from vllm.multimodal.processing import ProcessorInputs, PromptUpdate, TimingContext
-from vllm.multimodal.processing.processor import MultiModalIsCached
 
-from lvlm_prune.kernels import PRUNE_METHODS, Selection, keep_count, select_tokens
+from lvlm_prune.kernels import Selection
 
-from . import diagnostics, options
-from .accounting import LEDGER, RequestCounts
-from .llava import (
-    DIAGNOSTICS_FIELD,
-    FIELDS,
-    KEEP_FIELD,
-    MERGE_FIELD,
-    METHOD_FIELD,
-    QUERY_FIELD,
-    SEED_FIELD,
-    _per_image,
-    _per_image_tensors,
-    _shorten,
-)
+from . import options
 from .options import PruneOptionError, PruneOptions
+from .pruning import PruneModelMixin, PruneProcessorMixin
 
 POSITION_CHANNELS = 6
 """Extra channels of a pruned image's rows between ``embed_multimodal`` and ``embed_input_ids``:
@@ -167,196 +146,7 @@ def pruned_mrope_positions(
     return positions, int(delta) + shift
 
 
-# ---- processor: the model-independent part ------------------------------------------------------
-
-
-class PruneProcessorMixin:
-    """Pruning for a vLLM multimodal processor: K placeholders per image, the options and each
-    image's query as per-image fields, and each image hashed with its own query.
-
-    Model-independent; a family supplies :meth:`_image_token_counts` (N of each processed image),
-    :meth:`_num_image_tokens` (N of an input image, for the request's counts) and
-    :meth:`_check_options`.
-    """
-
-    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
-        merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
-        opts = PruneOptions.from_kwargs(merged)
-        opts.check_layers(self.info.get_hf_config().text_config.num_hidden_layers)
-        self._check_options(opts)
-        tag = merged.get(options.TAG)
-        kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
-        mm_items = inputs.mm_data_items
-        num_images = mm_items.get_all_counts().get("image", 0)
-        queries = opts.queries_for(num_images)  # a list of the wrong length raises here
-        # keep_ratio 1.0 without diagnostics is stock vLLM: no query in the hash, so one image
-        # is still cached across questions.
-        if opts.active:
-            query_ids = self.query_token_ids(inputs.prompt, queries, num_images)
-        else:
-            query_ids = [[] for _ in range(num_images)]
-        kwargs.update(opts.hashed_kwargs(query_ids))
-        result = super().apply(
-            dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx
-        )
-        if isinstance(tag, str) and "image" in mm_items:
-            after = [p.length for p in result["mm_placeholders"].get("image", [])]
-            before = [
-                self._num_image_tokens(result, mm_items, i, kwargs) for i in range(len(after))
-            ]
-            prompt_ids = list(result["prompt_token_ids"]) if opts.flow else None
-            LEDGER.add(
-                tag,
-                RequestCounts(
-                    opts.keep_ratio,
-                    opts.method,
-                    opts.merge,
-                    list(zip(before, after)),
-                    prompt_token_ids=prompt_ids,
-                ),
-            )
-        return result
-
-    def get_dummy_inputs(
-        self,
-        seq_len: int,
-        mm_counts: Mapping[str, int],
-        mm_options: MultiModalDummyOptions,
-    ) -> ProcessorInputs:
-        # Profiling must see the unpruned maximum (as vLLM's own video pruning, EVS, does), even
-        # when the server-wide default prunes.
-        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs={options.KEEP_RATIO: 1.0})
-
-    def query_token_ids(
-        self, prompt: Sequence[int], queries: Sequence[str] | None, num_images: int
-    ) -> list[list[int]]:
-        """Each image's relevance query: its ``prune_query``, else the prompt's text tokens (the
-        last ``MAX_QUERY_TOKENS`` of either: in a long conversation, the latest question)."""
-        tokenizer = self.info.get_tokenizer()
-        if queries is None:
-            skip = set(tokenizer.all_special_ids) | self._placeholder_ids()
-            ids = [t for t in prompt if t not in skip][-options.MAX_QUERY_TOKENS :]
-            return [list(ids) for _ in range(num_images)]
-        encoded: dict[str, list[int]] = {}
-        for query in queries:
-            if query not in encoded:
-                ids = tokenizer.encode(query, add_special_tokens=False)
-                encoded[query] = list(ids[-options.MAX_QUERY_TOKENS :])
-        return [list(encoded[query]) for query in queries]
-
-    def _get_mm_hashes(self, inputs: ProcessorInputs) -> MultiModalHashes:
-        # vLLM hashes every item with all of the request's kwargs; with one query per image, image
-        # 1's hash would change when image 2 arrives with another question in a later turn. So:
-        # vLLM's hash of each image with the shared options, then rehashed with its own query.
-        kwargs = inputs.hf_processor_mm_kwargs
-        per_image = kwargs.get(options.QUERY_IDS)
-        shared = {k: v for k, v in kwargs.items() if k != options.QUERY_IDS}
-        hashes = dict(
-            super()._get_mm_hashes(dataclasses.replace(inputs, hf_processor_mm_kwargs=shared))
-        )
-        if per_image is None or "image" not in hashes:
-            return hashes
-        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
-        hashes["image"] = [
-            MultiModalHasher.hash_kwargs(algorithm, image=item_hash, **{options.QUERY_IDS: ids})
-            for item_hash, ids in zip(hashes["image"], per_image, strict=True)
-        ]
-        return hashes
-
-    def _get_cache_missing_processor_kwargs(
-        self, inputs: ProcessorInputs, mm_is_cached: MultiModalIsCached
-    ) -> Mapping[str, object]:
-        # The per-image entries follow the images that go through the HF processor: the misses.
-        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
-        missing = [i for i, cached in enumerate(mm_is_cached.get("image", ())) if not cached]
-        return options.select_images(kwargs, missing)
-
-    def _call_hf_processor(
-        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
-    ) -> BatchFeature:
-        # NOTE(vLLM 0.32): InputProcessingContext.call_hf_processor merges the server-wide
-        # --mm-processor-kwargs back in; strip ours after that merge, right before HF sees them.
-        hf_processor = self.info.get_hf_processor(**options.without_own_kwargs(hf_kwargs))
-
-        def call_without_prune_kwargs(**kwargs):
-            return hf_processor(**options.without_own_kwargs(kwargs))
-
-        return self.info.ctx.call_hf_processor(call_without_prune_kwargs, hf_data, hf_kwargs)
-
-    def _apply_hf_processor_main(
-        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
-    ) -> BatchFeature:
-        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
-        images = mm_items.get("image")
-        if images is None or len(images) == 0:
-            return processed
-        opts = PruneOptions.from_kwargs(hf_kwargs)
-        num = len(images)
-        query_ids = hf_kwargs.get(options.QUERY_IDS) or [()] * num
-        assert len(query_ids) == num, (len(query_ids), num)
-        counts = [keep_count(n, opts.keep_ratio) for n in self._image_token_counts(processed)]
-        assert len(counts) == num, (len(counts), num)
-        processed[KEEP_FIELD] = torch.tensor(counts, dtype=torch.int64)
-        processed[QUERY_FIELD] = [torch.tensor(ids, dtype=torch.int64) for ids in query_ids]
-        processed[METHOD_FIELD] = torch.full((num,), PRUNE_METHODS.index(opts.method))
-        processed[MERGE_FIELD] = torch.full((num,), opts.merge, dtype=torch.bool)
-        processed[SEED_FIELD] = torch.tensor(
-            [opts.seed_for(ids) for ids in query_ids], dtype=torch.int64
-        )
-        processed[DIAGNOSTICS_FIELD] = torch.full(
-            (num,), opts.diagnostics_id or 0, dtype=torch.int64
-        )
-        for name in FIELDS:
-            if name not in processed:  # the flow method's fields, unused here
-                processed[name] = torch.zeros((num,), dtype=torch.int64)
-        return processed
-
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        config.update({name: MultiModalFieldConfig.batched("image") for name in FIELDS})
-        return config
-
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        # Ours stripped first: a family may build its HF processor from these kwargs, and the
-        # query ids would make a new (lru-cached) HF processor per question.
-        updates = super()._get_prompt_updates(
-            mm_items, options.without_own_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
-        )
-        ratio = PruneOptions.from_kwargs(hf_processor_mm_kwargs).keep_ratio
-        if ratio >= 1.0:
-            return updates
-        return [
-            _shorten(update, ratio) if update.modality == "image" else update for update in updates
-        ]
-
-    # -- what a family supplies --
-
-    def _placeholder_ids(self) -> set[int]:
-        raise NotImplementedError
-
-    def _image_token_counts(self, processed: BatchFeature) -> list[int]:
-        raise NotImplementedError
-
-    def _num_image_tokens(
-        self,
-        result: MultiModalInput,
-        mm_items: MultiModalDataItems,
-        item_idx: int,
-        hf_kwargs: Mapping[str, object],
-    ) -> int:
-        """N of image ``item_idx`` of a processed request, before pruning."""
-        raise NotImplementedError
-
-    def _check_options(self, opts: PruneOptions) -> None:
-        pass
+# ---- processor ----------------------------------------------------------------------------------
 
 
 class Qwen2_5_VLPruneMultiModalProcessor(PruneProcessorMixin, Qwen2_5_VLMultiModalProcessor):
@@ -367,7 +157,9 @@ class Qwen2_5_VLPruneMultiModalProcessor(PruneProcessorMixin, Qwen2_5_VLMultiMod
     def _merge_size(self) -> int:
         return self.info.get_hf_config().vision_config.spatial_merge_size
 
-    def _image_token_counts(self, processed: BatchFeature) -> list[int]:
+    def _image_token_counts(
+        self, processed: BatchFeature, mm_items: MultiModalDataItems
+    ) -> list[int]:
         grids = processed["image_grid_thw"]
         return [int(g.prod()) // self._merge_size() ** 2 for g in grids]
 
@@ -394,12 +186,8 @@ class Qwen2_5_VLPruneMultiModalProcessor(PruneProcessorMixin, Qwen2_5_VLMultiMod
         )
 
     def _check_options(self, opts: PruneOptions) -> None:
-        if opts.method == "flow":
-            raise PruneOptionError(
-                options.METHOD,
-                "prune_method 'flow' is not available for Qwen2.5-VL; use one of "
-                f"{[m for m in PRUNE_METHODS if m != 'flow']}",
-            )
+        # The flow method and flow diagnostics are refused by flow.check_supported (they rerun
+        # Llama decoder layers with 1-D positions).
         evs = self.info.ctx.get_mm_config().video_pruning_rate
         if opts.active and evs:
             # vLLM's video pruning (EVS) rewrites every media row's positions in the runner.
@@ -410,47 +198,7 @@ class Qwen2_5_VLPruneMultiModalProcessor(PruneProcessorMixin, Qwen2_5_VLMultiMod
             )
 
 
-# ---- model: the model-independent part ----------------------------------------------------------
-
-
-class PruneModelMixin:
-    """The worker side: K rows of each image kept by ``select_tokens``, diagnostics recorded."""
-
-    def _select_images(
-        self, images: list[torch.Tensor], fields: Mapping[str, object]
-    ) -> list[Selection] | None:
-        """The selection of every image, or None when no image prunes or reports."""
-        keep, diag_ids = _per_image(fields[KEEP_FIELD]), _per_image(fields[DIAGNOSTICS_FIELD])
-        if all(k >= image.shape[0] for k, image in zip(keep, images)) and not any(diag_ids):
-            return None
-        # NOTE: with LoRA, embed_tokens is a wrapper whose indices belong to the current batch.
-        embed_tokens = self.get_language_model().model.embed_tokens
-        embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
-        device = images[0].device
-        query_ids = _per_image_tensors(fields[QUERY_FIELD])
-        all_ids = torch.cat(list(query_ids)).to(device)
-        if all_ids.numel():
-            lengths = [ids.numel() for ids in query_ids]
-            queries = list(torch.split(embed_tokens(all_ids), lengths))
-        else:
-            queries = [image.new_empty((0, image.shape[1])) for image in images]
-        timer = diagnostics.STORE.start_timer(device)
-        selections = select_tokens(
-            images,
-            queries,
-            keep,
-            methods=[PRUNE_METHODS[m] for m in _per_image(fields[METHOD_FIELD])],
-            merge=[bool(m) for m in _per_image(fields[MERGE_FIELD])],
-            seeds=_per_image(fields[SEED_FIELD]),
-            need_scores=any(diag_ids),
-        )
-        diagnostics.STORE.stop_timer(timer, num_images=len(images))
-        for sel, diag_id, ids, image, query in zip(
-            selections, diag_ids, query_ids, images, queries
-        ):
-            if diag_id:
-                diagnostics.STORE.put(diag_id, sel, image=image, query=query, query_ids=ids)
-        return selections
+# ---- model --------------------------------------------------------------------------------------
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -479,19 +227,15 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
         stock = super().get_mrope_input_positions
         return pruned_mrope_positions(stock, input_tokens, mm_features, grids)
 
-    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        fields = {name: kwargs.pop(name, None) for name in FIELDS}
-        grid_thw = kwargs.get("image_grid_thw")
-        embeds = super().embed_multimodal(**kwargs)
-        if fields[KEEP_FIELD] is None or len(embeds) == 0:
-            return embeds
-        images = list(embeds)
-        selections = self._select_images(images, fields)
-        if selections is None:
-            return embeds
+    def _pruned_embeddings(
+        self,
+        selections: list[Selection],
+        images: list[torch.Tensor],
+        kwargs: Mapping[str, object],
+    ) -> MultiModalEmbeddings:
         merge = self.config.vision_config.spatial_merge_size
         out = []
-        for sel, image, thw in zip(selections, images, grid_thw.tolist()):
+        for sel, image, thw in zip(selections, images, kwargs["image_grid_thw"].tolist()):
             if sel.kept.numel() == image.shape[0]:
                 out.append(sel.rows)  # unpruned: vLLM's own positions
                 continue
