@@ -103,8 +103,9 @@ def _check_server_set_kwargs(kwargs: dict) -> None:
         )
 
 
-def serves_pruned_llava(model_config) -> bool:
-    """Our processor only runs for LLaVA checkpoints (Pixtral-HF shares the name, unpruned)."""
+def serves_pruned_model(model_config) -> bool:
+    """Whether the engine serves one of our pruned model classes (``vllm_plugin.MODELS``: LLaVA,
+    Qwen2.5-VL); Pixtral-HF checkpoints share LLaVA's architecture name and are served unpruned."""
     hf_config = model_config.hf_config
     vision = getattr(hf_config, "vision_config", None)
     return bool(set(model_config.architectures or ()) & set(MODELS)) and (
@@ -238,8 +239,10 @@ class PruningEndpointPlugin:
         if engine_client is None:  # the CPU-only render server has no engine
             return
         supervision.watch(engine_client)
-        if not serves_pruned_llava(engine_client.model_config):
-            logger.warning("lvlm-prune: %s is not a pruned LLaVA model; API layer off", args.model)
+        if not serves_pruned_model(engine_client.model_config):
+            logger.warning(
+                "lvlm-prune: %s is not a model lvlm-prune prunes; API layer off", args.model
+            )
             return
         server = ServerState(engine_client, args)
         state.lvlm_prune = server

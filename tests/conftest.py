@@ -17,11 +17,18 @@ envs.use_triton_interpreter_without_cuda()
 import pytest
 
 from lvlm_prune.vllm_plugin.tiny_models import build_tiny_llava
+from lvlm_prune.vllm_plugin.tiny_qwen import build_tiny_qwen
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     return str(build_tiny_llava())
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir() -> str:
+    """The tiny random-weight Qwen2.5-VL (``tiny_qwen.TINY_QWEN``), built offline once."""
+    return str(build_tiny_qwen())
 
 
 @pytest.fixture

@@ -33,12 +33,9 @@ from lvlm_prune.vllm_plugin.tiny_qwen import (
     QWEN_7B,
     QWEN_BENCH,
     VIDEO_TOKEN_ID,
-    build_tiny_qwen,
     prefill_flops,
 )
 
-ARCH = "Qwen2_5_VLForConditionalGeneration"
-TARGET = "lvlm_prune.vllm_plugin.qwen2_5_vl:Qwen2_5_VLPruneForConditionalGeneration"
 MAX_TOKENS = 6
 LOGPROB_ATOL = 2e-4  # float32, vLLM CPU kernels vs transformers eager
 QUESTION = "What is the color of the car on the street?"
@@ -242,15 +239,9 @@ def assert_matches_reference(model_dir, output, ref: Reference):
 # ---- engines ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qwen_model_dir() -> str:
-    return str(build_tiny_qwen())
-
-
 def make_qwen_llm(model_dir: str, **kwargs):
-    from vllm import LLM, ModelRegistry
+    from vllm import LLM
 
-    ModelRegistry.register_model(ARCH, TARGET)
     options = {
         "dtype": "float32",  # exact comparison against transformers
         "enforce_eager": True,
@@ -316,6 +307,12 @@ def hand_positions(prompt_ids, grids, kept) -> torch.Tensor:
 
 
 # ---- tests: the engine --------------------------------------------------------------------------
+
+
+def test_the_plugin_serves_qwen2_5_vl_checkpoints_with_our_class(llm):
+    """Registered by the plugin's entry point (vllm_plugin.MODELS), not by the tests."""
+    (model,) = llm.apply_model(lambda m: m)
+    assert type(model).__name__ == "Qwen2_5_VLPruneForConditionalGeneration"
 
 
 def test_keep_ratio_one_is_stock_vllm_and_transformers(llm, qwen_model_dir):

@@ -18,6 +18,10 @@ from vllm.model_executor.models.llava import (
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
 )
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+)
 from vllm.multimodal.processing import (
     BaseMultiModalProcessor,
     InputProcessingContext,
@@ -29,6 +33,10 @@ from lvlm_prune.server import cli, plugin
 from lvlm_prune.vllm_plugin.llava import (
     LlavaPruneForConditionalGeneration,
     LlavaPruneMultiModalProcessor,
+)
+from lvlm_prune.vllm_plugin.qwen2_5_vl import (
+    Qwen2_5_VLPruneForConditionalGeneration,
+    Qwen2_5_VLPruneMultiModalProcessor,
 )
 
 
@@ -59,6 +67,32 @@ OVERRIDDEN = [
         ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"],
     ),
     (LlavaForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+    (
+        Qwen2_5_VLMultiModalProcessor,
+        "_get_mm_fields_config",
+        ["self", "hf_inputs", "hf_processor_mm_kwargs"],
+    ),
+    (
+        Qwen2_5_VLMultiModalProcessor,
+        "_get_prompt_updates",
+        ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"],
+    ),
+    (Qwen2_5_VLForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+    (
+        Qwen2_5_VLForConditionalGeneration,
+        "get_mrope_input_positions",
+        ["self", "input_tokens", "mm_features"],
+    ),
+    (
+        Qwen2_5_VLForConditionalGeneration,
+        "embed_input_ids",
+        ["self", "input_ids", "multimodal_embeddings", "is_multimodal"],
+    ),
+    (
+        Qwen2_5_VLForConditionalGeneration,
+        "forward",
+        ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "kwargs"],
+    ),
 ]
 
 
@@ -73,11 +107,15 @@ def test_overridden_vllm_method_keeps_its_signature(base, name, params):
     assert _params(getattr(base, name)) == params
 
 
-@pytest.mark.parametrize(
-    "ours",
-    [LlavaPruneMultiModalProcessor, LlavaPruneForConditionalGeneration],
-    ids=lambda c: c.__name__,
-)
+OURS = [
+    LlavaPruneMultiModalProcessor,
+    LlavaPruneForConditionalGeneration,
+    Qwen2_5_VLPruneMultiModalProcessor,
+    Qwen2_5_VLPruneForConditionalGeneration,
+]
+
+
+@pytest.mark.parametrize("ours", OURS, ids=lambda c: c.__name__)
 def test_every_override_matches_the_method_it_replaces(ours):
     """Every method our classes define (the family's class and the shared mixins it inherits)
     that a vLLM class also has: same parameters as the first vLLM class in the MRO that defines
@@ -239,4 +277,203 @@ def test_what_the_flow_pass_reads_of_vllm():
         "input_ids",
         "multimodal_embeddings",
         "is_multimodal",
+    ]
+
+
+# ---- Qwen2.5-VL: what the M-RoPE position mechanism relies on (vllm_plugin/qwen2_5_vl.py) -------
+
+
+def _in_order(source: str, steps: list[str]) -> None:
+    at = [source.find(step) for step in steps]
+    assert all(i >= 0 for i in at) and at == sorted(at), dict(zip(steps, at))
+
+
+def test_our_model_classes_are_built_as_vllm_builds_models():
+    for ours in (LlavaPruneForConditionalGeneration, Qwen2_5_VLPruneForConditionalGeneration):
+        assert _params(ours.__init__) == ["self", "vllm_config", "prefix"]
+    assert _params(Qwen2_5_VLForConditionalGeneration.__init__) == ["self", "vllm_config", "prefix"]
+
+
+def test_qwen_prompt_updates_count_tokens_from_the_grid():
+    """N = grid_thw.prod() // merge**2, one ``PromptReplacement`` per modality with a callable
+    replacement (``pruning._shorten`` wraps it), the HF processor built from the request's
+    kwargs (why ours are stripped before the call)."""
+    source = inspect.getsource(Qwen2_5_VLMultiModalProcessor._get_prompt_updates)
+    _in_order(
+        source,
+        [
+            "self.info.get_hf_processor(**hf_processor_mm_kwargs)",
+            'out_item[f"{modality}_grid_thw"].data',
+            "int(grid_thw.prod()) // merge_length",
+            "PromptReplacement(",
+            "replacement=partial(",
+            'for modality in ("image", "video")',
+        ],
+    )
+
+
+def test_qwen_token_count_from_the_image_size():
+    """The server's count of an image whose grid the request does not carry (processor-cache
+    hit): vLLM's own resize rule, by keyword."""
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLProcessingInfo
+
+    params = _params(Qwen2_5_VLProcessingInfo.get_num_image_tokens)
+    assert params == ["self", "image_width", "image_height", "image_processor", "mm_kwargs"]
+
+
+def test_qwen_mrope_positions_read_only_offsets_modalities_and_grids():
+    """``get_mrope_input_positions`` is run on a widened copy of the request's features: it
+    must read only ``len(input_tokens)``, each feature's ``mm_position.offset``, ``modality`` and
+    ``data[<modality>_grid_thw]``, and place t*h*w positions per item."""
+    source = inspect.getsource(Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions)
+    assert "self.iter_mm_grid_thw(mm_features)" in source
+    assert "len(input_tokens)" in source and "input_tokens[" not in source
+    assert "st = offset + llm_grid_t * llm_grid_h * llm_grid_w" in source
+    grids = inspect.getsource(Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw)
+    _in_order(
+        grids,
+        [
+            "sorted(mm_features, key=lambda f: f.mm_position.offset)",
+            'data["image_grid_thw"].data',
+            "yield offset, 1, h // spatial_merge_size, w // spatial_merge_size",
+        ],
+    )
+
+
+def test_feature_specs_we_widen():
+    import dataclasses
+
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    assert dataclasses.is_dataclass(MultiModalFeatureSpec)
+    fields = {f.name for f in dataclasses.fields(MultiModalFeatureSpec)}
+    assert {"data", "modality", "identifier", "mm_position"} <= fields
+    assert PlaceholderRange(offset=3, length=5).length == 5
+
+
+def test_qwen_embed_multimodal_returns_one_tensor_per_item():
+    source = inspect.getsource(Qwen2_5_VLForConditionalGeneration.embed_multimodal)
+    assert "multimodal_embeddings += tuple(image_embeddings)" in source
+    # vLLM's own pruning (EVS) rewrites image rows here only when it is on; we refuse image
+    # pruning while it is (the processor's check) and rely on it being off otherwise.
+    assert "if self.is_multimodal_pruning_enabled:" in source
+
+
+def test_the_runner_merges_rows_in_mask_order_and_accepts_wider_rows():
+    """``_merge_multimodal_embeddings`` fills ``is_multimodal``'s true entries in order (the rows
+    ``_split_offsets`` assigns the offsets to); ``sanity_check_mm_encoder_outputs`` checks 2-D
+    only, so rows carrying the position channels pass through the encoder cache."""
+    import torch
+    from vllm.model_executor.models import utils
+    from vllm.v1.worker.utils import sanity_check_mm_encoder_outputs
+
+    assert "inputs_embeds[is_multimodal] = mm_embeds_flat" in inspect.getsource(
+        utils._merge_multimodal_embeddings
+    )
+    sanity_check_mm_encoder_outputs([torch.zeros(3, 70), torch.zeros(2, 64)], expected_num_items=2)
+    assert _params(Qwen2_5_VLForConditionalGeneration.embed_input_ids) == [
+        "self",
+        "input_ids",
+        "multimodal_embeddings",
+        "is_multimodal",
+    ]
+
+
+def test_v1_runner_positions_then_encoder_then_embed_then_forward():
+    """The order the mechanism relies on in vLLM's V1 runner (the CPU runner's too):
+    positions from ``get_mrope_input_positions`` once per request; each step's slice copied into
+    the persistent buffer; then the encoder (``embed_multimodal`` unless an encoder CUDA graph
+    replays it), the gather (a slice of the cached rows, channels included), ``embed_input_ids``
+    with the mask, and the forward with a view of that same buffer."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    init = inspect.getsource(GPUModelRunner._init_mrope_positions)
+    assert "mrope_model.get_mrope_input_positions(" in init
+    assert "input_tokens," in init and "mrope_features," in init
+    calc = re.sub(r"\s+", "", inspect.getsource(GPUModelRunner._calc_mrope_positions))
+    assert "=req.mrope_positions[:,src_start:src_end]" in calc
+    encoder = inspect.getsource(GPUModelRunner._execute_mm_encoder)
+    _in_order(
+        encoder,
+        [
+            "self.encoder_cudagraph_manager is not None",
+            "batch_outputs = model.embed_multimodal(**mm_kwargs_batch)",
+            "sanity_check_mm_encoder_outputs(",
+        ],
+    )
+    gather = inspect.getsource(GPUModelRunner._gather_mm_embeddings)
+    assert "mm_embeds_item = encoder_output[start_idx:end_idx]" in gather
+    # vLLM's own recompute path (EVS) stays off unless its video pruning is on.
+    assert "if self.is_multimodal_pruning_enabled and self.uses_mrope:" in gather
+    preprocess = inspect.getsource(GPUModelRunner._preprocess)
+    _in_order(
+        preprocess,
+        [
+            "self._execute_mm_encoder(scheduler_output)",
+            "self._gather_mm_embeddings(scheduler_output)",
+            "self.model.embed_input_ids(",
+            "is_multimodal=is_mm_embed,",
+            "positions = self.mrope_positions.gpu[:, :num_input_tokens]",
+        ],
+    )
+    assert "self._calc_mrope_positions(scheduler_output)" in inspect.getsource(
+        GPUModelRunner._prepare_inputs
+    )
+    execute = inspect.getsource(GPUModelRunner.execute_model)
+    _in_order(execute, ["self._prepare_inputs(", "self._preprocess(", "self._model_forward("])
+    forward = inspect.getsource(GPUModelRunner._model_forward)
+    assert "positions=positions" in forward
+
+
+def test_the_cpu_runner_is_the_v1_runner_and_never_turns_evs_on():
+    from vllm.config.multimodal import MultiModalConfig
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert issubclass(CPUModelRunner, GPUModelRunner)
+    assert "is_multimodal_pruning_enabled" not in inspect.getsource(CPUModelRunner.load_model)
+    gpu_load = inspect.getsource(GPUModelRunner.load_model)
+    assert "mm_config.is_multimodal_pruning_enabled()" in gpu_load
+    assert not MultiModalConfig(video_pruning_rate=0.0).is_multimodal_pruning_enabled()
+    assert MultiModalConfig(video_pruning_rate=0.5).is_multimodal_pruning_enabled()
+
+
+def test_v2_runner_positions_and_embeddings_go_through_the_same_model_calls():
+    """vLLM's V2 runner (the CUDA default): positions from ``get_mrope_input_positions`` at
+    request creation, a view of the persistent positions buffer handed to the forward, and the
+    merge through ``model.embed_input_ids`` with the mask."""
+    from vllm.v1.worker.gpu.mm.encoder_runner import EncoderRunner
+    from vllm.v1.worker.gpu.mm.rope import RopeState
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    assert "mrope_model.get_mrope_input_positions(" in inspect.getsource(
+        RopeState.init_prefill_positions
+    )
+    assert "return self.positions[:, :num_tokens]" in inspect.getsource(RopeState.get_positions)
+    assert "self.encoder_runner.get_inputs_embeds(" in inspect.getsource(
+        DefaultModelState.prepare_inputs_embeds
+    )
+    assert "self.model.embed_input_ids(" in inspect.getsource(EncoderRunner.get_inputs_embeds)
+
+
+def test_hf_processors_are_cached_by_their_kwargs():
+    """Why ``_get_prompt_updates`` strips our kwargs: vLLM caches HF processors by kwargs, and
+    Qwen2.5-VL's builds one from the request's kwargs."""
+    from vllm.transformers_utils import processor
+
+    assert hasattr(processor.cached_get_processor, "cache_info")
+    assert "_merge_mm_kwargs" in inspect.getsource(processor)
+
+
+def test_transformers_reference_side():
+    """The tests' reference: transformers' own Qwen2.5-VL positions and image features."""
+    from transformers import Qwen2_5_VLModel
+
+    params = _params(Qwen2_5_VLModel.get_rope_index)
+    assert params[:2] == ["self", "input_ids"]
+    assert {"mm_token_type_ids", "image_grid_thw"} <= set(params)
+    assert _params(Qwen2_5_VLModel.get_image_features)[:3] == [
+        "self",
+        "pixel_values",
+        "image_grid_thw",
     ]

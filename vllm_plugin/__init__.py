@@ -6,10 +6,13 @@ lazy ``"module:Class"`` strings, so it imports no CUDA state, and it is idempote
 
 from __future__ import annotations
 
-# Our subclass is registered under the stock architecture name, so a stock checkpoint
-# (e.g. llava-hf/llava-1.5-7b-hf) uses it without flags.
+# Our subclasses are registered under the stock architecture names, so a stock checkpoint
+# (e.g. llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct) uses them without flags.
 MODELS = {
     "LlavaForConditionalGeneration": "lvlm_prune.vllm_plugin.llava:LlavaPruneForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": (
+        "lvlm_prune.vllm_plugin.qwen2_5_vl:Qwen2_5_VLPruneForConditionalGeneration"
+    ),
 }
 
 WORKER_EXTENSION = "lvlm_prune.vllm_plugin.diagnostics.PruneWorkerExtension"
