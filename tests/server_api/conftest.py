@@ -1,50 +1,21 @@
 """A real ``lvlm-prune serve`` on 127.0.0.1 (vLLM's OpenAI server, multiprocess engine), shared by
 the API tests, and the real ``openai`` client pointed at it."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from server_api.serving import API_KEY, MAX_IMAGES, SERVER_KEEP_RATIO, Server, free_port
+from server_api.serving import API_KEY, MAX_IMAGES, SERVER_KEEP_RATIO, serve
 
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "lvlm_prune.server.cli",
-        "serve",
-        "tiny",
-        "--port",
-        str(port),
-        "--keep-ratio",
-        str(SERVER_KEEP_RATIO),
-        "--api-key",
-        API_KEY,
-        "--dtype",
-        "float32",  # diagnostics are compared with the torch reference
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        "--limit-mm-per-prompt",
-        f'{{"image": {MAX_IMAGES}}}',
+    args = [
+        *("tiny", "--keep-ratio", str(SERVER_KEEP_RATIO), "--api-key", API_KEY),
+        *("--dtype", "float32"),  # diagnostics are compared with the torch reference
+        *("--enforce-eager", "--max-model-len", "2048"),
+        *("--limit-mm-per-prompt", f'{{"image": {MAX_IMAGES}}}'),
     ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    srv = Server(port, proc, log)
-    try:
-        srv.wait_ready()
+    with serve(args, tmp_path_factory.mktemp("server")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import requests
@@ -50,3 +54,28 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def serve(
+    args: Sequence[str], log_dir: Path, *, env: dict[str, str] | None = None, timeout: float = 300
+) -> Iterator[Server]:
+    """``lvlm-prune serve ARGS --port P`` with a multiprocess engine, ready; stopped (SIGTERM,
+    then SIGKILL of its whole session) on exit."""
+    port = free_port()
+    log = log_dir / "server.log"
+    cmd = [sys.executable, "-m", "lvlm_prune.server.cli", "serve", *args, "--port", str(port)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = Server(port, proc, log)
+    try:
+        server.wait_ready(timeout=timeout)
+        yield server
+    finally:
+        server.stop()
+        # Whatever the API process did, nothing of its session may outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -11,10 +11,7 @@ as every chat UI does.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 
 import hf_reference as ref
 import pytest
@@ -22,7 +19,7 @@ import requests
 from helpers import data_url, make_image
 
 from lvlm_prune.server.middleware import image_queries
-from server_api.serving import API_KEY, MODEL, Server, free_port
+from server_api.serving import API_KEY, MODEL, Server, serve
 
 RATIO, K = 0.25, 144  # keep_count(576, 0.25)
 QUESTIONS = (
@@ -34,26 +31,14 @@ QUESTIONS = (
 
 @pytest.fixture(scope="module")
 def chat_server(tiny_model_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("chat-server") / "server.log"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    cmd = [
-        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "tiny", "--port", str(port)),
-        *("--api-key", API_KEY, "--dtype", "float32", "--enforce-eager"),
+    args = [
+        *("tiny", "--api-key", API_KEY, "--dtype", "float32", "--enforce-eager"),
         *("--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 2}'),
         "--enable-prompt-tokens-details",
         "--enable-logging-iteration-details",
     ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    srv = Server(port, proc, log)
-    try:
-        srv.wait_ready()
+    with serve(args, tmp_path_factory.mktemp("chat-server")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import requests
 import torch
 from helpers import data_url, make_image
 
-from server_api.serving import MODEL, Server, free_port
+from server_api.serving import MODEL, serve
 
 REQUESTS = 8
 
@@ -27,29 +25,14 @@ def dp_server(tiny_model_dir, tmp_path_factory):
     cpus = sorted(os.sched_getaffinity(0))
     if torch.cuda.is_available() or len(cpus) < 2:
         pytest.skip("data parallelism here runs two CPU engines, one core each")
-    port = free_port()
-    log = tmp_path_factory.mktemp("dp-server") / "server.log"
-    env = {
-        **os.environ,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-        # One core per engine: vLLM's "auto" binding wants one NUMA node per engine.
-        "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}",
-    }
-    cmd = [
-        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "tiny"),
-        *("--port", str(port), "--data-parallel-size", "2"),
+    args = [
+        *("tiny", "--data-parallel-size", "2"),
         *("--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"),
     ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = Server(port, proc, log)
-    try:
-        server.wait_ready(timeout=600)
-        yield server
-    finally:
-        server.stop()
+    # One core per engine: vLLM's "auto" binding wants one NUMA node per engine.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    with serve(args, tmp_path_factory.mktemp("dp-server"), env=env, timeout=600) as srv:
+        yield srv
 
 
 def test_every_request_gets_its_diagnostics_from_the_engine_that_ran_it(dp_server):

@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import aiohttp
@@ -28,7 +23,7 @@ import requests
 from helpers import data_url, make_image
 
 from lvlm_prune.benchmarks.soak import oversized_png_url
-from server_api.serving import API_KEY, MODEL, Server, free_port
+from server_api.serving import API_KEY, MODEL, serve
 
 LONG = 1700  # output tokens (ignore_eos): still generating when the fault comes, at 2048 tokens
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -101,26 +96,9 @@ async def send(session: aiohttp.ClientSession, url: str, payload: dict) -> dict:
 @pytest.fixture
 def doomed_server(tiny_model_dir, tmp_path):
     """A server of its own: this test kills its engine."""
-    port = free_port()
-    log = tmp_path / "server.log"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    cmd = [
-        *(sys.executable, "-m", "lvlm_prune.server.cli", "serve", "tiny", "--port", str(port)),
-        *("--api-key", API_KEY, "--enforce-eager", "--max-model-len", "4096"),
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    srv = Server(port, proc, log)
-    try:
-        srv.wait_ready()
+    args = ["tiny", "--api-key", API_KEY, "--enforce-eager", "--max-model-len", "4096"]
+    with serve(args, tmp_path) as srv:
         yield srv
-    finally:
-        srv.stop()
-        # Whatever the API process did, nothing of its session may outlive the test.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def engine_core(pid: int) -> psutil.Process:
