@@ -1,9 +1,9 @@
 """A soak: minutes of mixed, partly bad, partly abandoned traffic on one real server, then checks.
 
 One ``lvlm-prune serve`` (server-wide keep 0.25, as ``make serve``; up to two images per prompt;
-``--mm-processor-cache-gb`` bounded, 0.1 by default: every image here is new, so the cache never
+``--mm-processor-cache-gb`` bounded, 0.05 by default: every image here is new, so the cache never
 hits and only costs memory; the engine core keeps its copy of each processed image, ~0.65 MiB
-for a 336 px one, so 0.1 GiB is full after ~160 images, within the warm-up) gets Poisson arrivals at
+for a 336 px one, so 0.05 GiB is full after ~80 images, within the warm-up) gets Poisson arrivals at
 ``--rate`` (default: 80 % of the sustainable rate at keep 0.25 in ``serve-MODEL.json``) from an
 aiohttp client. Every request has a fresh random image. The mix, drawn per request:
 
@@ -438,9 +438,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     share = args.warmup_share if args.warmup_share is not None else (0.5 if args.smoke else 0.2)
     total = minutes * 60
     warmup = min(total / 2, max(30.0, share * total)) if not args.smoke else share * total
-    cache_gb = args.mm_processor_cache_gb
-    if cache_gb is None:
-        cache_gb = 0.03 if args.smoke else 0.1
+    cache_gb = 0.05 if args.mm_processor_cache_gb is None else args.mm_processor_cache_gb
     rng = np.random.default_rng(args.seed)
     drop_tokens = args.max_model_len - DROP_PROMPT_ROOM  # as long as the server allows
     phases = {"warm-up": plan(rng, rate, warmup, 0, drop_tokens)}

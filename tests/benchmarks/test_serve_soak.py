@@ -58,7 +58,7 @@ def ladder_rates(capacity: float, start: float = 1.0) -> list[float]:
 def test_rate_search_climbs_to_two_failures_or_descends_from_a_failing_start():
     assert ladder_rates(5.0) == [1, 2, 4, 8, 16]
     assert ladder_rates(0.3) == [1, 0.5, 0.25]
-    assert ladder_rates(0.01) == [1, 0.5, 0.25, 0.125, 0.0625]  # at most 4 steps down
+    assert ladder_rates(0.001) == [2.0**-k for k in range(serve.MAX_STEPS_DOWN + 1)]
     points = [{"setting": "stock", "rate": r, "within_slo": r <= 5.0} for r in ladder_rates(5.0)]
     assert serve._bracket(points, serve.Setting(1.0)) == (4, 8)
     assert serve._sustainable(points, serve.Setting(1.0)) == 4
