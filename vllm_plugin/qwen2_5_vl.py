@@ -213,8 +213,55 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._carrier_width = self.config.text_config.hidden_size + POSITION_CHANNELS
-        # (rows of the flattened batch, [3, R] offsets) from embed_input_ids for the next forward.
-        self._pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+        # From embed_input_ids for the next forward: (rows of the flattened batch, [3, R]
+        # offsets, tokens in the batch).
+        self._pending_offsets: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    @classmethod
+    def unsupported_engine_config(cls, vllm_config) -> list[str]:
+        """The kept tokens' positions reach the language model through ``embed_input_ids``
+        and then ``forward``, both called by the runner in Python on the whole batch. Refused
+        here: configurations where one of the two does not run, or runs on part of the batch.
+
+        Checked on CPU only as configuration (tests/test_qwen2_5_vl.py); on a GPU, unverified
+        beyond vLLM's source: that piecewise CUDA graphs (vLLM's default, FULL_AND_PIECEWISE)
+        replay the in-place patched positions buffer, with the V1 and the V2 runner alike.
+        """
+        from vllm.config.compilation import CUDAGraphMode
+
+        problems = super().unsupported_engine_config(vllm_config)
+        parallel, compilation = vllm_config.parallel_config, vllm_config.compilation_config
+        if parallel.pipeline_parallel_size > 1:
+            problems.append(
+                f"pipeline parallelism (pipeline_parallel_size={parallel.pipeline_parallel_size}):"
+                " only the first stage merges the image rows, so later stages never receive "
+                "the kept tokens' positions"
+            )
+        if parallel.use_ubatching:
+            problems.append(
+                "micro-batching (enable_dbo, ubatch_size > 1): the forward runs on slices of "
+                "the batch, the kept tokens' positions are taken for the whole of it"
+            )
+        if compilation.cudagraph_mm_encoder:
+            problems.append(
+                "the encoder CUDA graph (compilation_config.cudagraph_mm_encoder): it replays "
+                "the vision encoder instead of calling embed_multimodal, where the kept tokens "
+                "are chosen"
+            )
+        mode = compilation.cudagraph_mode
+        if mode is not None and mode.mixed_mode() == CUDAGraphMode.FULL:
+            problems.append(
+                f"full CUDA graphs for prefill batches (cudagraph_mode {mode.name}): a replay "
+                "skips the forward that places the kept tokens; FULL_AND_PIECEWISE (vLLM's "
+                "default) and PIECEWISE run it"
+            )
+        spec = vllm_config.speculative_config
+        if spec is not None and spec.use_eagle():
+            problems.append(
+                f"speculative decoding with a {spec.method} drafter: it embeds the image rows "
+                "itself, and a pruned image's rows carry position channels it does not expect"
+            )
+        return problems
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
@@ -226,6 +273,11 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
             grids.append((thw[0], thw[1] // merge, thw[2] // merge))
         stock = super().get_mrope_input_positions
         return pruned_mrope_positions(stock, input_tokens, mm_features, grids)
+
+    def _image_grids(self, images, kwargs) -> list[tuple[int, int]]:
+        """Dynamic resolution: each image's own rows x cols of tokens after the merger."""
+        merge = self.config.vision_config.spatial_merge_size
+        return [(h // merge, w // merge) for _, h, w in kwargs["image_grid_thw"].tolist()]
 
     def _pruned_embeddings(
         self,
@@ -262,8 +314,9 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
         )
 
     def _split_offsets(self, embeddings: Sequence[torch.Tensor], is_multimodal: torch.Tensor):
-        """Rows without the position channels, and (batch rows, [3, R] offsets) of the rows
-        that carried them. The multimodal rows fill ``is_multimodal``'s true entries in order."""
+        """Rows without the position channels, and (batch rows, [3, R] offsets, tokens in the
+        batch) for the rows that carried them. The multimodal rows fill ``is_multimodal``'s true
+        entries in order."""
         rows_at = torch.nonzero(is_multimodal, as_tuple=True)[0]
         stripped, carried_rows, offsets = [], [], []
         start = 0
@@ -277,7 +330,8 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
                 stripped.append(e)
             start += n
         assert start == rows_at.numel(), (start, rows_at.numel())
-        return stripped, (torch.cat(carried_rows), torch.cat(offsets, dim=1))
+        pending = (torch.cat(carried_rows), torch.cat(offsets, dim=1), is_multimodal.numel())
+        return stripped, pending
 
     def forward(
         self,
@@ -288,8 +342,15 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
         **kwargs: object,
     ):
         pending, self._pending_offsets = self._pending_offsets, None
-        if pending is not None and positions.ndim == 2:
-            rows, offsets = pending
+        if pending is not None:
+            rows, offsets, num_tokens = pending
+            if positions.ndim != 2 or positions.shape[-1] < num_tokens:
+                # The configurations that split the batch are refused at engine start; this
+                # catches any other runner path before it puts tokens at the wrong positions.
+                raise RuntimeError(
+                    f"lvlm-prune: the forward got positions of shape {tuple(positions.shape)} "
+                    f"for a batch of {num_tokens} tokens whose pruned images carry positions"
+                )
             # In place: the runner's positions buffer is what CUDA graphs replay from, and what
             # a drafter reads after this pass; it is rewritten from the request's positions
             # before every step, so nothing accumulates.
