@@ -4,6 +4,8 @@
   in the package; the default of ``lvlm-prune serve``.
 - ``tiny``, ``bench``: LLaVA-1.5 shapes with random weights, built offline and cached (tests;
   ``bench`` keeps LLaVA-1.5-7B's LLM : vision prefill cost proportion, for speed).
+- ``qwen-tiny``, ``qwen-bench``: the same for Qwen2.5-VL (``qwen-bench`` keeps Qwen2.5-VL-7B's
+  proportion).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ DEFAULT = "shapes"
 
 def names() -> list[str]:
     from lvlm_prune.vllm_plugin.tiny_models import SPECS
+    from lvlm_prune.vllm_plugin.tiny_qwen import QWEN_SPECS
 
-    return [DEFAULT, *SPECS]
+    return [DEFAULT, *SPECS, *QWEN_SPECS]
 
 
 def resolve(name: str) -> tuple[str, str] | None:
@@ -24,7 +27,10 @@ def resolve(name: str) -> tuple[str, str] | None:
 
         return str(released_model_dir()), MODEL_NAME
     from lvlm_prune.vllm_plugin.tiny_models import SPECS, build_tiny_llava
+    from lvlm_prune.vllm_plugin.tiny_qwen import QWEN_SPECS, build_tiny_qwen
 
     if name in SPECS:
         return str(build_tiny_llava(SPECS[name])), f"lvlm-prune-{name}"
+    if name in QWEN_SPECS:
+        return str(build_tiny_qwen(QWEN_SPECS[name])), f"lvlm-prune-{name}"
     return None

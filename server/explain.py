@@ -162,14 +162,14 @@ def explain(
     entries = next(a[DIAGNOSTICS_ID] for a in answers if DIAGNOSTICS_ID in a)  # rank 0's
     per_image = []
     for entry in entries:
-        n = entry["num_tokens"]
+        n, grid = entry["num_tokens"], entry["grid"]
         per_image.append(
             {
                 "tokens_before": n,
                 "tokens_after": len(entry["kept_indices"]),
                 "method": entry["method"],
-                "grid": _grid_shape(n),
-                "scores": flow.patch_grid(entry["scores"], range(n), n)
+                "grid": grid,
+                "scores": flow.patch_grid(entry["scores"], range(n), n, grid)
                 if entry["scores"] is not None
                 else None,
                 "kept_indices": entry["kept_indices"],
@@ -185,13 +185,6 @@ def explain(
         "per_image": per_image,
         "flow": result_flow,
     }
-
-
-def _grid_shape(n: int) -> list[int] | None:
-    import math
-
-    side = math.isqrt(n)
-    return [side, side] if side * side == n else None
 
 
 def draw(result: dict, image_path: Path) -> bytes:

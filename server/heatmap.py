@@ -31,7 +31,9 @@ def render_heatmap(
     image: Image.Image | None = None,
     size: int = 336,
 ) -> str:
-    """Base64 PNG, ``size`` px square, of ``scores`` ([h, w] grid) with dropped patches dimmed."""
+    """Base64 PNG of ``scores`` ([rows, cols] grid) with dropped patches dimmed, ``size`` px on
+    its longer side and the grid's aspect (each image token covers a square of the image: a
+    square grid gives a square picture, LLaVA-1.5's; a 10 x 6 grid a portrait one)."""
     grid = np.asarray(scores, dtype=np.float32)
     span = float(grid.max() - grid.min())
     scaled = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid)
@@ -39,9 +41,12 @@ def render_heatmap(
     kept_mask[np.asarray(kept, dtype=int)] = True
     colour = colorize(scaled).astype(np.float32)
     colour[~kept_mask.reshape(grid.shape)] *= 0.35
-    overlay = Image.fromarray(colour.astype(np.uint8)).resize((size, size), Image.NEAREST)
+    rows, cols = grid.shape
+    width = max(1, round(size * cols / max(rows, cols)))
+    height = max(1, round(size * rows / max(rows, cols)))
+    overlay = Image.fromarray(colour.astype(np.uint8)).resize((width, height), Image.NEAREST)
     if image is not None:
-        base = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        base = image.convert("RGB").resize((width, height), Image.BICUBIC)
         overlay = Image.blend(base, overlay, alpha=0.6)
     buf = io.BytesIO()
     overlay.save(buf, format="PNG")

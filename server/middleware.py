@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -155,6 +154,13 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
         return None
     mm_kwargs = dict(raw_kwargs or {})
     mm_kwargs.update(pruning.mm_processor_kwargs())
+    if mm_kwargs.get(options.METHOD) == "flow" and state.flow_method_unavailable:
+        param = (
+            "pruning.method"
+            if pruning.method == "flow"
+            else f"mm_processor_kwargs.{options.METHOD}"
+        )
+        raise BadRequest(f'{param} "flow": {state.flow_method_unavailable}', param)
     check_query_count(mm_kwargs, len(images), "pruning" if pruning.query is not None else None)
     check_prune_layer(mm_kwargs, state.num_layers, "pruning" if pruning.prune_layer else None)
     if pruning.requery and options.QUERY in mm_kwargs:
@@ -430,10 +436,11 @@ class ResponseRewriter:
         image.method = entry["method"]
         image.kept_indices = entry["kept_indices"]
         scores = entry["scores"]
-        side = math.isqrt(entry["num_tokens"])
-        if scores is not None and side * side == len(scores):
-            image.grid = [side, side]
-            image.scores = [scores[r * side : (r + 1) * side] for r in range(side)]
+        grid = entry["grid"]  # the image's own rows x cols of tokens (Qwen2.5-VL: any aspect)
+        if scores is not None and grid and grid[0] * grid[1] == len(scores):
+            rows, cols = grid
+            image.grid = [rows, cols]
+            image.scores = [scores[r * cols : (r + 1) * cols] for r in range(rows)]
         else:
             image.scores = scores
         votes = sorted(

@@ -132,7 +132,18 @@ class ServerState:
                 'pruning.diagnostics "flow" needs every decoder layer on each worker: it is not '
                 "available with pipeline parallelism"
             )
-        self.num_layers = engine_client.model_config.hf_text_config.num_hidden_layers
+        text_config = engine_client.model_config.hf_text_config
+        # Flow reruns Llama-family decoder layers with 1-D positions (vllm_plugin/flow.py); the
+        # processor refuses it for other language models too, but without the request's field.
+        self.flow_method_unavailable = None
+        if text_config.model_type not in flow.MODEL_TYPES:
+            why = (
+                f"information flow supports {', '.join(flow.MODEL_TYPES)} language models; "
+                f"this model's is {text_config.model_type!r}"
+            )
+            self.flow_unavailable = f'pruning.diagnostics "flow": {why}'
+            self.flow_method_unavailable = why
+        self.num_layers = text_config.num_hidden_layers
         self.max_flow_passes = MAX_FLOW_PASSES
         self.flow_passes = 0
         self.tokenizer = engine_client.get_tokenizer()

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lvlm_prune.kernels import Selection
+from lvlm_prune.kernels import Selection, cosine_matrix
 
 from .bounded import BoundedStore
 
@@ -42,10 +42,13 @@ class DiagnosticsStore:
         image: torch.Tensor,
         query: torch.Tensor,
         query_ids: torch.Tensor,
+        grid: tuple[int, int] | None = None,
     ) -> None:
-        """Append one image's selection under the request's diagnostics id."""
+        """Append one image's selection under the request's diagnostics id; ``grid`` is the
+        image's tokens as (rows, cols), for the heatmap."""
         entry = {
             "num_tokens": int(image.shape[0]),
+            "grid": None if grid is None else list(grid),
             "kept_indices": sel.kept.tolist(),
             "scores": None if sel.scores is None else sel.scores.float().cpu().tolist(),
             "method": sel.method,
@@ -121,8 +124,7 @@ def query_votes(image: torch.Tensor, query: torch.Tensor, kept: torch.Tensor) ->
     """
     if query.shape[0] == 0:
         return []
-    unit = torch.nn.functional.normalize
-    sim = unit(image[kept].float(), dim=-1) @ unit(query.float(), dim=-1).T  # [K, T]
+    sim = cosine_matrix(image[kept], query)  # [K, T]; row-invariant, as the selection's
     return torch.bincount(sim.argmax(dim=1), minlength=query.shape[0]).tolist()
 
 

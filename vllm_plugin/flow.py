@@ -310,16 +310,24 @@ def combine_flow(answers: Sequence[dict]) -> dict:
     }
 
 
-def patch_grid(values: Sequence[float], kept: Sequence[int], num_tokens: int) -> list:
-    """Kept tokens' values on the image's patch grid (rows x cols), ``None`` where dropped; a flat
-    list of N when N is not a square."""
+def patch_grid(
+    values: Sequence[float],
+    kept: Sequence[int],
+    num_tokens: int,
+    grid: Sequence[int] | None = None,
+) -> list:
+    """Kept tokens' values on the image's patch grid (``grid`` = rows, cols; without it, a square
+    one), ``None`` where dropped; a flat list of N when the grid is unknown."""
     flat: list[float | None] = [None] * num_tokens
     for index, value in zip(kept, values, strict=True):
         flat[index] = value
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
+    if grid is None:
+        side = math.isqrt(num_tokens)
+        grid = (side, side)
+    rows, cols = grid
+    if rows * cols != num_tokens:
         return flat
-    return [flat[r * side : (r + 1) * side] for r in range(side)]
+    return [flat[r * cols : (r + 1) * cols] for r in range(rows)]
 
 
 def cliff_layer(image_shares: Sequence[float]) -> int:
