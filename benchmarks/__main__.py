@@ -67,6 +67,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="folder for the JSON / markdown / PNG"
     )
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument(
+        "--image-size",
+        type=common.image_size,
+        default=common.IMAGE_SIZE,
+        metavar="WxH",
+        help="the images' width x height (default 336x336; Qwen2.5-VL's token count follows it, "
+        "and a size other than the default is part of the result files' names)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +176,8 @@ def run_one(args: argparse.Namespace, command: str) -> tuple[str | None, bool | 
             f"built-in {name}: {Path(model_dir).name}" if name == label else model_dir
         )
         stem = f"{args.name}-{label}"
+        if getattr(args, "image_size", common.IMAGE_SIZE) != common.IMAGE_SIZE:
+            stem += "-{}x{}".format(*args.image_size)
     result["machine"] = machine
     result["command"] = command
     out = _out_dir(args)

@@ -7,6 +7,7 @@ machine hits all of them alike; tables report medians and ratios to stock, never
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -71,22 +72,55 @@ def configs_for(ratios: Sequence[float], methods: Sequence[str]) -> list[Config]
     return out
 
 
-def make_image(seed: int, size: int = 336):
-    """A random RGB image; a new seed per request keeps every cache (prefix, encoder) cold."""
+IMAGE_SIZE = (336, 336)
+"""(width, height) of the benchmarks' images unless ``--image-size`` says otherwise: LLaVA-1.5's
+input. LLaVA resizes any image to it; Qwen2.5-VL gives (H/28)·(W/28) tokens at any size."""
+
+PROMPTS = {
+    "llava": "USER: <image>\n{question} ASSISTANT:",
+    "qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
+}
+"""One image and a question in each family's chat format (what its chat template renders)."""
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``--image-size`` WIDTHxHEIGHT, e.g. 672x448."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"WIDTHxHEIGHT, e.g. 672x448: {text!r}") from None
+    if width < 28 or height < 28:
+        raise argparse.ArgumentTypeError(f"at least 28 px a side: {text!r}")
+    return width, height
+
+
+def make_image(seed: int, size: int | tuple[int, int] = IMAGE_SIZE):
+    """A random RGB image (``size``: side, or (width, height)); a new seed per request keeps every
+    cache (prefix, encoder) cold."""
     import numpy as np
     from PIL import Image
 
+    width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.RandomState(seed)
-    return Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8))
+    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def prompt_for(question: str = QUESTION) -> str:
-    return f"USER: <image>\n{question} ASSISTANT:"
+def family_of(llm) -> str:
+    """The served model's family (its HF ``model_type``), which picks its prompt format."""
+    model_type = llm.llm_engine.model_config.hf_config.model_type
+    if model_type not in PROMPTS:
+        raise SystemExit(f"no benchmark prompt format for model type {model_type!r}")
+    return model_type
 
 
-def request(config: Config, image, question: str = QUESTION) -> dict:
+def prompt_for(question: str = QUESTION, family: str = "llava") -> str:
+    return PROMPTS[family].format(question=question)
+
+
+def request(config: Config, image, question: str = QUESTION, *, family: str = "llava") -> dict:
     return {
-        "prompt": prompt_for(question),
+        "prompt": prompt_for(question, family),
         "multi_modal_data": {"image": image},
         "mm_processor_kwargs": config.mm_kwargs(),
     }

@@ -55,12 +55,14 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         for c in configs
     }
 
+    family = common.family_of(llm)
     bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({model_label})")
     for round_ in range(warmup + repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
-            image = common.make_image(10_000 * round_ + i)
+            image = common.make_image(10_000 * round_ + i, args.image_size)
+            req = common.request(config, image, family=family)
             with common.Timer() as t:
-                (out,) = llm.generate([common.request(config, image)], sampling, use_tqdm=False)
+                (out,) = llm.generate([req], sampling, use_tqdm=False)
             bar.update()
             if round_ < warmup:
                 continue
@@ -116,7 +118,9 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             "ratios": args.ratios,
             "methods": args.methods,
             "prefix_caching": False,
-            "image_per_request": "fresh random 336x336 image (seeded by round and position)",
+            "image_per_request": "fresh random {}x{} image (seeded by round and position)".format(
+                *args.image_size
+            ),
             "order": "round-robin over configs, rotated by one position each round",
             "quiet_below": args.quiet_below,
         },

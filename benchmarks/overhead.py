@@ -118,6 +118,11 @@ def instrumented(llm):
     from lvlm_prune.vllm_plugin import llava as plugin_llava
     from lvlm_prune.vllm_plugin import pruning
 
+    if common.family_of(llm) != "llava":
+        raise SystemExit(
+            "bench overhead attributes time to LLaVA's modules (vision tower, projector, "
+            "processor); run bench latency or throughput for other families"
+        )
     model = common.model_of(llm)
     probe = Probe()
     try:

@@ -55,12 +55,14 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         for c in configs
     }
 
+    family = common.family_of(llm)
     bar = common.progress((warmup + repeats) * len(configs) * batch, f"{NAME} ({model_label})")
     for round_ in range(warmup + repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
+            seeds = [1_000_000 + 10_000 * round_ + 100 * i + j for j in range(batch)]
             reqs = [
-                common.request(config, common.make_image(1_000_000 + 10_000 * round_ + 100 * i + j))
-                for j in range(batch)
+                common.request(config, common.make_image(s, args.image_size), family=family)
+                for s in seeds
             ]
             with common.Timer() as t:
                 outs = llm.generate(reqs, sampling, use_tqdm=False)

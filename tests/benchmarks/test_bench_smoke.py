@@ -99,6 +99,30 @@ def test_latency_rows_token_counts_and_ratios(smoke):
         assert (smoke["out"] / "latency-tiny.png").stat().st_size > 1000
 
 
+def test_latency_on_qwen_follows_the_image_size(tmp_path):
+    """Qwen2.5-VL's image tokens follow the image: 168 x 280 px is 6 x 10 = 60 tokens, and the
+    size names the result files so two resolutions never overwrite each other."""
+    cmd = [sys.executable, "-m", "lvlm_prune.benchmarks", "latency", "--model", "qwen-tiny"]
+    cmd += ["--smoke", "--image-size", "168x280", "--ratios", "1.0", "0.25", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        cmd + ["--methods", "simignore"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "latency-qwen-tiny-168x280.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert rows["stock"]["prompt_tokens"] - rows["simignore@0.25"]["prompt_tokens"] == 60 - 15
+    assert "168x280" in result["settings"]["image_per_request"]
+
+
+@pytest.mark.parametrize("text", ["672", "672x", "x448", "axb", "20x448"])
+def test_image_size_option_refuses_what_is_not_width_x_height(text):
+    import argparse
+
+    assert common.image_size("672x448") == (672, 448)
+    with pytest.raises(argparse.ArgumentTypeError, match="672x448|28 px"):
+        common.image_size(text)
+
+
 def test_throughput_kv_capacity_grows_as_keep_ratio_falls(smoke):
     result = smoke["results"]["throughput"]
     kv = result["kv_cache"]
