@@ -7,10 +7,12 @@ Its automatic thread binding wants one NUMA node per rank, so the cores are name
 import os
 
 import pytest
+import test_qwen2_5_vl as qwen
 import torch
 from helpers import close_llm, make_image, make_llm
 from vllm import SamplingParams
 
+from lvlm_prune.kernels import keep_count
 from lvlm_prune.vllm_plugin import flow
 
 QUESTION = "What is the color of the car on the street?"
@@ -134,3 +136,61 @@ def test_tp2_flow_diagnostics_equal_tp1(tp1, tp2):
             v2 = [v for row in g2 for v in row]
             assert [v is None for v in v1] == [v is None for v in v2]
             assert max(abs(a - b) for a, b in zip(v1, v2) if a is not None) < FLOW_ATOL
+
+
+# ---- Qwen2.5-VL: each rank places the kept tokens at their M-RoPE positions ----------------------
+
+QWEN_REQUESTS = {  # diagnostics id -> (images as (seed, size), keep_ratio)
+    201: (((0, qwen.PORTRAIT),), 0.25),
+    202: (((0, qwen.PORTRAIT), (1, qwen.WIDE)), 0.5),
+}
+
+
+def run_qwen(llm):
+    results = {}
+    for diag_id, (images, ratio) in QWEN_REQUESTS.items():
+        req = qwen.request(images=images, keep_ratio=ratio, prune_diagnostics=diag_id)
+        out = llm.generate(req, SAMPLING, use_tqdm=False)[0]
+        per_rank = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
+        results[diag_id] = (out, per_rank)
+    return results
+
+
+@pytest.fixture(scope="module")
+def qwen_tp1(qwen_model_dir):
+    llm = qwen.make_qwen_llm(qwen_model_dir)
+    try:
+        return run_qwen(llm)
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def qwen_tp2(qwen_model_dir, qwen_tp1):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        kwargs = tp2_engine_kwargs(monkeypatch)
+        llm = qwen.make_qwen_llm(qwen_model_dir, tensor_parallel_size=2, **kwargs)
+        try:
+            return run_qwen(llm)
+        finally:
+            shutdown(llm)
+
+
+@pytest.mark.parametrize("diag_id", sorted(QWEN_REQUESTS))
+def test_qwen_tp2_selects_and_generates_as_tp1(qwen_tp1, qwen_tp2, diag_id):
+    """Both ranks keep the same rows and put them at the same positions as TP=1: the prompt,
+    the greedy ids and the logprobs agree (wrong positions move them ~40x the tolerance)."""
+    (out1, (answer1,)), (out2, per_rank) = qwen_tp1[diag_id], qwen_tp2[diag_id]
+    images, ratio = QWEN_REQUESTS[diag_id]
+    kept = [[entry["kept_indices"] for entry in answer[diag_id]] for answer in per_rank]
+    assert len(kept) == 2 and kept[0] == kept[1] == [e["kept_indices"] for e in answer1[diag_id]]
+    grids = [list(qwen.grid_of(size)) for _, size in images]
+    assert [entry["grid"] for entry in per_rank[0][diag_id]] == grids
+    assert out1.prompt_token_ids.count(qwen.IMAGE_TOKEN_ID) == sum(
+        keep_count(r * c, ratio) for r, c in grids
+    )
+    assert list(out2.prompt_token_ids) == list(out1.prompt_token_ids)
+    assert list(out2.outputs[0].token_ids) == list(out1.outputs[0].token_ids)
+    for s1, s2 in zip(out1.outputs[0].logprobs, out2.outputs[0].logprobs):
+        assert s1.keys() == s2.keys()
+        assert max(abs(s1[t].logprob - s2[t].logprob) for t in s1) < LOGPROB_ATOL
