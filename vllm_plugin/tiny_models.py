@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from lvlm_prune import envs
@@ -109,15 +110,22 @@ def cache_root() -> Path:
 
 def build_tiny_llava(spec: TinyLlavaSpec = TINY, *, root: Path | None = None) -> Path:
     """Return the directory of the model for ``spec``, building it first if absent."""
-    out = (root or cache_root()) / f"llava-{spec.key()}"
+    return build_cached(f"llava-{spec.key()}", lambda out: _write_model(spec, out), root=root)
+
+
+def build_cached(name: str, write: Callable[[Path], None], *, root: Path | None = None) -> Path:
+    """``root / name`` (the cache by default), written by ``write(folder)`` first if absent.
+
+    Written in a temporary sibling and renamed: concurrent builders (pytest-xdist, two servers)
+    never see a half-written model.
+    """
+    out = (root or cache_root()) / name
     if (out / "model.safetensors").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename: concurrent builders (pytest-xdist, two servers)
-    # never see a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        _write_model(spec, tmp)
+        write(tmp)
         try:
             tmp.rename(out)
         except OSError:  # another process won the race

@@ -15,11 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from .tiny_models import _CORPUS, cache_root
+from .tiny_models import _CORPUS, build_cached
 
 # Bump when the files this module writes change in any way.
 BUILDER_VERSION = 1
@@ -215,22 +213,7 @@ def prefill_flops(spec: TinyQwenSpec, width: int, height: int, text_tokens: int 
 
 def build_tiny_qwen(spec: TinyQwenSpec = TINY_QWEN, *, root: Path | None = None) -> Path:
     """Return the directory of the model for ``spec``, building it first if absent."""
-    out = (root or cache_root()) / f"qwen2_5_vl-{spec.key()}"
-    if (out / "model.safetensors").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built in a temporary sibling and renamed: concurrent builders never see half a model.
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        _write_model(spec, tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process won the race
-            if not (out / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_cached(f"qwen2_5_vl-{spec.key()}", lambda out: _write_model(spec, out), root=root)
 
 
 def _build_tokenizer(spec: TinyQwenSpec):
