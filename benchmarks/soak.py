@@ -67,6 +67,10 @@ DROP_KEEP_RATIO = 0.05
 """Dropped streams ask for this keep ratio and no other request does, so the first bucket of
 ``lvlm_prune_keep_ratio`` counts exactly the dropped streams the server ran to their end."""
 DROP_PROMPT_ROOM = 300  # their prompt: one image at keep 0.05 and a question
+LATE_DROP_EVENTS = 50
+"""A client whose first read of a stream brings this many events drops it late: the API process
+was seconds behind its engine (a CPU-starved shared machine), and a small model may finish the
+whole stream before the disconnect reaches the engine. Such drops may run on; prompt ones may not."""
 
 VALID_PRUNING = (  # (pruning object or None for the server's default, weight)
     (None, 0.45),
@@ -277,6 +281,7 @@ async def _read_stream(response, req: Planned, out: dict) -> None:
         if req.kind == "disconnect" and tokens and not done:
             response.close()  # drop the connection mid-stream
             out["disconnected"] = True
+            out["events_before_drop"] = tokens
             return
     # A dropping client that only got to read after the whole stream had arrived (a slow client
     # beside a fast model) was answered in full: it is checked and counted as answered.
@@ -328,7 +333,11 @@ def _pruning_problems(pruning, req: Planned) -> list[str]:
 async def _drive(url: str, model: str, requests: list[Planned], seed: int) -> list[dict]:
     import aiohttp
 
-    connector = aiohttp.TCPConnector(limit=0)
+    # A connection per request: a pooled keep-alive connection the server has just closed (its
+    # idle timeout, 5 s, is shorter than Poisson gaps at these rates) fails the next request that
+    # reuses it before a byte is sent ("Can not write request body"), a client-side race that
+    # says nothing about the server. Clients that pool (openai's httpx) retry that case.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.monotonic()
@@ -502,6 +511,7 @@ def _result(**r) -> dict:
     bad, gone = by_kind["bad-image"], by_kind["disconnect"]
     answered = [o for o in valid if o.get("status") == 200 and not o.get("problem")]
     disconnected = [o for o in gone if o.get("disconnected")]
+    late = [o for o in disconnected if o.get("events_before_drop", 0) >= LATE_DROP_EVENTS]
     ended = [o for o in gone if o.get("ended_before_drop") and not o.get("problem")]
     five_xx = [o for o in outcomes if (o.get("status") or 0) >= 500]
     no_status = [o for o in outcomes if o.get("status") is None]
@@ -556,9 +566,10 @@ def _result(**r) -> dict:
             len(disconnected) + len(ended),
         ),
         (
-            "dropped streams the server stopped (not run to their end)",
-            len(disconnected),
-            len(disconnected) - (ran_on - len(ended)),
+            f"dropped streams the server stopped (not run to their end), of those the client "
+            f"dropped at once (before {LATE_DROP_EVENTS} events had arrived)",
+            len(disconnected) - len(late),
+            len(disconnected) - len(late) - max(0, ran_on - len(ended) - len(late)),
         ),
         (
             "vLLM requests finished (stop + length) = answered in full + dropped but run on",
@@ -628,6 +639,7 @@ def _result(**r) -> dict:
             "bad_image": len(bad),
             "disconnect": len(gone),
             "disconnect_ended_before_drop": len(ended),
+            "disconnect_late": len(late),
             "statuses": _statuses(outcomes),
         },
         "valid_latency_s": common.summary(durations) if durations else None,
@@ -666,7 +678,9 @@ def markdown(result: dict) -> str:
         f"{c['valid_heatmap']} with heatmaps, {c['valid_two_images']} with two images), "
         f"{c['invalid']} invalid `pruning`, {c['bad_image']} oversized or non-images, "
         f"{c['disconnect']} to be dropped mid-stream ({c['disconnect_ended_before_drop']} of "
-        "them had already ended when the client read its first event, and count as answered). "
+        "them had already ended when the client read its first event, and count as answered; "
+        f"{c['disconnect_late']} dropped late, {LATE_DROP_EVENTS}+ events at the client's first "
+        "read). "
         "HTTP statuses: "
         + ", ".join(f"{k}: {v}" for k, v in c["statuses"].items())
         + f". Co-tenant CPU during the run: {result['cotenant_cpu_share']:.0%}.",
