@@ -426,6 +426,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path) -> bool:
+    """Write a benchmark's figure as its PNG and free it; True (the plot was written)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def progress(total: int, desc: str):
     from tqdm import tqdm
 

@@ -652,7 +652,4 @@ def plot(result: dict, path) -> bool:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.save_figure(fig, path)

@@ -851,10 +851,7 @@ def plot(result: dict, path) -> bool:
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.save_figure(fig, path)
 
 
 def load_result(path: Path) -> dict | None:

@@ -741,7 +741,4 @@ def plot(result: dict, path) -> bool:
     ax.set_title(f"soak on {result['model']}: memory of the server's processes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.save_figure(fig, path)
