@@ -133,16 +133,11 @@ class ServerState:
                 "available with pipeline parallelism"
             )
         text_config = engine_client.model_config.hf_text_config
-        # Flow reruns Llama-family decoder layers with 1-D positions (vllm_plugin/flow.py); the
-        # processor refuses it for other language models too, but without the request's field.
-        self.flow_method_unavailable = None
-        if text_config.model_type not in flow.MODEL_TYPES:
-            why = (
-                f"information flow supports {', '.join(flow.MODEL_TYPES)} language models; "
-                f"this model's is {text_config.model_type!r}"
-            )
-            self.flow_unavailable = f'pruning.diagnostics "flow": {why}'
-            self.flow_method_unavailable = why
+        # The processor refuses flow for such a model too (flow.check_supported), but without
+        # the request's field; the middleware names it.
+        self.flow_method_unavailable = flow.unsupported_model(text_config)
+        if self.flow_method_unavailable:
+            self.flow_unavailable = f'pruning.diagnostics "flow": {self.flow_method_unavailable}'
         self.num_layers = text_config.num_hidden_layers
         self.max_flow_passes = MAX_FLOW_PASSES
         self.flow_passes = 0

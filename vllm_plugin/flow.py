@@ -73,13 +73,21 @@ def check_supported(opts, text_config) -> None:
     from .options import FLOW, METHOD, PruneOptionError
 
     opts.check_layers(text_config.num_hidden_layers)
-    if (opts.method == "flow" or opts.flow) and text_config.model_type not in MODEL_TYPES:
+    why = unsupported_model(text_config)
+    if (opts.method == "flow" or opts.flow) and why:
         kwarg = METHOD if opts.method == "flow" else FLOW
-        raise PruneOptionError(
-            kwarg,
-            f"{kwarg}: information flow supports {', '.join(MODEL_TYPES)} language models; this "
-            f"model's is {text_config.model_type!r}",
-        )
+        raise PruneOptionError(kwarg, f"{kwarg}: {why}")
+
+
+def unsupported_model(text_config) -> str | None:
+    """Why a flow pass or scout cannot run this language model, or None when it can: they rerun
+    Llama-family decoder layers with 1-D positions."""
+    if text_config.model_type in MODEL_TYPES:
+        return None
+    return (
+        f"information flow supports {', '.join(MODEL_TYPES)} language models; this model's is "
+        f"{text_config.model_type!r}"
+    )
 
 
 # ---- attention ------------------------------------------------------------------------------
