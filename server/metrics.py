@@ -65,6 +65,11 @@ LEDGER_ENTRIES = Gauge(
     "when idle, disconnects and errors included. Per process, so no model_name label.",
 )
 LEDGER_ENTRIES.set_function(lambda: len(LEDGER))  # read at scrape time
+MEMORY_TRIMS = Counter(
+    "lvlm_prune_memory_trims",
+    "Times the server, gone idle, handed the memory its last burst freed back to the operating "
+    "system (malloc_trim in the API process and its workers).",
+)
 
 
 def observe_request(model_name: str, counts) -> None:

@@ -75,7 +75,13 @@ class PruningMiddleware:
             or state is None
         ):
             return await self.app(scope, receive, send)
+        state.idle_trimmer.started()
+        try:
+            await self._handle(scope, receive, send, path, state)
+        finally:
+            state.idle_trimmer.finished()
 
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str, state) -> None:
         body = await _read_body(receive)
         try:
             payload = json.loads(body) if body else None

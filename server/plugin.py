@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from argparse import Namespace
 
 from fastapi import FastAPI
 
+from lvlm_prune import memory
 from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, flow, options
 from lvlm_prune.vllm_plugin.accounting import LEDGER
 
@@ -36,6 +38,10 @@ FLOW_WAIT_SECONDS = 300.0
 """How long a response waits for its flow pass before it goes out without ``flow``. The engine
 side has no timeout: a worker RPC abandoned half-way would leave its reply in the queue for the
 next call to read."""
+TRIM_IDLE_SECONDS = 1.0
+"""How long the server must have nothing in flight before it trims (``IdleTrimmer``)."""
+TRIM_MIN_INTERVAL_SECONDS = 10.0
+"""At most one trim per this many seconds, however often traffic stops and starts."""
 
 # NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's
 # validate_request_mm_kwargs by name and call it on every request that can carry images
@@ -113,6 +119,45 @@ def serves_pruned_model(model_config) -> bool:
     )
 
 
+class IdleTrimmer:
+    """Trims the API process and the workers (``lvlm_prune.memory``) once the server has had
+    nothing in flight for ``TRIM_IDLE_SECONDS`` after serving requests; never under load, at most
+    once per ``TRIM_MIN_INTERVAL_SECONDS``. The middleware reports each request's start and end."""
+
+    def __init__(self, trim_workers) -> None:
+        self.trim_workers = trim_workers
+        self.in_flight = 0
+        self.served_since_trim = False
+        self.last_trim = -TRIM_MIN_INTERVAL_SECONDS
+        self._task: asyncio.Task | None = None
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.served_since_trim = True
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._trim_when_idle())
+
+    async def _trim_when_idle(self) -> None:
+        try:
+            while self.served_since_trim:
+                wait = self.last_trim + TRIM_MIN_INTERVAL_SECONDS - time.monotonic()
+                await asyncio.sleep(max(TRIM_IDLE_SECONDS, wait))
+                if self.in_flight:  # busy again: the last of those requests calls finished()
+                    return
+                self.served_since_trim = False
+                self.last_trim = time.monotonic()
+                await asyncio.to_thread(memory.trim)  # ctypes lets go of the GIL meanwhile
+                await self.trim_workers()
+                metrics.MEMORY_TRIMS.inc()
+        except Exception:
+            logger.exception("lvlm-prune: trimming memory failed")
+        finally:
+            self._task = None
+
+
 class ServerState:
     """What the middleware needs from the engine, on ``app.state.lvlm_prune``."""
 
@@ -143,6 +188,7 @@ class ServerState:
         self.flow_passes = 0
         self.tokenizer = engine_client.get_tokenizer()
         self.poller: asyncio.Task | None = None
+        self.idle_trimmer = IdleTrimmer(self.trim_workers)
 
     def try_start_flow(self) -> bool:
         """Take one of the flow slots, if one is free (the event loop is the only caller)."""
@@ -210,6 +256,10 @@ class ServerState:
                 if diag_id in result:
                     return result[diag_id]
         return []
+
+    async def trim_workers(self) -> None:
+        if self.diagnostics_unavailable is None:  # the workers carry our extension
+            await self.rpc_every_engine("lvlm_prune_trim_memory")
 
     async def poll_workers(self) -> None:
         """Move the workers' selection timings into the histogram; report store sizes."""

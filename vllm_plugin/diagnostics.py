@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from lvlm_prune import memory
 from lvlm_prune.kernels import Selection, cosine_matrix
 
 from .bounded import BoundedStore
@@ -157,3 +158,7 @@ class PruneWorkerExtension:
 
     def lvlm_prune_store_size(self) -> int:
         return len(STORE)
+
+    def lvlm_prune_trim_memory(self) -> bool:
+        """Called when the server has gone idle (``lvlm_prune.memory``)."""
+        return memory.trim()

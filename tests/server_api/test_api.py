@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import hf_reference as ref
 import openai
@@ -371,3 +372,17 @@ def test_vllm_gate_on_every_gated_route(server, route, body, kwargs, status, par
         assert response.json()["tokens"].count(ref.IMAGE_TOKEN_ID) == 144
     elif route == "/v1/chat/completions":
         assert response.json()["pruning"]["image_tokens_after"] == 144
+
+
+def test_server_hands_memory_back_once_idle(server, client):
+    def trims() -> float:
+        text = requests.get(f"{server.url}/metrics", timeout=30).text
+        line = next(x for x in text.splitlines() if x.startswith("lvlm_prune_memory_trims_total"))
+        return float(line.rsplit(" ", 1)[1])
+
+    before = trims()
+    chat(client)
+    deadline = time.monotonic() + 30  # idle 1 s, at most one trim per 10 s: well within 30
+    while trims() == before:
+        assert time.monotonic() < deadline, "no trim after the server went idle"
+        time.sleep(0.5)

@@ -1,0 +1,90 @@
+"""``lvlm_prune.memory`` hands freed heap back; ``IdleTrimmer`` calls it only once idle."""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+
+import psutil
+import pytest
+
+from lvlm_prune import memory
+from lvlm_prune.server import plugin
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim"
+)
+def test_trim_returns_freed_memory_that_glibc_keeps():
+    # 100 KiB blocks sit below glibc's mmap threshold, so they come from the heap; the last one,
+    # kept, pins the heap's top, so freeing the others returns nothing by itself.
+    blocks = [bytearray(100 * 1024) for _ in range(2000)]  # ~200 MiB, each page touched
+    rss = lambda: psutil.Process().memory_info().rss / 2**20
+    allocated = rss()
+    del blocks[:-1]
+    freed = rss()
+    assert memory.trim()
+    trimmed = rss()
+    assert allocated - freed < 50, (allocated, freed)  # glibc kept it
+    assert freed - trimmed > 150, (freed, trimmed)  # and gave it back on trim
+
+
+def run_trimmer(monkeypatch, scenario) -> list[float]:
+    """Runs ``scenario(trimmer)`` with a 0.05 s idle wait and a 0.3 s minimum interval; returns
+    the times (s from the start) at which the workers were trimmed."""
+    monkeypatch.setattr(plugin, "TRIM_IDLE_SECONDS", 0.05)
+    monkeypatch.setattr(plugin, "TRIM_MIN_INTERVAL_SECONDS", 0.3)
+    trims: list[float] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def trim_workers():
+            trims.append(loop.time() - t0)
+
+        trimmer = plugin.IdleTrimmer(trim_workers)
+        await scenario(trimmer)
+        await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    return trims
+
+
+def test_trimmer_waits_until_nothing_is_in_flight(monkeypatch):
+    async def scenario(t):
+        t.started()
+        t.started()
+        t.finished()  # one still in flight
+        await asyncio.sleep(0.2)
+        t.finished()
+
+    trims = run_trimmer(monkeypatch, scenario)
+    assert len(trims) == 1 and trims[0] >= 0.25, trims
+
+
+def test_trimmer_does_not_trim_a_busy_server_and_spaces_its_trims(monkeypatch):
+    async def scenario(t):
+        t.started()
+        t.finished()  # idle: trims at ~0.05
+        await asyncio.sleep(0.02)
+        t.started()  # busy again before that: no trim while it runs
+        await asyncio.sleep(0.1)
+        t.finished()  # trims at ~0.17
+        await asyncio.sleep(0.1)
+        for _ in range(3):  # a burst right after: one more trim, not before 0.17 + 0.3
+            t.started()
+            t.finished()
+            await asyncio.sleep(0.01)
+
+    trims = run_trimmer(monkeypatch, scenario)
+    assert len(trims) == 2, trims
+    assert 0.12 <= trims[0] < 0.3, trims
+    assert trims[1] - trims[0] >= 0.3, trims
+
+
+def test_an_idle_server_that_served_nothing_is_not_trimmed(monkeypatch):
+    async def scenario(t):
+        await asyncio.sleep(0.1)
+
+    assert run_trimmer(monkeypatch, scenario) == []
