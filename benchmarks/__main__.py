@@ -68,6 +68,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the engine's dtype, as vLLM's --dtype (default auto: the checkpoint's, bf16 for "
+        "bench). A CPU without native bf16 (no AVX512-BF16 or AMX) runs bf16 matmuls on a "
+        "scalar path, ~100x slower: float32 there",
+    )
+    parser.add_argument(
         "--image-size",
         type=common.image_size,
         default=common.IMAGE_SIZE,
@@ -168,7 +175,11 @@ def run_one(args: argparse.Namespace, command: str) -> tuple[str | None, bool | 
         model_dir, label = common.resolve_model(_model_name(args))
         # A benchmark that starts its own servers (USES_ENGINE = False) gets no in-process engine.
         uses_engine = getattr(module, "USES_ENGINE", True)
-        llm = common.get_llm(model_dir, max_model_len=args.max_model_len) if uses_engine else None
+        llm = (
+            common.get_llm(model_dir, max_model_len=args.max_model_len, dtype=args.dtype)
+            if uses_engine
+            else None
+        )
         result = module.run(args, llm, label)
         # A built-in model is named by its spec and content key, never by where it is cached.
         name = _model_name(args)

@@ -153,13 +153,13 @@ def resolve_model(name: str) -> tuple[str, str]:
 _ENGINES: dict = {}
 
 
-def get_llm(model_dir: str, *, max_model_len: int = 2048):
+def get_llm(model_dir: str, *, max_model_len: int = 2048, dtype: str = "auto"):
     """One in-process engine per model for the whole run (``all`` shares it between benchmarks).
 
     Prefix caching is off, so a repeat never reuses an earlier repeat's prefill; stats logging is
     on, so each ``RequestOutput`` carries its timestamps (``metrics``).
     """
-    key = (model_dir, max_model_len)
+    key = (model_dir, max_model_len, dtype)
     if key not in _ENGINES:
         from vllm import LLM
 
@@ -167,7 +167,7 @@ def get_llm(model_dir: str, *, max_model_len: int = 2048):
 
         _ENGINES[key] = LLM(
             model_dir,
-            dtype="auto",
+            dtype=dtype,
             enforce_eager=True,
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1},

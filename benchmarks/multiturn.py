@@ -133,6 +133,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             block_size=block_size,
             max_model_len=args.max_model_len,
             timeout=args.server_timeout,
+            dtype=args.dtype,
         ) as server:
             server_args = server.vllm_args
             samples = _converse(server, settings, conversations, warmup, max_tokens, model_label)
@@ -174,14 +175,21 @@ class Server:
     """A real ``lvlm-prune serve`` on 127.0.0.1, started for one block size and stopped after."""
 
     def __init__(
-        self, model_dir: str, *, name: str, block_size: int, max_model_len: int, timeout: float
+        self,
+        model_dir: str,
+        *,
+        name: str,
+        block_size: int,
+        max_model_len: int,
+        timeout: float,
+        dtype: str = "auto",
     ) -> None:
         self.name, self.timeout = name, timeout
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.vllm_args = [
             *("--served-model-name", name, "--port", str(self.port)),
-            *("--enforce-eager", "--max-model-len", str(max_model_len)),
+            *("--enforce-eager", "--max-model-len", str(max_model_len), "--dtype", dtype),
             *("--limit-mm-per-prompt", '{"image": 1}', "--block-size", str(block_size)),
             "--enable-prompt-tokens-details",
             "--enable-logging-iteration-details",

@@ -76,13 +76,14 @@ class Server(multiturn.Server):
         images_per_prompt: int = 1,
         mm_processor_cache_gb: float | None = None,
         extra_args: tuple[str, ...] = (),
+        dtype: str = "auto",
     ) -> None:
         super().__init__(
             model_dir, name=name, block_size=0, max_model_len=max_model_len, timeout=timeout
         )
         self.vllm_args = [
             *("--served-model-name", name, "--port", str(self.port)),
-            *("--enforce-eager", "--max-model-len", str(max_model_len)),
+            *("--enforce-eager", "--max-model-len", str(max_model_len), "--dtype", dtype),
             *("--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})),
             *extra_args,
         ]
@@ -672,6 +673,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             max_model_len=args.max_model_len,
             timeout=args.server_timeout,
             mm_processor_cache_gb=args.mm_processor_cache_gb,
+            dtype=args.dtype,
         ) as server:
             results.append(sweep(Runner(server, workload, args), settings, args))
         print(markdown_workload(results[-1]), flush=True)

@@ -16,9 +16,9 @@ aiohttp client. Every request has a fresh random image. The mix, drawn per reque
   two images; ``pruning`` absent (the server's 0.25) or keep 0.25 / 0.11 / 0.5, simignore,
   uniform, random, merge, or 1.0.
 
-The first ``--warmup-share`` of the time is warm-up; the server is then let go idle and the
-resident memory of its processes (API, engine core, workers) is the baseline; after the rest and
-a drain, it is compared again. Checks: no 5xx; every valid request answered exactly once (HTTP
+The first ``--warmup-share`` of the time is warm-up; the server is then let go idle (and, idle,
+hands back what the burst freed: ``lvlm_prune.memory``) and the resident memory of its processes
+(API, engine core, workers) is the baseline; after the rest and a drain, it is compared again. Checks: no 5xx; every valid request answered exactly once (HTTP
 200, one complete body, or one stream with one ``[DONE]`` and one ``pruning`` chunk), and vLLM's
 finished-request counter moved by exactly the number of requests answered in full; every bad
 request a 400; every dropped stream stopped by the server, not run to its end (dropped streams,
@@ -356,12 +356,14 @@ async def _drive(url: str, model: str, requests: list[Planned], seed: int) -> li
 
 
 def settle(server: serve.Server, since: float) -> dict:
-    """Poll ``/metrics`` until the engine is idle and the stores are empty (at most 90 s); the
-    diagnostics gauge is refreshed every 5 s, so it is read from a scrape at least that long
-    after the load ended."""
+    """Poll ``/metrics`` until the engine is idle, the stores are empty and the server has
+    trimmed its memory since the load ended (at most 90 s); the diagnostics gauge is refreshed
+    every 5 s, so it is read from a scrape at least that long after the load ended."""
     deadline = time.monotonic() + SETTLE_SECONDS
+    trims_before = serve.metric(server.metrics(), "lvlm_prune_memory_trims_total")
     while True:
         m = server.metrics()
+        trimmed = serve.metric(m, "lvlm_prune_memory_trims_total") > trims_before
         state = {
             "num_requests_running": serve.metric(m, "vllm:num_requests_running"),
             "num_requests_waiting": serve.metric(m, "vllm:num_requests_waiting"),
@@ -369,8 +371,9 @@ def settle(server: serve.Server, since: float) -> dict:
             "diagnostics_pending": serve.metric(m, "lvlm_prune_diagnostics_pending"),
         }
         fresh = time.monotonic() - since > DIAGNOSTICS_POLL_SECONDS + 1
-        if (fresh and not any(state.values())) or time.monotonic() > deadline:
+        if (fresh and trimmed and not any(state.values())) or time.monotonic() > deadline:
             state["seconds_to_settle"] = round(time.monotonic() - since, 1)
+            state["memory_trimmed"] = trimmed
             return state
         time.sleep(1)
 
@@ -461,6 +464,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         images_per_prompt=2,
         mm_processor_cache_gb=cache_gb,
         extra_args=("--keep-ratio", str(SERVER_KEEP_RATIO)),
+        dtype=args.dtype,
     )
     outcomes, settled = [], {}
     print(
@@ -580,6 +584,12 @@ def _result(**r) -> dict:
         ("vllm:num_requests_waiting after the run", 0, end["num_requests_waiting"]),
         ("lvlm_prune_ledger_entries after the run", 0, end["ledger_entries"]),
         ("lvlm_prune_diagnostics_pending after the run", 0, end["diagnostics_pending"]),
+        (
+            "memory handed back once idle, after warm-up and after the run "
+            "(lvlm_prune_memory_trims_total grew)",
+            True,
+            all(phase.get("memory_trimmed", False) for phase in r["settled"].values()),
+        ),
         (
             "lvlm_prune_requests_total increase, dropped streams aside = valid image requests",
             len(answered),
