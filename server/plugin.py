@@ -120,12 +120,12 @@ def serves_pruned_model(model_config) -> bool:
 
 
 class IdleTrimmer:
-    """Trims the API process and the workers (``lvlm_prune.memory``) once the server has had
+    """Trims the API process and the engines (``lvlm_prune.memory``) once the server has had
     nothing in flight for ``TRIM_IDLE_SECONDS`` after serving requests; never under load, at most
     once per ``TRIM_MIN_INTERVAL_SECONDS``. The middleware reports each request's start and end."""
 
-    def __init__(self, trim_workers) -> None:
-        self.trim_workers = trim_workers
+    def __init__(self, trim_engines) -> None:
+        self.trim_engines = trim_engines
         self.in_flight = 0
         self.served_since_trim = False
         self.last_trim = -TRIM_MIN_INTERVAL_SECONDS
@@ -150,7 +150,7 @@ class IdleTrimmer:
                 self.served_since_trim = False
                 self.last_trim = time.monotonic()
                 await asyncio.to_thread(memory.trim)  # ctypes lets go of the GIL meanwhile
-                await self.trim_workers()
+                await self.trim_engines()
                 metrics.MEMORY_TRIMS.inc()
         except Exception:
             logger.exception("lvlm-prune: trimming memory failed")
@@ -188,7 +188,7 @@ class ServerState:
         self.flow_passes = 0
         self.tokenizer = engine_client.get_tokenizer()
         self.poller: asyncio.Task | None = None
-        self.idle_trimmer = IdleTrimmer(self.trim_workers)
+        self.idle_trimmer = IdleTrimmer(self.trim_engines)
 
     def try_start_flow(self) -> bool:
         """Take one of the flow slots, if one is free (the event loop is the only caller)."""
@@ -257,7 +257,12 @@ class ServerState:
                     return result[diag_id]
         return []
 
-    async def trim_workers(self) -> None:
+    async def trim_engines(self) -> None:
+        """``lvlm_prune.memory.trim`` in every engine core process and every worker."""
+        core = getattr(self.engine_client, "engine_core", None)
+        call_all = getattr(core, "call_utility_all_async", None)
+        if call_all is not None:  # engine cores in their own processes (register() added it)
+            await call_all("lvlm_prune_trim_memory")
         if self.diagnostics_unavailable is None:  # the workers carry our extension
             await self.rpc_every_engine("lvlm_prune_trim_memory")
 

@@ -31,7 +31,7 @@ def test_trim_returns_freed_memory_that_glibc_keeps():
 
 def run_trimmer(monkeypatch, scenario) -> list[float]:
     """Runs ``scenario(trimmer)`` with a 0.05 s idle wait and a 0.3 s minimum interval; returns
-    the times (s from the start) at which the workers were trimmed."""
+    the times (s from the start) at which the engines were trimmed."""
     monkeypatch.setattr(plugin, "TRIM_IDLE_SECONDS", 0.05)
     monkeypatch.setattr(plugin, "TRIM_MIN_INTERVAL_SECONDS", 0.3)
     trims: list[float] = []
@@ -40,10 +40,10 @@ def run_trimmer(monkeypatch, scenario) -> list[float]:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
 
-        async def trim_workers():
+        async def trim_engines():
             trims.append(loop.time() - t0)
 
-        trimmer = plugin.IdleTrimmer(trim_workers)
+        trimmer = plugin.IdleTrimmer(trim_engines)
         await scenario(trimmer)
         await asyncio.sleep(0.5)
 
