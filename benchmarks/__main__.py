@@ -72,7 +72,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the engine's dtype, as vLLM's --dtype (default auto: the checkpoint's, bf16 for "
         "bench). A CPU without native bf16 (no AVX512-BF16 or AMX) runs bf16 matmuls on a "
-        "scalar path, ~100x slower: float32 there",
+        "slow fallback: float32 there",
     )
     parser.add_argument(
         "--image-size",

@@ -19,7 +19,8 @@ aiohttp client. Every request has a fresh random image. The mix, drawn per reque
 
 The first ``--warmup-share`` of the time is warm-up; the server is then let go idle (and, idle,
 hands back what the burst freed: ``lvlm_prune.memory``) and the resident memory of its processes
-(API, engine core, workers) is the baseline; after the rest and a drain, it is compared again. Checks: no 5xx; every valid request answered exactly once (HTTP
+(API, engine core, workers) is the baseline; after the rest and a drain, it is compared again.
+Checks: no 5xx; every valid request answered exactly once (HTTP
 200, one complete body, or one stream with one ``[DONE]`` and one ``pruning`` chunk), and vLLM's
 finished-request counter moved by exactly the number of requests answered in full; every bad
 request a 400; every dropped stream stopped by the server, not run to its end (dropped streams,

@@ -232,8 +232,7 @@ class ServerState:
         delete the other engines' entries unseen. ``call_utility_all_async`` returns one answer
         per engine (one engine without data parallelism).
         """
-        core = getattr(self.engine_client, "engine_core", None)
-        call_all = getattr(core, "call_utility_all_async", None)
+        call_all = self._call_every_engine_core()
         if call_all is None:  # an in-process engine client: one engine
             return [await self.engine_client.collective_rpc(method, timeout=timeout, args=args)]
         # EngineCore.collective_rpc(method, timeout, args, kwargs)
@@ -257,11 +256,15 @@ class ServerState:
                     return result[diag_id]
         return []
 
+    def _call_every_engine_core(self):
+        """The engine client's ``call_utility_all_async`` (an ``EngineCore`` method on every
+        engine, one answer each), or None when the engine runs in this process."""
+        core = getattr(self.engine_client, "engine_core", None)
+        return getattr(core, "call_utility_all_async", None)
+
     async def trim_engines(self) -> None:
         """``lvlm_prune.memory.trim`` in every engine core process and every worker."""
-        core = getattr(self.engine_client, "engine_core", None)
-        call_all = getattr(core, "call_utility_all_async", None)
-        if call_all is not None:  # engine cores in their own processes (register() added it)
+        if call_all := self._call_every_engine_core():  # register() added the method
             await call_all("lvlm_prune_trim_memory")
         if self.diagnostics_unavailable is None:  # the workers carry our extension
             await self.rpc_every_engine("lvlm_prune_trim_memory")
