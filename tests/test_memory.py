@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+import time
 
 import psutil
 import pytest
@@ -29,19 +30,23 @@ def test_trim_returns_freed_memory_that_glibc_keeps():
     assert freed - trimmed > 150, (freed, trimmed)  # and gave it back on trim
 
 
+EARLY = 1e-6
+"""asyncio wakes a sleeper up to its clock's resolution (1 ns on Linux) before the deadline."""
+
+
 def run_trimmer(monkeypatch, scenario) -> list[float]:
     """Runs ``scenario(trimmer)`` with a 0.05 s idle wait and a 0.3 s minimum interval; returns
-    the times (s from the start) at which the engines were trimmed."""
+    the times (s from the start) at which the trimmer decided to trim: the clock its spacing rule
+    reads, not the end of the trim itself, whose length varies with what there is to hand back."""
     monkeypatch.setattr(plugin, "TRIM_IDLE_SECONDS", 0.05)
     monkeypatch.setattr(plugin, "TRIM_MIN_INTERVAL_SECONDS", 0.3)
     trims: list[float] = []
 
     async def main():
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0 = time.monotonic()
 
         async def trim_engines():
-            trims.append(loop.time() - t0)
+            trims.append(trimmer.last_trim - t0)
 
         trimmer = plugin.IdleTrimmer(trim_engines)
         await scenario(trimmer)
@@ -60,7 +65,7 @@ def test_trimmer_waits_until_nothing_is_in_flight(monkeypatch):
         t.finished()
 
     trims = run_trimmer(monkeypatch, scenario)
-    assert len(trims) == 1 and trims[0] >= 0.25, trims
+    assert len(trims) == 1 and trims[0] >= 0.25 - EARLY, trims
 
 
 def test_trimmer_does_not_trim_a_busy_server_and_spaces_its_trims(monkeypatch):
@@ -80,7 +85,7 @@ def test_trimmer_does_not_trim_a_busy_server_and_spaces_its_trims(monkeypatch):
     trims = run_trimmer(monkeypatch, scenario)
     assert len(trims) == 2, trims
     assert 0.12 <= trims[0] < 0.3, trims
-    assert trims[1] - trims[0] >= 0.3, trims
+    assert trims[1] - trims[0] >= 0.3 - EARLY, trims
 
 
 def test_an_idle_server_that_served_nothing_is_not_trimmed(monkeypatch):
