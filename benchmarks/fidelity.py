@@ -43,9 +43,10 @@ NAME = "fidelity"
 LETTERS = "ABCDEFGH"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHAPES_RATIOS = (1.0, 0.5, 0.25, 0.11, 0.05, 0.02)
-SHAPES_METHODS = ("simignore", "simignore+merge", "uniform", "random", "flow", "flow/1")
+SHAPES_METHODS = ("simignore", "simignore+merge", "uniform", "random", "flow", "flow/2")
 """``+merge``: with ``prune_merge``; ``flow/L``: the flow method with ``prune_layer`` L (``flow``
-alone: its default, 2; the trained model's cliff is at layer 1)."""
+alone: the checkpoint's declared depth, 1 on the trained model, whose cliff is at layer 1; 2 is
+the default for a model that declares none)."""
 SHAPES_ITEMS = 600  # 200 per question type
 RANDOM_WEIGHTS_NOTE = (
     "random weights: accuracy is chance level and says nothing; only agreement with the unpruned "
@@ -337,7 +338,7 @@ class ShapesConfig:
     keep_ratio: float
     method: str | None = None  # None: stock
     merge: bool = False
-    prune_layer: int | None = None  # flow: the scout's depth (None: the method's default)
+    prune_layer: int | None = None  # flow: the scout's depth (None: the model's default)
 
     @property
     def spec(self) -> str:
@@ -621,7 +622,7 @@ def plot(result: dict, path) -> bool:
         "uniform": "s-",
         "random": "^-",
         "flow": "v-",
-        "flow/1": "v--",
+        "flow/2": "v--",
     }
     for label, style in styles.items():
         pts = [r for r in rows if r["method"] and r.get("spec") == label]

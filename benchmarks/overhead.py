@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         )["median"]
     vision = stock["vision_tower"] + stock["projector"]
     flops = estimated_flops(hf_config, rows[0]["prompt_tokens"])
-    prune_layer = args.prune_layer or options.DEFAULT_PRUNE_LAYER
+    prune_layer = args.prune_layer or options.default_prune_layer(hf_config)
     flops["scout"] = estimated_scout_flops(hf_config, rows[0]["prompt_tokens"], prune_layer)
     flops["scout_to_llm_ratio"] = flops["scout"] / flops["llm"]
     flops["prune_layer"] = prune_layer

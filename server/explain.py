@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-ratio", type=float, default=0.25, help="in (0, 1] (default 0.25)")
     parser.add_argument("--method", choices=PRUNE_METHODS, default="simignore")
-    parser.add_argument("--prune-layer", type=int, default=None, help="flow method: scout layers")
+    parser.add_argument(
+        "--prune-layer",
+        type=int,
+        default=None,
+        help="flow method: scout layers (default: the model's declared depth, else 2)",
+    )
     parser.add_argument("--max-tokens", type=int, default=32, help="answer length (default 32)")
     parser.add_argument(
         "--dtype", default="auto", help="the engine's dtype (vLLM's --dtype; default auto)"

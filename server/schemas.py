@@ -41,8 +41,9 @@ class PruningRequest(BaseModel):
     first image on."""
     seed: StrictInt | None = None
     prune_layer: StrictInt | None = None
-    """``method: "flow"``: decoder layers the scout runs (default 2); it ranks the image tokens
-    by the attention the question pays them in the last of them."""
+    """``method: "flow"``: decoder layers the scout runs (default: the model's declared depth,
+    else 2); it ranks the image tokens by the attention the question pays them in the last of
+    them."""
 
     @field_validator("keep_ratio", "method", "seed", "prune_layer")
     @classmethod

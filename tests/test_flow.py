@@ -14,7 +14,7 @@ from helpers import close_llm, make_image, make_llm
 from vllm import SamplingParams
 
 from lvlm_prune.kernels import select_tokens
-from lvlm_prune.vllm_plugin import flow
+from lvlm_prune.vllm_plugin import flow, options
 from lvlm_prune.vllm_plugin.options import PruneOptionError, PruneOptions
 
 N = 576
@@ -151,6 +151,32 @@ def test_flow_options():
         flow.check_supported(PruneOptions(method="flow"), qwen)
     with pytest.raises(PruneOptionError, match="prune_flow: information flow supports"):
         flow.check_supported(PruneOptions(flow=True, diagnostics_id=1), qwen)
+
+
+def test_a_checkpoint_declares_its_scout_depth():
+    from transformers import LlamaConfig, LlavaConfig
+
+    from lvlm_prune.shapes import released_model_dir
+
+    def config(declared=None):
+        cfg = LlavaConfig(text_config=LlamaConfig(num_hidden_layers=3))
+        if declared is not None:
+            cfg.lvlm_prune = declared
+        return cfg
+
+    assert options.default_prune_layer(config()) == options.DEFAULT_PRUNE_LAYER
+    assert options.checkpoint_defaults(config({"prune_layer": 3})) == {"prune_layer": 3}
+    released = LlavaConfig.from_pretrained(released_model_dir())
+    assert options.default_prune_layer(released) == 1  # lvlm-prune-shapes: its cliff layer
+    for bad, message in (
+        ({"prune_layer": 4}, "at most the model's 3 decoder layers, got 4"),
+        ({"prune_layer": 0}, "prune_layer must be an integer in"),
+        ({"keep_ratio": 0.5}, "may set only ['prune_layer']"),
+        ([1], "may set only ['prune_layer']"),
+    ):
+        with pytest.raises(PruneOptionError, match="config.json 'lvlm_prune'") as err:
+            options.checkpoint_defaults(config(bad))
+        assert message in str(err.value) and err.value.kwarg == "lvlm_prune"
 
 
 # ---- in a real engine -----------------------------------------------------------------------

@@ -43,7 +43,15 @@ MAX_QUERY_TOKENS = 512
 worker, and T must not be the client's to choose without bound."""
 
 DEFAULT_PRUNE_LAYER = 2
-"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/flow.py)."""
+"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/flow.py), unless the
+checkpoint declares its own (``CHECKPOINT_DEFAULTS``)."""
+CHECKPOINT_DEFAULTS = "lvlm_prune"
+"""A checkpoint's config.json may carry ``{"lvlm_prune": {"prune_layer": N}}``: the scout depth
+that suits that model, since a scout past the model's cliff layer ranks by attention that no
+longer reads the image (lvlm-prune-shapes declares 1). Server-wide and per-request values win."""
+CHECKPOINT_KWARGS = (PRUNE_LAYER,)
+"""What a checkpoint may declare: settings of the model, not the serving policy (how much to keep
+stays the operator's and the client's)."""
 MAX_PRUNE_LAYER = 1024
 """A bound for parsing; the model's own layer count is checked where the model is known."""
 
@@ -184,6 +192,37 @@ class PruneOptions:
     def seed_for(self, query_ids: Sequence[int]) -> int:
         """The ``random`` method's seed for an image: ``prune_seed``, else drawn from its query."""
         return self.seed if self.seed is not None else query_seed(query_ids)
+
+
+def checkpoint_defaults(hf_config) -> dict[str, object]:
+    """The kwargs the checkpoint's config declares (``CHECKPOINT_DEFAULTS``), validated.
+
+    Raises:
+        PruneOptionError: a key outside ``CHECKPOINT_KWARGS`` or a bad value.
+    """
+    declared = getattr(hf_config, CHECKPOINT_DEFAULTS, None) or {}
+    unknown = set(declared) - set(CHECKPOINT_KWARGS) if isinstance(declared, Mapping) else None
+    if unknown is None or unknown:
+        raise PruneOptionError(
+            CHECKPOINT_DEFAULTS,
+            f"the model's config.json {CHECKPOINT_DEFAULTS!r} may set only "
+            f"{list(CHECKPOINT_KWARGS)}, got {declared!r}",
+        )
+    try:
+        declared_opts = PruneOptions.from_kwargs(declared)
+        dataclasses.replace(declared_opts, method="flow").check_layers(
+            hf_config.get_text_config().num_hidden_layers
+        )
+    except PruneOptionError as err:
+        raise PruneOptionError(
+            CHECKPOINT_DEFAULTS, f"the model's config.json {CHECKPOINT_DEFAULTS!r}: {err}"
+        ) from None
+    return dict(declared)
+
+
+def default_prune_layer(hf_config) -> int:
+    """The flow scout's depth when a request names none: the checkpoint's, else the default."""
+    return checkpoint_defaults(hf_config).get(PRUNE_LAYER, DEFAULT_PRUNE_LAYER)
 
 
 def select_images(hashed: Mapping[str, object], indices: Sequence[int]) -> dict[str, object]:

@@ -76,9 +76,13 @@ class PruneProcessorMixin:
     """
 
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
-        merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
+        hf_config = self.info.get_hf_config()
+        merged = {
+            **options.checkpoint_defaults(hf_config),
+            **self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs),
+        }
         opts = PruneOptions.from_kwargs(merged)
-        flow.check_supported(opts, self.info.get_hf_config().get_text_config())
+        flow.check_supported(opts, hf_config.get_text_config())
         self._check_options(opts)
         tag = merged.get(options.TAG)
         kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)

@@ -5,11 +5,15 @@ Fresh questions every run (the seed is printed). The thresholds sit well inside 
 measures on 1,000 questions, so a run fails only when the model or the engine changed.
 """
 
+import flow_reference as fref
+import hf_reference as ref
 import pytest
+import torch
 from helpers import close_llm, make_llm
+from vllm import SamplingParams
 
 from lvlm_prune.shapes import released_model_dir, scenes
-from lvlm_prune.shapes.evaluate import accuracy_by_type, ask
+from lvlm_prune.shapes.evaluate import accuracy_by_type, ask, chat_message
 
 ITEMS = 210  # 70 per question type
 CONTROL_ITEMS = 150
@@ -81,3 +85,31 @@ def test_fidelity_harness_on_the_trained_model(llm, seed, tmp_path):
     assert "mismatched image" in fidelity.shapes_markdown(result)
     if fidelity.plot(result, tmp_path / "fidelity.png"):
         assert (tmp_path / "fidelity.png").stat().st_size > 1000
+
+
+def test_flow_method_scouts_as_deep_as_the_checkpoint_declares(llm, seed):
+    """The released config.json declares prune_layer 1 (its cliff): a flow request that names no
+    depth ranks by layer 0's attention; a request's own prune_layer still wins."""
+    model_dir = str(released_model_dir())
+    scene, question = scenes.sample(seed, 1)[0]
+    image = scene.image()
+    for diag_id, layer in ((1, None), (2, 2)):
+        kwargs = {"keep_ratio": 0.25, "prune_method": "flow", "prune_diagnostics": diag_id}
+        if layer is not None:
+            kwargs["prune_layer"] = layer
+        (out,) = llm.chat(
+            [chat_message(question.text, image)],
+            SamplingParams(max_tokens=1, temperature=0.0),
+            mm_processor_kwargs=kwargs,
+            use_tqdm=False,
+        )
+        (diag,) = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))[0][diag_id]
+        got = torch.tensor(diag["scores"])
+        q_ids = ref.query_ids(model_dir, out.prompt_token_ids)
+        error = {
+            depth: float((got - fref.scout_scores(model_dir, image, q_ids, depth)).abs().max())
+            for depth in (1, 2)
+        }
+        want, other = (1, 2) if layer is None else (layer, 1)
+        print(f"prune_layer {layer}: max |score - scout of depth d| {error}")
+        assert error[want] < 1e-5 and error[other] > 100 * error[want], (layer, error)
