@@ -104,6 +104,7 @@ def test_smoke_pipeline_writes_a_loadable_checkpoint(tmp_path):
     assert train.main(["--out", str(tmp_path), "--smoke", "--jobs", "1", "--quiet"]) == 0
     model, processor = shapes_model.load_model(tmp_path)
     assert shapes_model.is_shapes_model(tmp_path)
+    assert model.config.lvlm_prune == {"prune_layer": shapes_model.SCOUT_LAYER}  # as released
     assert (tmp_path / train.LOG_NAME).read_text().count("\n") >= 3
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
