@@ -342,7 +342,7 @@ class ShapesConfig:
 
     @property
     def spec(self) -> str:
-        """The method as ``--methods`` names it (``simignore+merge``, ``flow/1``, ...)."""
+        """The method as ``--methods`` names it (``simignore+merge``, ``flow/2``, ...)."""
         merge = "+merge" if self.merge else ""
         layer = f"/{self.prune_layer}" if self.prune_layer is not None else ""
         return f"{self.method}{merge}{layer}"
