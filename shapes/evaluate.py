@@ -20,6 +20,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -146,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: simignore keeps K rows; accuracy with the rows at consecutive vs unpruned "
         "positions (transformers)",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="also write OUT.json and OUT.md with the machine and the command (e.g. "
+        "benchmarks/results/accuracy-shapes)",
+    )
     args = parser.parse_args(argv)
     model_dir = args.model or str(released_model_dir())
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -177,7 +184,47 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(result, indent=2))
+    if args.out is not None:
+        command = "python -m lvlm_prune.shapes.evaluate " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
+        write_results(args.out, result, command, released=args.model is None)
     return 0
+
+
+def write_results(out: Path, result: dict, command: str, *, released: bool) -> None:
+    """``out``.json and ``out``.md: the accuracy per type with intervals, and the control."""
+    from lvlm_prune.benchmarks import common
+
+    # The model by name, not by where it sits on this machine.
+    model = "lvlm-prune-shapes (released)" if released else Path(result["model"]).name
+    payload = {**result, "model": model, "command": command, "machine": common.machine_info()}
+    rows = [
+        [
+            t,
+            f"{a['accuracy']:.1%} ({a['ci95'][0]:.1%}–{a['ci95'][1]:.1%})",
+            a["n"],
+            f"{s['accuracy']:.1%}",
+        ]
+        for t, a, s in (
+            (t, result["accuracy"][t], result["swapped_image_accuracy"][t])
+            for t in (*scenes.QUESTION_TYPES, "all")
+        )
+    ]
+    markdown = "\n\n".join(
+        [
+            f"### Accuracy — {model} on {scenes.VERSION}",
+            f"{result['items']} fresh questions (seed {result['seed']}), greedy through vLLM's "
+            f"chat path; `swapped image`: each question asked about the next scene's image "
+            f"(chance {result['chance']:.1%}). {result['seconds']} s for both passes.",
+            common.markdown_table(
+                ["type", "accuracy (95% CI)", "questions", "swapped image"], rows
+            ),
+            common.machine_markdown(payload["machine"], command),
+        ]
+    )
+    paths = common.write_results(out.parent, out.name, payload, markdown)
+    print(f"wrote {paths['json']} and {paths['md']}", file=sys.stderr)
 
 
 if __name__ == "__main__":
