@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     envs.use_offline_defaults()
     from vllm import LLM
 
+    from lvlm_prune.benchmarks import common
+
+    machine = common.machine_info()  # before the run: its load average is the one at the start
     llm = LLM(model_dir, enforce_eager=True, max_model_len=2048, seed=0)
     items = scenes.sample(seed, args.items)
     images = [scene.image() for scene, _ in items]
@@ -188,17 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m lvlm_prune.shapes.evaluate " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
-        write_results(args.out, result, command, released=args.model is None)
+        write_results(args.out, result, command, machine, released=args.model is None)
     return 0
 
 
-def write_results(out: Path, result: dict, command: str, *, released: bool) -> None:
+def write_results(out: Path, result: dict, command: str, machine: dict, *, released: bool) -> None:
     """``out``.json and ``out``.md: the accuracy per type with intervals, and the control."""
     from lvlm_prune.benchmarks import common
 
     # The model by name, not by where it sits on this machine.
     model = "lvlm-prune-shapes (released)" if released else Path(result["model"]).name
-    payload = {**result, "model": model, "command": command, "machine": common.machine_info()}
+    payload = {**result, "model": model, "command": command, "machine": machine}
+    files = common.write_results(out.parent, out.name, payload, "")  # sets the end's load
     rows = [
         [
             t,
@@ -223,8 +227,8 @@ def write_results(out: Path, result: dict, command: str, *, released: bool) -> N
             common.machine_markdown(payload["machine"], command),
         ]
     )
-    paths = common.write_results(out.parent, out.name, payload, markdown)
-    print(f"wrote {paths['json']} and {paths['md']}", file=sys.stderr)
+    files["md"].write_text(markdown + "\n")
+    print(f"wrote {files['json']} and {files['md']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

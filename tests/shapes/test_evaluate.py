@@ -2,6 +2,7 @@
 
 import json
 
+from lvlm_prune.benchmarks import common
 from lvlm_prune.shapes import evaluate, released_model_dir, scenes
 
 
@@ -18,10 +19,12 @@ def test_results_files_carry_the_numbers_the_command_and_no_path(tmp_path):
         "swapped_image_accuracy": evaluate._with_intervals(items, wrong),
         "seconds": 1.0,
     }
-    evaluate.write_results(tmp_path / "accuracy-shapes", result, "CMD", released=True)
+    machine = common.machine_info()
+    evaluate.write_results(tmp_path / "accuracy-shapes", result, "CMD", machine, released=True)
     payload = json.loads((tmp_path / "accuracy-shapes.json").read_text())
     markdown = (tmp_path / "accuracy-shapes.md").read_text()
     assert payload["model"] == "lvlm-prune-shapes (released)" and payload["command"] == "CMD"
     assert payload["accuracy"]["all"]["accuracy"] == 0.5
     assert str(released_model_dir()) not in json.dumps(payload) + markdown
+    assert payload["machine"]["loadavg_at_end"] is not None and "at end None" not in markdown
     assert "| all | 50.0% (" in markdown and "| 0.0% |" in markdown and "`CMD`" in markdown
