@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prune-layer",
         type=int,
         default=None,
-        help="the flow method's scout layers (default: the plugin's, 2)",
+        help="the flow method's scout layers (default: the model's declared depth, else 2)",
     )
     parser.add_argument(
         "--flow-passes",
