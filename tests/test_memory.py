@@ -35,11 +35,13 @@ EARLY = 1e-6
 
 
 def run_trimmer(monkeypatch, scenario) -> list[float]:
-    """Runs ``scenario(trimmer)`` with a 0.05 s idle wait and a 0.3 s minimum interval; returns
+    """Runs ``scenario(trimmer)`` with a 0.1 s idle wait and a 0.6 s minimum interval; returns
     the times (s from the start) at which the trimmer decided to trim: the clock its spacing rule
-    reads, not the end of the trim itself, whose length varies with what there is to hand back."""
-    monkeypatch.setattr(plugin, "TRIM_IDLE_SECONDS", 0.05)
-    monkeypatch.setattr(plugin, "TRIM_MIN_INTERVAL_SECONDS", 0.3)
+    reads, not the end of the trim itself, whose length varies with what there is to hand back.
+    Every bound a test asserts follows from the sleeps (which never end early); the gaps around
+    them leave a busy event loop 0.3 s of slack."""
+    monkeypatch.setattr(plugin, "TRIM_IDLE_SECONDS", 0.1)
+    monkeypatch.setattr(plugin, "TRIM_MIN_INTERVAL_SECONDS", 0.6)
     trims: list[float] = []
 
     async def main():
@@ -50,7 +52,7 @@ def run_trimmer(monkeypatch, scenario) -> list[float]:
 
         trimmer = plugin.IdleTrimmer(trim_engines)
         await scenario(trimmer)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
 
     asyncio.run(main())
     return trims
@@ -61,31 +63,31 @@ def test_trimmer_waits_until_nothing_is_in_flight(monkeypatch):
         t.started()
         t.started()
         t.finished()  # one still in flight
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.4)
         t.finished()
 
     trims = run_trimmer(monkeypatch, scenario)
-    assert len(trims) == 1 and trims[0] >= 0.25 - EARLY, trims
+    assert len(trims) == 1 and trims[0] >= 0.4 + 0.1 - EARLY, trims
 
 
 def test_trimmer_does_not_trim_a_busy_server_and_spaces_its_trims(monkeypatch):
     async def scenario(t):
         t.started()
-        t.finished()  # idle: trims at ~0.05
-        await asyncio.sleep(0.02)
+        t.finished()  # idle: would trim at 0.1
+        await asyncio.sleep(0.04)
         t.started()  # busy again before that: no trim while it runs
-        await asyncio.sleep(0.1)
-        t.finished()  # trims at ~0.17
-        await asyncio.sleep(0.1)
-        for _ in range(3):  # a burst right after: one more trim, not before 0.17 + 0.3
+        await asyncio.sleep(0.2)
+        t.finished()  # at >= 0.24: trims at >= 0.34
+        await asyncio.sleep(0.4)
+        for _ in range(3):  # a burst after it: one more trim, not before that one + 0.6
             t.started()
             t.finished()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.02)
 
     trims = run_trimmer(monkeypatch, scenario)
     assert len(trims) == 2, trims
-    assert 0.12 <= trims[0] < 0.3, trims
-    assert trims[1] - trims[0] >= 0.3 - EARLY, trims
+    assert trims[0] >= 0.24 + 0.1 - EARLY, trims
+    assert trims[1] - trims[0] >= 0.6 - EARLY, trims
 
 
 def test_an_idle_server_that_served_nothing_is_not_trimmed(monkeypatch):
