@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lvlm_prune.benchmarks import common
 
-    machine = common.machine_info()  # before the run: its load average is the one at the start
+    # Before the run, so its load average is the one at the start.
+    machine = common.machine_info() if args.out is not None else None
     llm = LLM(model_dir, enforce_eager=True, max_model_len=2048, seed=0)
     items = scenes.sample(seed, args.items)
     images = [scene.image() for scene, _ in items]
@@ -203,18 +204,18 @@ def write_results(out: Path, result: dict, command: str, machine: dict, *, relea
     model = "lvlm-prune-shapes (released)" if released else Path(result["model"]).name
     payload = {**result, "model": model, "command": command, "machine": machine}
     files = common.write_results(out.parent, out.name, payload, "")  # sets the end's load
-    rows = [
-        [
-            t,
-            f"{a['accuracy']:.1%} ({a['ci95'][0]:.1%}–{a['ci95'][1]:.1%})",
-            a["n"],
-            f"{s['accuracy']:.1%}",
-        ]
-        for t, a, s in (
-            (t, result["accuracy"][t], result["swapped_image_accuracy"][t])
-            for t in (*scenes.QUESTION_TYPES, "all")
+    rows = []
+    for t in (*scenes.QUESTION_TYPES, "all"):
+        acc, swapped = result["accuracy"][t], result["swapped_image_accuracy"][t]
+        low, high = acc["ci95"]
+        rows.append(
+            [
+                t,
+                f"{acc['accuracy']:.1%} ({low:.1%}–{high:.1%})",
+                acc["n"],
+                f"{swapped['accuracy']:.1%}",
+            ]
         )
-    ]
     markdown = "\n\n".join(
         [
             f"### Accuracy — {model} on {scenes.VERSION}",

@@ -17,6 +17,7 @@ image with ``select_tokens``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -76,13 +77,12 @@ class PruneProcessorMixin:
     """
 
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
-        hf_config = self.info.get_hf_config()
         merged = {
-            **options.checkpoint_defaults(hf_config),
+            **self._checkpoint_defaults,
             **self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs),
         }
         opts = PruneOptions.from_kwargs(merged)
-        flow.check_supported(opts, hf_config.get_text_config())
+        flow.check_supported(opts, self.info.get_hf_config().get_text_config())
         self._check_options(opts)
         tag = merged.get(options.TAG)
         kwargs = options.without_own_kwargs(inputs.hf_processor_mm_kwargs)
@@ -238,6 +238,12 @@ class PruneProcessorMixin:
         return [
             _shorten(update, ratio) if update.modality == "image" else update for update in updates
         ]
+
+    @functools.cached_property
+    def _checkpoint_defaults(self) -> dict[str, object]:
+        """The checkpoint's declared kwargs, validated once (the engine's start-up profiling run
+        is the first call, so a bad declaration stops the engine there)."""
+        return options.checkpoint_defaults(self.info.get_hf_config())
 
     # -- what a family supplies --
 
