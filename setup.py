@@ -5,6 +5,8 @@ from pathlib import Path
 from setuptools import setup
 
 SUBPACKAGES = ["vllm_plugin", "kernels", "server", "benchmarks", "shapes"]
+# Folders below a subpackage that are packages too (the API-process and worker halves of the joint).
+NESTED = ["vllm_plugin.processing", "vllm_plugin.worker"]
 
 setup(
     name="lvlm-prune",
@@ -19,7 +21,8 @@ setup(
     python_requires=">=3.10",
     # One import package, `lvlm_prune`, whose subpackages live in the top-level folders.
     # Never top-level `kernels` / `server`: transformers imports a top-level `kernels` package.
-    packages=["lvlm_prune"] + [f"lvlm_prune.{name}" for name in SUBPACKAGES],
+    packages=["lvlm_prune", "lvlm_prune.models"]
+    + [f"lvlm_prune.{name}" for name in SUBPACKAGES + NESTED],
     package_dir={"lvlm_prune": "lvlm_prune", **{f"lvlm_prune.{n}": n for n in SUBPACKAGES}},
     package_data={
         "lvlm_prune.server": ["monitoring/*.json", "monitoring/*.yml", "static/*"],

@@ -224,7 +224,7 @@ def letter_token_ids(tokenizer, count: int) -> list[int]:
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     from vllm import SamplingParams
 
-    from lvlm_prune.shapes import is_shapes_model
+    from lvlm_prune.models.shapes import is_shapes_model
 
     if is_shapes_model(llm.llm_engine.vllm_config.model_config.model) and not args.data:
         return run_shapes(args, llm, model_label)
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
                 "predictions": [LETTERS[p] for p in pred],
             }
         )
-    # The built-in models (tiny_models.py) leave a spec file beside their random weights.
+    # The built-in models (lvlm_prune/models) leave a spec file beside their random weights.
     model_path = Path(llm.llm_engine.vllm_config.model_config.model)
     random_weights = (model_path / "lvlm_prune_spec.json").exists()
     return {

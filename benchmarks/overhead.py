@@ -114,9 +114,9 @@ class Probe:
 
 @contextlib.contextmanager
 def instrumented(llm):
-    from lvlm_prune.vllm_plugin import flow as plugin_flow
     from lvlm_prune.vllm_plugin import llava as plugin_llava
-    from lvlm_prune.vllm_plugin import pruning
+    from lvlm_prune.vllm_plugin.worker import flow as plugin_flow
+    from lvlm_prune.vllm_plugin.worker import model as pruning
 
     if common.family_of(llm) != "llava":
         raise SystemExit(
@@ -150,7 +150,7 @@ def request_for(config, image, args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     from vllm import SamplingParams
 
-    from lvlm_prune.vllm_plugin import diagnostics
+    from lvlm_prune.vllm_plugin.worker import diagnostics
 
     repeats = args.repeats or (1 if args.smoke else 6)
     warmup = args.warmup if args.warmup is not None else 1
@@ -256,7 +256,7 @@ def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> lis
     (``flow.fetch_flow``), after one request with ``prune_flow`` each."""
     from vllm import SamplingParams
 
-    from lvlm_prune.vllm_plugin import flow
+    from lvlm_prune.vllm_plugin.worker import flow
 
     passes = args.flow_passes or (1 if args.smoke else 6)
     sampling = SamplingParams(max_tokens=1, temperature=0.0)

@@ -371,7 +371,7 @@ def workloads_for(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
                 )
             )
             continue
-        from lvlm_prune.shapes import MODEL_NAME, released_model_dir
+        from lvlm_prune.models.shapes import MODEL_NAME, released_model_dir
 
         try:
             shapes_dir = str(released_model_dir())

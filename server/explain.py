@@ -101,7 +101,7 @@ def resolve_model(model: str | None) -> tuple[str, str]:
 
 def _model_name(model: str) -> str:
     """How the picture names a checkpoint: the project's own model by its name, else as given."""
-    from lvlm_prune.shapes import MODEL_NAME, is_shapes_model
+    from lvlm_prune.models.shapes import MODEL_NAME, is_shapes_model
 
     return MODEL_NAME if Path(model).is_dir() and is_shapes_model(model) else model
 
@@ -125,7 +125,8 @@ def explain(
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from lvlm_prune.vllm_plugin import WORKER_EXTENSION, flow
+    from lvlm_prune.vllm_plugin import WORKER_EXTENSION
+    from lvlm_prune.vllm_plugin.worker import flow
 
     path, name = resolve_model(model)
     llm = LLM(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from lvlm_prune.vllm_plugin.accounting import LEDGER
+from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
 
 LABELS = ("model_name",)
 

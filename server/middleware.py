@@ -31,8 +31,8 @@ from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lvlm_prune.vllm_plugin import options
-from lvlm_prune.vllm_plugin.accounting import LEDGER
-from lvlm_prune.vllm_plugin.flow import FlowUnavailable
+from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
+from lvlm_prune.vllm_plugin.worker.flow import FlowUnavailable
 
 from . import metrics
 from .heatmap import render_heatmap

@@ -19,11 +19,12 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from lvlm_prune import memory
-from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, flow, options
-from lvlm_prune.vllm_plugin.accounting import LEDGER
+from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options
+from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
+from lvlm_prune.vllm_plugin.worker import flow
 
 from . import metrics, supervision
-from .inspect import router as inspect_router
+from .inspector import router as inspect_router
 from .media_limits import answer_oversized_images_with_400
 from .middleware import PruningMiddleware
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from lvlm_prune.models.shapes import released_model_dir
+
 from . import scenes
-from .model import released_model_dir
 
 
 def chat_message(question: str, image) -> list[dict]:
@@ -91,8 +92,8 @@ def position_check(model_dir, items, keep_counts, *, batch: int = 20) -> dict:
     distances between the question and the rows it reads.
     """
     from lvlm_prune.kernels import select_tokens
+    from lvlm_prune.models import shapes as shapes_model
 
-    from . import model as shapes_model
     from .train import vision_rows
 
     model, processor = shapes_model.load_model(model_dir)

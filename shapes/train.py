@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import model as shapes_model
+from lvlm_prune.models import shapes as shapes_model
+
 from . import scenes
 
 N = scenes.NUM_PATCHES

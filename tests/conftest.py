@@ -16,8 +16,8 @@ envs.use_triton_interpreter_without_cuda()
 
 import pytest
 
-from lvlm_prune.vllm_plugin.tiny_models import build_tiny_llava
-from lvlm_prune.vllm_plugin.tiny_qwen import build_tiny_qwen
+from lvlm_prune.models.tiny_llava import build_tiny_llava
+from lvlm_prune.models.tiny_qwen import build_tiny_qwen
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import hf_reference as ref
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from lvlm_prune.vllm_plugin.tiny_models import BOS_ID, IMAGE_TOKEN_ID
+from lvlm_prune.models.tiny_llava import BOS_ID, IMAGE_TOKEN_ID
 
 
 @functools.lru_cache(maxsize=1)

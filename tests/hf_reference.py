@@ -8,8 +8,9 @@ import functools
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from lvlm_prune.kernels import merge_dropped_ref, relevance_ref, topk_select_ref, uniform_indices
-from lvlm_prune.vllm_plugin.tiny_models import IMAGE_TOKEN_ID
+from lvlm_prune.kernels.reference import merge_dropped_ref, relevance_ref, topk_select_ref
+from lvlm_prune.kernels.selection import uniform_indices
+from lvlm_prune.models.tiny_llava import IMAGE_TOKEN_ID
 
 
 @functools.lru_cache(maxsize=2)

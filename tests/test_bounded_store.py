@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from lvlm_prune.vllm_plugin.accounting import RequestCounts, RequestLedger
 from lvlm_prune.vllm_plugin.bounded import BoundedStore
-from lvlm_prune.vllm_plugin.diagnostics import DiagnosticsStore
+from lvlm_prune.vllm_plugin.processing.accounting import RequestCounts, RequestLedger
+from lvlm_prune.vllm_plugin.worker.diagnostics import DiagnosticsStore
 
 
 def test_evicts_the_entry_touched_longest_ago():

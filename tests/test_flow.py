@@ -14,8 +14,9 @@ from helpers import close_llm, make_image, make_llm
 from vllm import SamplingParams
 
 from lvlm_prune.kernels import select_tokens
-from lvlm_prune.vllm_plugin import flow, options
+from lvlm_prune.vllm_plugin import options
 from lvlm_prune.vllm_plugin.options import PruneOptionError, PruneOptions
+from lvlm_prune.vllm_plugin.worker import flow
 
 N = 576
 LAYERS = 2  # the tiny model's decoder layers
@@ -156,7 +157,7 @@ def test_flow_options():
 def test_a_checkpoint_declares_its_scout_depth():
     from transformers import LlamaConfig, LlavaConfig
 
-    from lvlm_prune.shapes import released_model_dir
+    from lvlm_prune.models.shapes import released_model_dir
 
     def config(declared=None):
         cfg = LlavaConfig(text_config=LlamaConfig(num_hidden_layers=3))

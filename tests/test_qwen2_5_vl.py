@@ -19,7 +19,15 @@ from helpers import close_llm
 from PIL import Image
 from vllm import SamplingParams
 
-from lvlm_prune.kernels import relevance_ref, topk_select_ref, uniform_indices
+from lvlm_prune.kernels.reference import relevance_ref, topk_select_ref
+from lvlm_prune.kernels.selection import uniform_indices
+from lvlm_prune.models.tiny_qwen import (
+    IMAGE_TOKEN_ID,
+    QWEN_7B,
+    QWEN_BENCH,
+    VIDEO_TOKEN_ID,
+    prefill_flops,
+)
 from lvlm_prune.vllm_plugin import WORKER_EXTENSION
 from lvlm_prune.vllm_plugin.qwen2_5_vl import (
     POSITION_CHANNELS,
@@ -27,13 +35,6 @@ from lvlm_prune.vllm_plugin.qwen2_5_vl import (
     encode_positions,
     grid_positions,
     pruned_mrope_positions,
-)
-from lvlm_prune.vllm_plugin.tiny_qwen import (
-    IMAGE_TOKEN_ID,
-    QWEN_7B,
-    QWEN_BENCH,
-    VIDEO_TOKEN_ID,
-    prefill_flops,
 )
 
 MAX_TOKENS = 6
@@ -465,7 +466,7 @@ def test_a_prefix_hit_inside_an_image_leaves_the_rest_of_it_at_its_positions(llm
 def test_request_counts_per_image_for_the_server(llm):
     """What the server reports (``image_tokens_before`` / ``after``), per image at its own size;
     the second request is a processor-cache hit, whose items the processor does not see again."""
-    from lvlm_prune.vllm_plugin.accounting import LEDGER
+    from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
 
     for _ in range(2):
         LEDGER.expect("qwen-counts")
@@ -643,8 +644,8 @@ GUARD_IDS = ["pp2", "dbo", "ubatch2", "encoder-graph", "full-graph", "tower-lora
 
 @pytest.mark.parametrize("case", range(len(GUARD_IDS)), ids=GUARD_IDS)
 def test_unsupported_engine_configurations_are_refused_by_name(case):
-    from lvlm_prune.vllm_plugin.pruning import refuse_unsupported
     from lvlm_prune.vllm_plugin.qwen2_5_vl import Qwen2_5_VLPruneForConditionalGeneration as Ours
+    from lvlm_prune.vllm_plugin.worker.model import refuse_unsupported
 
     overrides, phrase = _guard_cases()[case]
     with pytest.raises(ValueError, match="lvlm-prune cannot prune Qwen2_5_VLForConditional") as err:

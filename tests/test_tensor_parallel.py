@@ -13,7 +13,7 @@ from helpers import close_llm, make_image, make_llm
 from vllm import SamplingParams
 
 from lvlm_prune.kernels import keep_count
-from lvlm_prune.vllm_plugin import flow
+from lvlm_prune.vllm_plugin.worker import flow
 
 QUESTION = "What is the color of the car on the street?"
 SAMPLING = SamplingParams(max_tokens=6, temperature=0.0, logprobs=5)

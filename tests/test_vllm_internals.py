@@ -226,7 +226,7 @@ def test_decoder_layer_parts_the_flow_pass_runs():
     vLLM's, in its order."""
     from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer
 
-    from lvlm_prune.vllm_plugin import flow
+    from lvlm_prune.vllm_plugin.worker import flow
 
     layer_steps = [
         "self.input_layernorm(hidden_states)",

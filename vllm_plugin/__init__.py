@@ -16,7 +16,7 @@ MODELS = {
     ),
 }
 
-WORKER_EXTENSION = "lvlm_prune.vllm_plugin.diagnostics.PruneWorkerExtension"
+WORKER_EXTENSION = "lvlm_prune.vllm_plugin.worker.PruneWorkerExtension"
 
 _registered = False
 

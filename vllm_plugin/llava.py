@@ -27,8 +27,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import BaseMultiModalProcessor, InputProcessingContext
 
-from . import flow
-from .pruning import LAYER_FIELD, PruneModelMixin, PruneProcessorMixin, per_image
+from .options import LAYER_FIELD
+from .processing.processor import PruneProcessorMixin
+from .worker import flow
+from .worker.model import PruneModelMixin, per_image
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ MAX_QUERY_TOKENS = 512
 worker, and T must not be the client's to choose without bound."""
 
 DEFAULT_PRUNE_LAYER = 2
-"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/flow.py), unless the
+"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/worker/flow.py), unless the
 checkpoint declares its own (``CHECKPOINT_DEFAULTS``)."""
 CHECKPOINT_DEFAULTS = "lvlm_prune"
 """A checkpoint's config.json may carry ``{"lvlm_prune": {"prune_layer": N}}``: the scout depth
@@ -54,6 +54,28 @@ CHECKPOINT_KWARGS = (PRUNE_LAYER,)
 stays the operator's and the client's)."""
 MAX_PRUNE_LAYER = 1024
 """A bound for parsing; the model's own layer count is checked where the model is known."""
+
+
+# Per-image fields the processor adds for the model. Every processed image carries all of them
+# (keep_ratio 1.0 included), so items of different requests batch together in the worker.
+KEEP_FIELD = "prune_keep"
+QUERY_FIELD = "prune_query_ids"
+METHOD_FIELD = "prune_method_id"
+MERGE_FIELD = "prune_merge"
+SEED_FIELD = "prune_seed"
+DIAGNOSTICS_FIELD = "prune_diagnostics_id"
+FLOW_FIELD = "prune_flow"
+LAYER_FIELD = "prune_layer"
+FIELDS = (
+    KEEP_FIELD,
+    QUERY_FIELD,
+    METHOD_FIELD,
+    MERGE_FIELD,
+    SEED_FIELD,
+    DIAGNOSTICS_FIELD,
+    FLOW_FIELD,
+    LAYER_FIELD,
+)
 
 
 class PruneOptionError(ValueError):

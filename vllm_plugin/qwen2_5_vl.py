@@ -61,7 +61,8 @@ from lvlm_prune.kernels import Selection
 
 from . import options
 from .options import PruneOptionError, PruneOptions
-from .pruning import PruneModelMixin, PruneProcessorMixin
+from .processing.processor import PruneProcessorMixin
+from .worker.model import PruneModelMixin
 
 POSITION_CHANNELS = 6
 """Extra channels of a pruned image's rows between ``embed_multimodal`` and ``embed_input_ids``:

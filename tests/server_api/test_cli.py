@@ -18,7 +18,7 @@ from server_api.serving import MODEL, Server, free_port
 
 
 def test_defaults_serve_the_trained_built_in_model():
-    from lvlm_prune.shapes import MODEL_NAME, released_model_dir
+    from lvlm_prune.models.shapes import MODEL_NAME, released_model_dir
 
     args = build_serve_args([])
     assert args.model == str(released_model_dir())
@@ -89,7 +89,8 @@ def test_make_serve_answers_a_newcomer_and_sigterm_stops_everything(tmp_path, se
     from helpers import data_url
     from openai import OpenAI
 
-    from lvlm_prune.shapes import MODEL_NAME, scenes
+    from lvlm_prune.models.shapes import MODEL_NAME
+    from lvlm_prune.shapes import scenes
 
     port = free_port()
     log = tmp_path / "server.log"

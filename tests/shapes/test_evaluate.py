@@ -3,7 +3,8 @@
 import json
 
 from lvlm_prune.benchmarks import common
-from lvlm_prune.shapes import evaluate, released_model_dir, scenes
+from lvlm_prune.models.shapes import released_model_dir
+from lvlm_prune.shapes import evaluate, scenes
 
 
 def test_results_files_carry_the_numbers_the_command_and_no_path(tmp_path):

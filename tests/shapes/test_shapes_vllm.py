@@ -12,7 +12,8 @@ import torch
 from helpers import close_llm, make_llm
 from vllm import SamplingParams
 
-from lvlm_prune.shapes import released_model_dir, scenes
+from lvlm_prune.models.shapes import released_model_dir
+from lvlm_prune.shapes import scenes
 from lvlm_prune.shapes.evaluate import accuracy_by_type, ask, chat_message
 
 ITEMS = 210  # 70 per question type

@@ -4,7 +4,7 @@ the stock model's, and the pipeline writes a checkpoint transformers loads."""
 import numpy as np
 import torch
 
-from lvlm_prune.shapes import model as shapes_model
+from lvlm_prune.models import shapes as shapes_model
 from lvlm_prune.shapes import scenes, train
 
 

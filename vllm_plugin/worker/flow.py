@@ -70,7 +70,7 @@ def check_supported(opts, text_config) -> None:
     Raises:
         PruneOptionError: naming ``prune_method`` / ``prune_flow`` / ``prune_layer``.
     """
-    from .options import FLOW, METHOD, PruneOptionError
+    from ..options import FLOW, METHOD, PruneOptionError
 
     opts.check_layers(text_config.num_hidden_layers)
     why = unsupported_model(text_config)

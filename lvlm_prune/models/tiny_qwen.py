@@ -1,5 +1,5 @@
 """Qwen2.5-VL-shaped models with random weights, built offline (the counterpart of
-``tiny_models`` for the M-RoPE family).
+``tiny_llava`` for the M-RoPE family).
 
 Same rules as the LLaVA ones: no model hub, only token ids, counts and logprobs are compared, and
 every model is cached on disk under a content key (spec + builder version).
@@ -17,7 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .tiny_models import _CORPUS, build_cached
+from .tiny_llava import _CORPUS, build_cached
 
 # Bump when the files this module writes change in any way.
 BUILDER_VERSION = 1

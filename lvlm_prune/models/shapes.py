@@ -2,7 +2,7 @@
 
 Everything a checkpoint needs is built here offline — a word-level tokenizer over the task's
 words, LLaVA-1.5's processor and chat template (shared with the random-weight models in
-``vllm_plugin/tiny_models.py``), the config — and saved in the form both transformers and vLLM
+``lvlm_prune/models/tiny_llava.py``), the config — and saved in the form both transformers and vLLM
 0.32 load. :func:`released_model_dir` is the trained model that ships in the package.
 """
 
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from lvlm_prune.vllm_plugin import tiny_models
+from lvlm_prune.shapes import scenes
 
-from . import scenes
+from . import tiny_llava
 
 MODEL_NAME = "lvlm-prune-shapes"
 SPEC_FILE = "lvlm_prune_shapes.json"
 """Written beside the weights: the model spec and the task version (marks a ShapesVQA model)."""
 
-SPECIAL_TOKENS = tiny_models.SPECIAL_TOKENS
+SPECIAL_TOKENS = tiny_llava.SPECIAL_TOKENS
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_TOKEN_ID = range(len(SPECIAL_TOKENS))
 
 WORDS = (
@@ -75,8 +75,9 @@ SPEC = ShapesModelSpec()
 
 
 def released_model_dir() -> Path:
-    """The trained ``lvlm-prune-shapes`` checkpoint inside the installed package."""
-    path = Path(__file__).resolve().parent / "model"
+    """The trained ``lvlm-prune-shapes`` checkpoint inside the installed package: it ships with
+    the task and its training (``lvlm_prune/shapes/model/``), not with the builders here."""
+    path = Path(scenes.__file__).resolve().parent / "model"
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(
             f"the released ShapesVQA weights are missing from {path}; "
@@ -120,7 +121,7 @@ def build_tokenizer(spec: ShapesModelSpec = SPEC):
 
 
 def build_processor(tokenizer=None, spec: ShapesModelSpec = SPEC):
-    return tiny_models.make_llava_processor(
+    return tiny_llava.make_llava_processor(
         tokenizer if tokenizer is not None else build_tokenizer(spec),
         spec.image_size,
         spec.patch_size,
@@ -134,8 +135,8 @@ table: 46.1 % of full accuracy at 64 tokens, against 97.3 % with 1)."""
 
 
 def build_config(spec: ShapesModelSpec = SPEC):
+    from lvlm_prune.models.tiny_llava import llava_config
     from lvlm_prune.vllm_plugin import options
-    from lvlm_prune.vllm_plugin.tiny_models import llava_config
 
     config = llava_config(spec)
     setattr(config, options.CHECKPOINT_DEFAULTS, {options.PRUNE_LAYER: SCOUT_LAYER})
@@ -154,7 +155,7 @@ def save_model(model, out: Path, *, spec: ShapesModelSpec = SPEC, extra: dict | 
     """Write a loadable checkpoint folder (weights, config, tokenizer, processor, template)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny_models.save_llava(model, build_processor(spec=spec), out)
+    tiny_llava.save_llava(model, build_processor(spec=spec), out)
     info = {"model": MODEL_NAME, "task": scenes.VERSION, "spec": dataclasses.asdict(spec)}
     (out / SPEC_FILE).write_text(json.dumps({**info, **(extra or {})}, indent=2) + "\n")
     return out

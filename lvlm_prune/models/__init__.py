@@ -14,8 +14,8 @@ DEFAULT = "shapes"
 
 
 def names() -> list[str]:
-    from lvlm_prune.vllm_plugin.tiny_models import SPECS
-    from lvlm_prune.vllm_plugin.tiny_qwen import QWEN_SPECS
+    from lvlm_prune.models.tiny_llava import SPECS
+    from lvlm_prune.models.tiny_qwen import QWEN_SPECS
 
     return [DEFAULT, *SPECS, *QWEN_SPECS]
 
@@ -23,11 +23,11 @@ def names() -> list[str]:
 def resolve(name: str) -> tuple[str, str] | None:
     """(checkpoint folder, served model name) of a built-in model, or None for any other name."""
     if name == "shapes":
-        from lvlm_prune.shapes import MODEL_NAME, released_model_dir
+        from lvlm_prune.models.shapes import MODEL_NAME, released_model_dir
 
         return str(released_model_dir()), MODEL_NAME
-    from lvlm_prune.vllm_plugin.tiny_models import SPECS, build_tiny_llava
-    from lvlm_prune.vllm_plugin.tiny_qwen import QWEN_SPECS, build_tiny_qwen
+    from lvlm_prune.models.tiny_llava import SPECS, build_tiny_llava
+    from lvlm_prune.models.tiny_qwen import QWEN_SPECS, build_tiny_qwen
 
     if name in SPECS:
         return str(build_tiny_llava(SPECS[name])), f"lvlm-prune-{name}"

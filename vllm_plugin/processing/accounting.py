@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .bounded import BoundedStore
+from ..bounded import BoundedStore
 
 MAX_ENTRIES = 16384
 

@@ -1,31 +1,27 @@
-"""Pruning for any vLLM multimodal model family: the processor half and the model half.
+"""The processor half of pruning, for any vLLM multimodal family. Runs in the API process.
 
-A family's module (``llava.py``, ``qwen2_5_vl.py``) subclasses vLLM's own processor and model
-class with these mixins first, and supplies only what differs between families: how many tokens
-an image has, which token ids are placeholders, what it refuses, and (Qwen2.5-VL) how kept rows
-keep their positions.
+A family's module (``vllm_plugin/llava.py``, ``vllm_plugin/qwen2_5_vl.py``) subclasses vLLM's own
+processor with :class:`PruneProcessorMixin` first and supplies only what differs between families:
+how many tokens an image has and which token ids are placeholders.
 
-Processor (API process, :class:`PruneProcessorMixin`): decides K = keep_count(N, keep_ratio) per
-image, emits K placeholders instead of N, and hands the model each image's query token ids and
-the options as per-image fields. Each image is hashed with the options and its own query only, so
-vLLM's processor, encoder and prefix caches are keyed by that image's question: in a
-conversation, an image keeps its hash, its selection and its place in the prefix cache turn after
-turn. Model (worker, :class:`PruneModelMixin`): runs the stock vision encoder, then keeps K rows per
-image with ``select_tokens``.
+The mixin decides K = keep_count(N, keep_ratio) per image, emits K placeholders instead of N, and
+hands the model each image's query token ids and the options as per-image fields
+(``options.FIELDS``). Each image is hashed with the options and its own query only, so
+vLLM's processor, encoder and prefix caches are keyed by that image's question: in a conversation,
+an image keeps its hash, its selection and its place in the prefix cache turn after turn. The
+worker half is ``vllm_plugin/worker/model.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalHashes, MultiModalInput
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
@@ -37,35 +33,23 @@ from vllm.multimodal.processing import (
 )
 from vllm.multimodal.processing.processor import MultiModalIsCached
 
-from lvlm_prune.kernels import PRUNE_METHODS, Selection, keep_count, select_tokens
+from lvlm_prune.kernels import PRUNE_METHODS, keep_count
 
-from . import diagnostics, flow, options
-from .accounting import LEDGER, RequestCounts
-from .options import PruneOptions
-
-# Per-image fields the processor adds for the model. Every processed image carries all of them
-# (keep_ratio 1.0 included), so items of different requests batch together in the worker.
-KEEP_FIELD = "prune_keep"
-QUERY_FIELD = "prune_query_ids"
-METHOD_FIELD = "prune_method_id"
-MERGE_FIELD = "prune_merge"
-SEED_FIELD = "prune_seed"
-DIAGNOSTICS_FIELD = "prune_diagnostics_id"
-FLOW_FIELD = "prune_flow"
-LAYER_FIELD = "prune_layer"
-FIELDS = (
-    KEEP_FIELD,
-    QUERY_FIELD,
-    METHOD_FIELD,
-    MERGE_FIELD,
-    SEED_FIELD,
+from .. import options
+from ..options import (
     DIAGNOSTICS_FIELD,
+    FIELDS,
     FLOW_FIELD,
+    KEEP_FIELD,
     LAYER_FIELD,
+    MERGE_FIELD,
+    METHOD_FIELD,
+    QUERY_FIELD,
+    SEED_FIELD,
+    PruneOptions,
 )
-
-
-# ---- processor ------------------------------------------------------------------------------
+from ..worker import flow
+from .accounting import LEDGER, RequestCounts
 
 
 class PruneProcessorMixin:
@@ -283,154 +267,3 @@ def _shorten(update: PromptReplacement, ratio: float) -> PromptReplacement:
     return PromptReplacement(
         modality=update.modality, target=update.target, replacement=replacement
     )
-
-
-# ---- model ----------------------------------------------------------------------------------
-
-
-class PruneModelMixin:
-    """The worker side (put it before vLLM's model class in the bases): K rows of each image kept
-    by ``select_tokens``, diagnostics recorded.
-
-    A family may supply :meth:`_scout_scores` (scores computed by the model itself, for the
-    ``flow`` method) and :meth:`_pruned_embeddings` (what goes back to vLLM for the kept rows).
-    """
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        refuse_unsupported(type(self), vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-
-    @classmethod
-    def unsupported_engine_config(cls, vllm_config) -> list[str]:
-        """What of this engine's configuration pruning cannot serve, one phrase each (empty:
-        all of it). Checked when the model is built, so the engine refuses to start."""
-        lora = vllm_config.lora_config
-        if lora is not None and lora.enable_tower_connector_lora:
-            return [
-                "LoRA on the vision tower and connector (enable_tower_connector_lora): vLLM "
-                "sizes those adapters' token mappings by each image's placeholder count, "
-                "which pruning shortens"
-            ]
-        return []
-
-    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        fields = {name: kwargs.pop(name, None) for name in FIELDS}
-        embeds = super().embed_multimodal(**kwargs)
-        if fields[KEEP_FIELD] is None or len(embeds) == 0:
-            return embeds
-        images = list(embeds)  # [B, N, D] tensor or tuple of [N_b, D]
-        selections = self._select_images(images, fields, kwargs)
-        if selections is None:
-            return embeds
-        return self._pruned_embeddings(selections, images, kwargs)
-
-    def _select_images(
-        self,
-        images: list[torch.Tensor],
-        fields: Mapping[str, object],
-        kwargs: Mapping[str, object],
-    ) -> list[Selection] | None:
-        """The selection of every image, or None when no image prunes or reports."""
-        keep, diag_ids = per_image(fields[KEEP_FIELD]), per_image(fields[DIAGNOSTICS_FIELD])
-        if all(k >= image.shape[0] for k, image in zip(keep, images)) and not any(diag_ids):
-            return None
-        # NOTE: with LoRA, embed_tokens is a wrapper whose indices belong to the current batch.
-        embed_tokens = self.get_language_model().model.embed_tokens
-        embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
-        device = images[0].device
-        query_ids = per_image_tensors(fields[QUERY_FIELD])
-        methods = [PRUNE_METHODS[m] for m in per_image(fields[METHOD_FIELD])]
-        # One embedding call (one all-reduce under tensor parallelism) for the whole batch.
-        all_ids = torch.cat(list(query_ids)).to(device)
-        if all_ids.numel():
-            lengths = [ids.numel() for ids in query_ids]
-            queries = list(torch.split(embed_tokens(all_ids), lengths))
-        else:
-            queries = [image.new_empty((0, image.shape[1])) for image in images]
-        timer = diagnostics.STORE.start_timer(device)
-        scores = self._scout_scores(images, queries, methods, keep, diag_ids, fields)
-        selections = select_tokens(
-            images,
-            queries,
-            keep,
-            methods=methods,
-            merge=[bool(m) for m in per_image(fields[MERGE_FIELD])],
-            seeds=per_image(fields[SEED_FIELD]),
-            need_scores=any(diag_ids),
-            scores=scores,
-        )
-        diagnostics.STORE.stop_timer(timer, num_images=len(images))
-        flows = per_image(fields[FLOW_FIELD]) if fields[FLOW_FIELD] is not None else []
-        grids = self._image_grids(images, kwargs) if any(diag_ids) else [None] * len(images)
-        for b, (sel, diag_id, ids, image, query, grid) in enumerate(
-            zip(selections, diag_ids, query_ids, images, queries, grids)
-        ):
-            if diag_id:
-                diagnostics.STORE.put(
-                    diag_id, sel, image=image, query=query, query_ids=ids, grid=grid
-                )
-                if b < len(flows) and flows[b]:
-                    diagnostics.STORE.put_flow(diag_id, sel, num_tokens=image.shape[0])
-        return selections
-
-    def _image_grids(
-        self, images: list[torch.Tensor], kwargs: Mapping[str, object]
-    ) -> list[tuple[int, int] | None]:
-        """Per image, its tokens' (rows, cols) for the diagnostics' heatmap, None when unknown.
-        LLaVA-style towers: a square grid (the image is resized to the tower's square input)."""
-        grids: list[tuple[int, int] | None] = []
-        for image in images:
-            side = math.isqrt(image.shape[0])
-            grids.append((side, side) if side * side == image.shape[0] else None)
-        return grids
-
-    def _scout_scores(
-        self,
-        images: list[torch.Tensor],
-        queries: list[torch.Tensor],
-        methods: list[str],
-        keep: list[int],
-        diag_ids: list[int],
-        fields: Mapping[str, object],
-    ) -> list[torch.Tensor | None]:
-        """Per image, scores computed by the model itself (the ``flow`` method's scout), or None
-        where ``select_tokens`` scores the image on its own. Families without a scout: all None
-        (the processor refuses the ``flow`` method for them)."""
-        return [None] * len(images)
-
-    def _pruned_embeddings(
-        self,
-        selections: list[Selection],
-        images: list[torch.Tensor],
-        kwargs: Mapping[str, object],
-    ) -> MultiModalEmbeddings:
-        """What goes back to vLLM for each image: its K kept rows."""
-        return [sel.rows for sel in selections]
-
-
-def refuse_unsupported(model_cls: type, vllm_config) -> None:
-    """Raise at engine start when ``model_cls`` cannot prune under ``vllm_config``.
-
-    Raises:
-        ValueError: naming each unsupported setting and how to serve anyway.
-    """
-    problems = model_cls.unsupported_engine_config(vllm_config)
-    if problems:
-        stock = next(c.__name__ for c in model_cls.__mro__ if c.__module__.startswith("vllm."))
-        raise ValueError(
-            f"lvlm-prune cannot prune {stock} with " + "; nor with ".join(problems) + ". Start "
-            "the engine without it, or serve the model unpruned with lvlm-prune's plugin left "
-            "out (VLLM_PLUGINS naming the plugins to load, without lvlm_prune)."
-        )
-
-
-def per_image(field) -> list[int]:
-    """A batched per-image scalar field as a list of ints."""
-    if isinstance(field, torch.Tensor):
-        return [int(x) for x in field.reshape(-1).tolist()]
-    return [int(torch.as_tensor(x).reshape(-1)[0]) for x in field]
-
-
-def per_image_tensors(field) -> list[torch.Tensor]:
-    # Batched fields of equal shape arrive stacked [B, T]; of different T, as a list of [T].
-    return [t.reshape(-1) for t in field]
