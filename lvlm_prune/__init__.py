@@ -1,7 +1,7 @@
 """lvlm-prune: question-aware image-token pruning inside vLLM's prefill.
 
-Subpackages: ``vllm_plugin`` (the joint with vLLM), ``kernels`` (the selection math),
-``server`` (OpenAI-compatible API, diagnostics, metrics), ``benchmarks``.
+The map of the code (which file runs in which process, one request walked through) is
+``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ REQUESTS = Counter(
     "Requests that carried images, by pruning method (keep_ratio 1.0 counts as method 'none').",
     (*LABELS, "method"),
 )
-KEEP_RATIO = Histogram(
+KEEP_RATIO_HISTOGRAM = Histogram(
     "lvlm_prune_keep_ratio",
     "keep_ratio in force per request that carried images.",
     LABELS,
@@ -79,4 +79,4 @@ def observe_request(model_name: str, counts) -> None:
     IMAGES.labels(model_name).inc(len(counts.per_image))
     method = counts.method if counts.keep_ratio < 1.0 else "none"
     REQUESTS.labels(model_name, method).inc()
-    KEEP_RATIO.labels(model_name).observe(counts.keep_ratio)
+    KEEP_RATIO_HISTOGRAM.labels(model_name).observe(counts.keep_ratio)

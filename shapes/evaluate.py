@@ -56,15 +56,6 @@ def ask(llm, items, images, *, mm_processor_kwargs: dict | None = None) -> list[
     return [o.outputs[0].text for o in outs]
 
 
-def accuracy_by_type(items, replies) -> dict[str, float]:
-    out = {}
-    for t in scenes.QUESTION_TYPES:
-        hits = [scenes.score_reply(r, q) for (_, q), r in zip(items, replies) if q.type == t]
-        out[t] = sum(hits) / len(hits) if hits else float("nan")
-    out["all"] = sum(scenes.score_reply(r, q) for (_, q), r in zip(items, replies)) / len(items)
-    return out
-
-
 def _with_intervals(items, replies) -> dict:
     from lvlm_prune.benchmarks.common import wilson_interval
 

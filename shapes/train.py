@@ -423,10 +423,6 @@ def patch_accuracy(rows: torch.Tensor, batch: Batch, emb_weight: torch.Tensor) -
     }
 
 
-def _trainable(module, *, exclude=()):
-    return [p for n, p in module.named_parameters() if p.requires_grad and n not in exclude]
-
-
 def _stage_params(model, stage: str):
     vision = list(model.model.vision_tower.parameters()) + list(
         model.model.multi_modal_projector.parameters()

@@ -129,9 +129,10 @@ def build_processor(tokenizer=None, spec: ShapesModelSpec = SPEC):
 
 
 SCOUT_LAYER = 1
-"""The flow method's scout depth this model declares: its cliff is layer 1 (README, "Information
-flow"), and a scout of 2 layers ranks by attention that no longer reads the image (the fidelity
-table: 46.1 % of full accuracy at 64 tokens, against 97.3 % with 1)."""
+"""The flow method's scout depth this model declares: its information-flow cliff is layer 1, and a
+deeper scout ranks by attention that no longer reads the image. The measurement behind the choice
+is the fidelity table (``benchmarks/results/fidelity-shapes.md``, flow vs flow/1), not a number
+copied here."""
 
 
 def build_config(spec: ShapesModelSpec = SPEC):

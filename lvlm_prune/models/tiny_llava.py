@@ -1,8 +1,9 @@
 """LLaVA-1.5-shaped models with random weights, built offline.
 
-Tests, benchmarks and the default ``lvlm-prune serve`` use these: no model hub is reachable, and
-with random weights nothing here is meant to say anything sensible — only token ids and counts are
-compared. Every model is cached on disk under a content key (spec + builder version), so it is built
+Tests and benchmarks use these (``tiny``: tests; ``bench``: speed, with LLaVA-1.5-7B's vision : LLM
+prefill cost proportion): no model hub is reachable, and with random weights nothing here is meant
+to say anything sensible — only token ids and counts are compared. The default served model is the
+trained ``lvlm-prune-shapes`` (``shapes.py``), which reuses this module's processor and template. Every model is cached on disk under a content key (spec + builder version), so it is built
 once per machine.
 """
 

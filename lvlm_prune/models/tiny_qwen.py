@@ -159,7 +159,9 @@ QWEN_7B = TinyQwenSpec(
     text_init_std=0.02,
     max_pixels=12845056,
 )
-"""Qwen/Qwen2.5-VL-7B-Instruct's shapes (its config.json); only for :func:`prefill_flops`."""
+"""Qwen/Qwen2.5-VL-7B-Instruct's shapes (its config.json), never built: the model whose vision :
+LLM cost proportion ``QWEN_BENCH`` claims to keep. It stays beside that claim so the two change
+together; tests/test_qwen2_5_vl.py checks the claim with :func:`prefill_flops`."""
 
 QWEN_SPECS = {"qwen-tiny": TINY_QWEN, "qwen-bench": QWEN_BENCH}
 

@@ -14,12 +14,22 @@ from vllm import SamplingParams
 
 from lvlm_prune.models.shapes import released_model_dir
 from lvlm_prune.shapes import scenes
-from lvlm_prune.shapes.evaluate import accuracy_by_type, ask, chat_message
+from lvlm_prune.shapes.evaluate import ask, chat_message
 
 ITEMS = 210  # 70 per question type
 CONTROL_ITEMS = 150
 ACCURACY_FLOOR = 0.95
 TYPE_FLOOR = 0.90
+
+
+def accuracy_by_type(items, replies) -> dict[str, float]:
+    """Share of right replies per question type and over all (``"all"``)."""
+    out = {}
+    for t in scenes.QUESTION_TYPES:
+        hits = [scenes.score_reply(r, q) for (_, q), r in zip(items, replies) if q.type == t]
+        out[t] = sum(hits) / len(hits) if hits else float("nan")
+    out["all"] = sum(scenes.score_reply(r, q) for (_, q), r in zip(items, replies)) / len(items)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,9 @@ def head_summed_attention_ref(
     q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float
 ) -> torch.Tensor:
     """Reference for ``head_summed_attention``: the whole [H, L, L] causal attention matrix,
-    written out, then the rows averaged and the heads summed."""
+    written out, then the rows averaged and the heads summed. It stays beside the op it checks,
+    as every kernel's torch reference does (``kernels/``), so the two are read and changed
+    together; tests/test_flow.py compares them."""
     length = q.shape[1]
     logits = torch.einsum("hid,hjd->hij", q.double(), k.double()) * scale
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
