@@ -92,8 +92,7 @@ def is_shapes_model(model_dir: str | Path) -> bool:
 
 def build_tokenizer(spec: ShapesModelSpec = SPEC):
     """Word-level tokenizer: one token per word or punctuation mark, BOS prepended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
     assert len(vocab) <= spec.vocab_size, (len(vocab), spec.vocab_size)
@@ -106,18 +105,7 @@ def build_tokenizer(spec: ShapesModelSpec = SPEC):
     # decodes without spaces: "USER:Whatcolor...", which nothing shows).
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=spec.max_position_embeddings,
-    )
+    return tiny_llava.wrap_llava_tokenizer(tok, spec.max_position_embeddings)
 
 
 def build_processor(tokenizer=None, spec: ShapesModelSpec = SPEC):

@@ -177,8 +177,7 @@ def llava_config(spec):
 
 
 def _build_tokenizer(spec: TinyLlavaSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -188,6 +187,15 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         vocab_size=spec.vocab_size - 8, special_tokens=SPECIAL_TOKENS, show_progress=False
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    return wrap_llava_tokenizer(tok, spec.max_position_embeddings)
+
+
+def wrap_llava_tokenizer(tok, max_length: int):
+    """A ``tokenizers.Tokenizer`` over ``SPECIAL_TOKENS`` as LLaVA-1.5's tokenizer: BOS prepended,
+    the special tokens named, ``<image>`` as the image token."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
     )
@@ -198,7 +206,7 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
-        model_max_length=spec.max_position_embeddings,
+        model_max_length=max_length,
     )
 
 
