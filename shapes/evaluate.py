@@ -2,9 +2,9 @@
 
 ``python -m lvlm_prune.shapes.evaluate [--model DIR] [--items 1000] [--seed S]`` asks fresh
 questions through vLLM's chat path (LLaVA-1.5's template, the image as a PNG data URL, greedy),
-scores each reply by its first word (SHAPES.md), and repeats the set with every image swapped for
-another scene's (the control: accuracy must fall to chance when the answer has to come from the
-image). Prints accuracy per question type with 95 % intervals, as JSON.
+scores each reply by its first word (docs/shapesvqa.md), and repeats the set with every image
+swapped for another scene's (the control: accuracy must fall to chance when the answer has to come
+from the image). Prints accuracy per question type with 95 % intervals, as JSON.
 
 ``--position-check K [K ...]`` instead measures, in transformers, how much of what pruning to K
 rows costs comes from the question moving closer to the image rows (RoPE distances the model

@@ -1,6 +1,6 @@
 """ShapesVQA v2: scenes, questions, answers and the per-object facts the metrics need.
 
-The task is specified in full in SHAPES.md (``docs`` of the project); this module implements it
+The task is specified in full in ``docs/shapesvqa.md``; this module implements it
 exactly. Everything is drawn from a seed, so anyone can make fresh held-out scenes:
 
     rng = np.random.default_rng(seed)
@@ -188,7 +188,7 @@ class Question:
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """One scene as SHAPES.md specifies it."""
+    """One scene as docs/shapesvqa.md specifies it."""
     background = int(rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1))
     count = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
     colours = rng.choice(len(COLOR_NAMES), size=count, replace=False)
@@ -272,7 +272,7 @@ def example(seed: int = 0) -> tuple[Scene, Question]:
 
 
 def first_word(reply: str) -> str:
-    """A reply's first word, lowercased, punctuation stripped (SHAPES.md's scoring)."""
+    """A reply's first word, lowercased, punctuation stripped (docs/shapesvqa.md's scoring)."""
     words = reply.strip().split()
     if not words:
         return ""

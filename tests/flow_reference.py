@@ -1,6 +1,6 @@
 """The transformers side of the information-flow comparisons: the same model with eager attention
 and ``output_attentions=True``, float32, fed the reference-pruned input embeddings. Written from
-the definitions (README, "Information flow"), not from lvlm_prune's code."""
+the definitions (docs/flow.md), not from lvlm_prune's code."""
 
 from __future__ import annotations
 

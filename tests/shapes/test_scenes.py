@@ -1,4 +1,4 @@
-"""The ShapesVQA v2 generator against SHAPES.md, rule by rule, on fresh seeds each run.
+"""The ShapesVQA v2 generator against docs/shapesvqa.md, rule by rule, on fresh seeds each run.
 
 Each rule is checked with code written from the spec's text, not by calling the generator's own
 helpers: the pattern formulae, the patch rule and the question rules are restated here.
