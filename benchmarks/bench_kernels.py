@@ -110,7 +110,9 @@ def _bench_gpu(args) -> dict:
     import triton
     import triton.testing
 
-    from lvlm_prune.kernels import keep_count, relevance_triton, row_offsets, select_tokens
+    from lvlm_prune.kernels import keep_count, select_tokens
+    from lvlm_prune.kernels.relevance import relevance_triton
+    from lvlm_prune.kernels.selection import row_offsets
 
     device = torch.device("cuda")
     n, d = args.tokens, args.hidden
@@ -235,7 +237,7 @@ def _selection_bytes(b: int, n: int, t: int, d: int, k: int, size: int = 2) -> i
 def _bench_cpu(args) -> dict:
     """``relevance_ref`` (row-invariant cosines) against one BLAS matmul per image, per shape:
     the fastest and the median of ``--repeats`` calls (a shared machine's noise is one-sided)."""
-    from lvlm_prune.kernels import relevance_ref
+    from lvlm_prune.kernels.reference import relevance_ref
 
     def blas(image, query):
         unit = torch.nn.functional.normalize
@@ -465,8 +467,7 @@ def _smoke_markdown(result: dict) -> str:
 def _interpreter_check(keep_ratio: float) -> dict | None:
     """Select on CPU tensors with both backends, Triton in its interpreter: in this process when
     it runs the interpreter, else in a child process that does."""
-    from lvlm_prune.kernels import HAS_TRITON
-    from lvlm_prune.kernels._triton_utils import interpreter_active
+    from lvlm_prune.kernels._triton_utils import HAS_TRITON, interpreter_active
 
     if not HAS_TRITON:
         return None

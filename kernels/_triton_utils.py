@@ -1,4 +1,4 @@
-"""Guarded Triton import, the launch record every kernel module builds, and shared jit helpers.
+"""Guarded Triton import, the launch record every kernel module builds, and launch helpers.
 
 Triton is optional (the CPU install has no GPU to run it on), so every kernel module imports it
 from here and defines its kernels only when ``HAS_TRITON``; ``import lvlm_prune.kernels`` works
@@ -86,28 +86,3 @@ def require_triton(device: torch.device) -> None:
             "Set TRITON_INTERPRET=1 before triton is imported to run them in its interpreter "
             "(slow), or use LVLM_PRUNE_BACKEND=torch"
         )
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def dot_rows(x, y, acc, USE_DOT: tl.constexpr):
-        """``acc + x @ y.T`` for row tiles x [M, BLOCK_D] and y [P, BLOCK_D], fp32 accumulate.
-
-        ``USE_DOT`` (GPU): ``tl.dot`` on the operands' own dtype, the tensor-core path for
-        bf16/fp16 (IEEE for fp32: tf32 would round the inputs). One fixed tiling without split-K
-        accumulates every output element over D in the same order, whatever its position.
-        Otherwise (the interpreter): a broadcast multiply and a sum over D in fp32. The
-        interpreter's ``tl.dot`` is numpy's BLAS matmul, which rounds a row by where it sits in
-        its micro-tile, and its bf16 arithmetic is wrong; numpy's sum treats every output alike.
-        """
-        if USE_DOT:
-            if x.dtype == tl.float32:
-                acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(y), acc)
-        else:
-            xf = x.to(tl.float32)
-            yf = y.to(tl.float32)
-            acc += tl.sum(xf[:, None, :] * yf[None, :, :], axis=2)
-        return acc

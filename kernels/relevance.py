@@ -9,7 +9,8 @@ written.
 A row's score is computed from that row and the query alone, in an order that does not depend
 on where the row sits (its tile, its image, the batch, the thread count): identical rows score
 bit-identically, so the top-K tie rule (lower index) decides between them, and an image scored
-again in another batch keeps the same rows. ``cosine_matrix`` is that computation in torch.
+again in another batch keeps the same rows (``cosine.py``: ``cosine_matrix`` in torch,
+``cosine_tile`` in the kernel).
 """
 
 from __future__ import annotations
@@ -23,57 +24,15 @@ from ._triton_utils import (
     FLOAT_DTYPES,
     HAS_TRITON,
     Launch,
-    dot_rows,
     interpreter_active,
     require_triton,
     tl,
     triton,
     unit_stride,
 )
+from .cosine import cosine_matrix
 
 REDUCTIONS = ("max", "mean")
-_EPS = 1e-12  # as torch.nn.functional.normalize: a zero row has cosine 0 with everything
-# fp32 products cosine_matrix holds at once: on CPU within the last-level cache, so the multiply
-# and the sum run from cache, and few enough chunks that Python's loop does not dominate; on a GPU
-# (the torch path forced there) large enough that kernel launches do not.
-_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
-
-
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[M, D] and [P, D] -> [M, P] float32 cosines, each from its two rows alone.
-
-    Not ``a @ b.T``: a BLAS matmul picks kernels and blocking by shape, thread count and memory
-    alignment and rounds a row by its place in a micro-tile, so equal rows can come out an ulp
-    apart and an image can rank differently inside another batch. Here each dot product is an
-    elementwise multiply and a sum over D, which torch reduces the same way for every output
-    element (one vectorised pass per contiguous row, never split across threads unless a whole
-    reduction is a single output of 32768+ elements). Products are chunked (``_CHUNK_BYTES``).
-    """
-    a, b = a.float(), b.float()
-    m, d = a.shape
-    p = b.shape[0]
-    out = torch.zeros(m, p, dtype=torch.float32, device=a.device)
-    if m == 0 or p == 0 or d == 0:
-        return out
-    a, b = a.contiguous(), b.contiguous()
-    budget = _CHUNK_BYTES.get(a.device.type, _CHUNK_BYTES["cpu"])
-    pairs = max(1, budget // (4 * d))  # (row, column) products per chunk
-    cols = min(p, pairs)
-    rows = max(1, min(m, pairs // cols))
-    products = torch.empty(rows, cols, d, dtype=torch.float32, device=a.device)
-    for i in range(0, m, rows):
-        r = min(rows, m - i)
-        for j in range(0, p, cols):
-            c = min(cols, p - j)
-            torch.mul(a[i : i + r, None, :], b[None, j : j + c, :], out=products[:r, :c])
-            torch.sum(products[:r, :c], dim=-1, out=out[i : i + r, j : j + c])
-    out /= _norms(a)[:, None]
-    out /= _norms(b)[None, :]
-    return out
-
-
-def _norms(x: torch.Tensor) -> torch.Tensor:
-    return (x * x).sum(dim=-1).sqrt().clamp_min(_EPS)
 
 
 def relevance_ref(
@@ -144,6 +103,7 @@ GPU_CONFIGS = {
 }
 
 if HAS_TRITON:
+    from .cosine import cosine_tile
 
     @triton.jit(do_not_specialize=["num_images"])
     def _relevance_kernel(
@@ -167,8 +127,7 @@ if HAS_TRITON:
 
         Programs are laid out image after image, cdiv(N_b, BLOCK_N) each; a program finds its
         image from the offsets (cumulative block counts), so one launch serves the whole ragged
-        batch. The norms are accumulated in the same pass over D as the dot products, so no
-        normalised copy of anything is written. Rows are read with unit stride along D.
+        batch. Each tile of cosines comes from ``cosine_tile`` (one pass over D, norms included).
         """
         pid = tl.program_id(0).to(tl.int64)
         b_range = tl.arange(0, BLOCK_B)
@@ -193,31 +152,21 @@ if HAS_TRITON:
         for t_start in range(q0, q1, BLOCK_T):
             cols = t_start + tl.arange(0, BLOCK_T)
             col_mask = cols < q1
-            acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
-            img_sq = tl.zeros([BLOCK_N], tl.float32)
-            q_sq = tl.zeros([BLOCK_T], tl.float32)
-            for d_start in range(0, D, BLOCK_D):
-                d = d_start + tl.arange(0, BLOCK_D)
-                d_mask = d < D
-                x = tl.load(
-                    image_ptr + rows[:, None] * stride_img_n + d[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                q = tl.load(
-                    query_ptr + cols[:, None] * stride_q_t + d[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                acc = dot_rows(x, q, acc, USE_DOT)
-                xf = x.to(tl.float32)
-                qf = q.to(tl.float32)
-                img_sq += tl.sum(xf * xf, axis=1)
-                q_sq += tl.sum(qf * qf, axis=1)
-            # cos = x.q / max(|x|, eps) / max(|q|, eps), as cosine_matrix.
-            img_norm = tl.maximum(tl.sqrt(img_sq), 1e-12)
-            q_norm = tl.maximum(tl.sqrt(q_sq), 1e-12)
-            cos = acc / img_norm[:, None] / q_norm[None, :]
+            cos = cosine_tile(
+                image_ptr,
+                rows,
+                row_mask,
+                stride_img_n,
+                query_ptr,
+                cols,
+                col_mask,
+                stride_q_t,
+                D,
+                USE_DOT,
+                BLOCK_N,
+                BLOCK_T,
+                BLOCK_D,
+            )
             if REDUCE_MAX:
                 cos = tl.where(col_mask[None, :], cos, float("-inf"))
                 best = tl.maximum(best, tl.max(cos, axis=1))

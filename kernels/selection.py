@@ -16,14 +16,15 @@ import torch
 from lvlm_prune import envs
 
 from ._triton_utils import HAS_TRITON, to_device
+from .merge import merge_dropped_ref
 from .relevance import relevance_ref
-from .topk_select import check_k, merge_dropped_ref, topk_select_batched_ref
+from .topk import check_k, topk_select_batched_ref
 
 PRUNE_METHODS = ("simignore", "uniform", "random", "flow")
 """``simignore``: most question-relevant tokens (default). ``uniform``: evenly spaced tokens
 (baseline; also the fallback when the query is empty). ``random``: seeded per request
 (benchmark baseline). ``flow``: the tokens the question attends to most in a shallow decoder
-layer (scores from the model's scout pass, ``vllm_plugin/flow.py``, handed in as ``scores``)."""
+layer (scores from the model's scout pass, ``vllm_plugin/worker/flow.py``, handed in as ``scores``)."""
 
 SCORED_METHODS = ("simignore", "flow")
 """Methods that keep the top-K tokens by score."""
@@ -148,7 +149,8 @@ def select_tokens(
         return []
     backend = resolve_backend(images[0].device, backend)
     if backend == "triton":
-        from .topk_select import merge_dropped_triton, topk_select_batched_triton
+        from .merge import merge_dropped_triton
+        from .topk import topk_select_batched_triton
 
         topk_batched, merge_dropped = topk_select_batched_triton, merge_dropped_triton
     else:

@@ -37,6 +37,12 @@ _SKIP = "triton is not installed (pip install triton)" if not HAS_TRITON else No
 requires_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU-only shapes: needs a CUDA GPU")
 
+DTYPES = [
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.float32, id="fp32"),
+]
+
 # (dtype, atol, rtol) for cosine scores against a float64 computation on the same (rounded)
 # inputs. The kernels upcast on load and bf16/fp16 values are exact in fp32/tf32, so the only
 # error is fp32 accumulation over D: the input dtype does not widen the tolerance.
@@ -106,3 +112,33 @@ def clear_margin_ks(scores64: torch.Tensor, ks, tol: float) -> list[int]:
     the kept set is fixed by the scores, whatever the rounding."""
     ordered = torch.sort(scores64, descending=True).values
     return [k for k in ks if k >= ordered.numel() or float(ordered[k - 1] - ordered[k]) > tol]
+
+
+def random_inputs(shapes, d, dtype, device=DEVICE):
+    """Fresh images [N_b, D] and queries [T_b, D] for ``shapes`` = [(N_b, T_b), ...]."""
+    images = [torch.randn(n, d, device=device).to(dtype) for n, _ in shapes]
+    queries = [torch.randn(t, d, device=device).to(dtype) for _, t in shapes]
+    return images, queries
+
+
+def topk_oracle(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-K rule spelled out: highest score first, the lower index on ties; kept ascending."""
+    values = scores.float().cpu().tolist()
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    return torch.tensor(sorted(order[:k]), dtype=torch.int64)
+
+
+def unambiguous_positions(image, kept, margin=1e-4) -> torch.Tensor:
+    """[K] bool: kept positions whose merged row does not hang on a near-tie in the assignment
+    (a dropped row within ``margin`` of two kept rows, by float64 cosine), on CPU."""
+    keep = torch.zeros(image.shape[0], dtype=torch.bool)
+    keep[kept.cpu()] = True
+    unit = torch.nn.functional.normalize
+    x = image.cpu().double()
+    sim = unit(x[~keep], dim=-1) @ unit(x[kept.cpu()], dim=-1).T
+    ok = torch.ones(kept.shape[0], dtype=torch.bool)
+    if sim.shape[1] >= 2 and sim.shape[0] > 0:
+        top = sim.topk(2, dim=1)
+        close = (top.values[:, 0] - top.values[:, 1]) < margin
+        ok[top.indices[close].flatten()] = False
+    return ok

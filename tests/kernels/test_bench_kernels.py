@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lvlm_prune.kernels import HAS_TRITON
+from lvlm_prune.kernels._triton_utils import HAS_TRITON
 
 COMMAND = "python -m lvlm_prune.benchmarks kernels"
 

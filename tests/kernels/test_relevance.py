@@ -6,33 +6,23 @@ import pytest
 import torch
 from kernel_testing import (
     DEVICE,
+    DTYPES,
     SCORE_TOLS,
     assert_close,
     needs_cuda,
     offsets,
+    random_inputs,
     relevance_f64,
     requires_triton,
 )
 
-from lvlm_prune.kernels import cosine_matrix, relevance_ref, relevance_triton
+from lvlm_prune.kernels.reference import relevance_ref
+from lvlm_prune.kernels.relevance import relevance_triton
 
 IMPLS = [
     pytest.param(relevance_ref, id="torch"),
     pytest.param(relevance_triton, id="triton", marks=requires_triton),
 ]
-
-
-DTYPES = [
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.float32, id="fp32"),
-]
-
-
-def _inputs(shapes, d, dtype, device=DEVICE):
-    images = [torch.randn(n, d, device=device).to(dtype) for n, _ in shapes]
-    queries = [torch.randn(t, d, device=device).to(dtype) for _, t in shapes]
-    return images, queries
 
 
 def _run(impl, images, queries, reduce):
@@ -47,7 +37,7 @@ def _run(impl, images, queries, reduce):
 
 def _check(impl, shapes, d, tols, reduce, seed):
     dtype, atol, rtol = tols
-    images, queries = _inputs(shapes, d, dtype)
+    images, queries = random_inputs(shapes, d, dtype)
     got = _run(impl, images, queries, reduce)
     assert got.dtype == torch.float32 and got.shape == (sum(n for n, _ in shapes),)
     want = torch.cat(relevance_f64(images, queries, reduce))
@@ -187,7 +177,7 @@ def test_duplicate_rows_score_identically_anywhere(scorer, dtype, reduce, seed):
 def test_image_scores_do_not_depend_on_the_batch(scorer, dtype, seed):
     """An image's scores alone == inside a batch == after another image == shifted by rows
     prepended to its buffer, bit for bit."""
-    images, queries = _inputs([(100, 7), (1, 0), (130, 70)], _D, dtype)
+    images, queries = random_inputs([(100, 7), (1, 0), (130, 70)], _D, dtype)
     target, question = images[2], queries[2]
     alone = scorer([target], [question])
     batched = scorer(images, queries)[101:]
@@ -201,43 +191,6 @@ def test_image_scores_do_not_depend_on_the_batch(scorer, dtype, seed):
 def _first_diff(got, want):
     i = int((got != want).nonzero()[0, 0])
     return f"row {i}: {got[i].item()!r} != {want[i].item()!r}"
-
-
-# ---- cosine_matrix: the torch side of the same rule -------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cosine_matrix_matches_float64(dtype, seed):
-    a = torch.randn(70, 130).to(dtype)
-    b = torch.randn(9, 130).to(dtype)
-    a[3] = 0
-    unit = torch.nn.functional.normalize
-    want = unit(a.double(), dim=-1, eps=1e-12) @ unit(b.double(), dim=-1, eps=1e-12).T
-    got = cosine_matrix(a, b)
-    assert got.dtype == torch.float32 and got.shape == (70, 9)
-    assert_close(got, want, 2e-6, 1e-5, "cosine_matrix", seed)
-    assert cosine_matrix(a[:0], b).shape == (0, 9)
-
-
-def test_cosine_matrix_is_row_invariant(monkeypatch, seed):
-    """Each entry depends on its two rows only: not on the chunking, the other rows, the thread
-    count or the memory offset of its row."""
-    import lvlm_prune.kernels.relevance as relevance
-
-    a = torch.randn(70, 4096)
-    b = torch.randn(33, 4096)
-    full = cosine_matrix(a, b)
-    assert torch.equal(cosine_matrix(a[17:18], b)[0], full[17]), f"one row; seed={seed}"
-    assert torch.equal(cosine_matrix(a, b[5:6])[:, 0], full[:, 5]), f"one column; seed={seed}"
-    assert torch.equal(cosine_matrix(torch.cat([a[:1], a])[1:], b), full), f"offset; seed={seed}"
-    monkeypatch.setitem(relevance._CHUNK_BYTES, "cpu", 4 * 4096 * 5)  # 1 row x 5 columns a chunk
-    assert torch.equal(cosine_matrix(a, b), full), f"chunking; seed={seed}"
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(cosine_matrix(a, b), full), f"one thread; seed={seed}"
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -283,7 +236,7 @@ def test_gpu_model_shapes(shapes, d, dtype, reduce, seed):
 def test_gpu_duplicates_and_batches_at_model_shapes(dtype, seed):
     """The tensor-core path: a row copied to 64 places of a 576 x 4096 image scores what it
     scores alone, and the image scores the same inside a batch of three."""
-    images, queries = _inputs([(2880, 77), (576, 512), (576, 512)], 4096, dtype)
+    images, queries = random_inputs([(2880, 77), (576, 512), (576, 512)], 4096, dtype)
     queries[2] = queries[1]
     row = images[1][7:8].clone()
     spots = torch.randperm(576, device=DEVICE)[:64]
