@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from lvlm_prune.vllm_plugin import vllm_internals
+
 logger = logging.getLogger(__name__)
 
 ENGINE_DEAD_EXIT_STATUS = 1
@@ -24,17 +26,8 @@ def watch(engine_client) -> None:
 
 
 def engine_died() -> bool:
-    """Whether an engine core behind this process died, as opposed to being shut down.
-
-    NOTE(vLLM 0.32): ``MPClient``'s liveness monitor sets ``resources.engine_dead`` only when an
-    engine core process exits unexpectedly (v1/engine/core_client.py); a shutdown leaves it False.
-    ``AsyncLLM.errored`` cannot tell the two apart: it is also true after a clean shutdown.
-    """
-    for client in _engine_clients:
-        resources = getattr(getattr(client, "engine_core", None), "resources", None)
-        if getattr(resources, "engine_dead", False):
-            return True
-    return False
+    """Whether an engine core behind this process died, as opposed to being shut down."""
+    return any(vllm_internals.engine_core_died(client) for client in _engine_clients)
 
 
 def exit_status() -> int:

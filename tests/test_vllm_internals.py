@@ -1,15 +1,28 @@
-"""The vLLM internals lvlm-prune overrides, wraps or copies, pinned.
+"""The vLLM internals lvlm-prune patches, reads, overrides or copies, pinned.
 
-vLLM's processor and serving internals are not a public API. Each test here fails when a vLLM
-upgrade renames, moves or re-signs one of them, so the upgrade fails in CI instead of on live
-requests (a silently stock, unpruned model, or every pruned request answered 400).
+vLLM's processor, engine and serving internals are not a public API. Each test here fails when a
+vLLM upgrade renames, moves, re-signs or changes one of them, so the upgrade fails here instead
+of on live requests (a silently stock, unpruned model, or every pruned request answered 400).
+``vllm_plugin/vllm_internals.py`` lists every touch point (``TOUCH_POINTS``) with the tests here
+that pin it; the first tests check that list against this file. An upgrade: set
+``vllm_internals.VLLM_VERSION``, run this file, read what broke.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
+import dataclasses
 import importlib
 import inspect
+import io
+import multiprocessing
 import re
+import sys
+import textwrap
+import threading
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -22,6 +35,10 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+)
 from vllm.multimodal.processing import (
     BaseMultiModalProcessor,
     InputProcessingContext,
@@ -29,15 +46,16 @@ from vllm.multimodal.processing import (
     PromptReplacement,
 )
 
-from lvlm_prune.server import cli, plugin
+from lvlm_prune.server import cli, media_limits, plugin
+from lvlm_prune.vllm_plugin import vllm_internals
 from lvlm_prune.vllm_plugin.llava import (
     LlavaPruneForConditionalGeneration,
     LlavaPruneMultiModalProcessor,
 )
 from lvlm_prune.vllm_plugin.qwen2_5_vl import (
     Qwen2_5_VLPruneForConditionalGeneration,
-    Qwen2_5_VLPruneMultiModalProcessor,
 )
+from lvlm_prune.vllm_plugin.vllm_internals import TOUCH_POINTS
 
 
 def _params(fn) -> list[str]:
@@ -93,11 +111,122 @@ OVERRIDDEN = [
         "forward",
         ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "kwargs"],
     ),
+    (Qwen3VLMultiModalProcessor, "_apply_hf_processor_main", ["self", "mm_items", "hf_kwargs"]),
+    (
+        Qwen3VLMultiModalProcessor,
+        "_get_cache_missing_processor_kwargs",
+        ["self", "inputs", "mm_is_cached"],
+    ),
+    (
+        Qwen3VLMultiModalProcessor,
+        "_get_mm_fields_config",
+        ["self", "hf_inputs", "hf_processor_mm_kwargs"],
+    ),
+    (Qwen3VLMultiModalProcessor, "_get_mm_hashes", ["self", "inputs"]),
+    (
+        Qwen3VLMultiModalProcessor,
+        "_get_prompt_updates",
+        ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"],
+    ),
+    (Qwen3VLForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+    (
+        Qwen3VLForConditionalGeneration,
+        "get_mrope_input_positions",
+        ["self", "input_tokens", "mm_features"],
+    ),
+    (
+        Qwen3VLForConditionalGeneration,
+        "embed_input_ids",
+        ["self", "input_ids", "multimodal_embeddings", "is_multimodal"],
+    ),
+    (
+        Qwen3VLForConditionalGeneration,
+        "forward",
+        ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "kwargs"],
+    ),
 ]
 
 
+def _resolve(target: str):
+    module, _, qualname = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split(".") if qualname else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---- the declared list of touch points (vllm_internals.TOUCH_POINTS) against this file -------
+
+_META = {
+    "test_vllm_version_is_the_one_pinned",
+    "test_every_touch_point_names_its_pins",
+    "test_every_pin_here_is_declared",
+    "test_touch_points_name_real_symbols",
+    "test_every_declared_override_is_pinned_and_back",
+    "test_transformers_reference_side",
+}
+"""Tests here that pin no vLLM touch point of their own: they check the list, or the tests'
+reference."""
+
+
+def _tests_here() -> set[str]:
+    return {name for name in globals() if name.startswith("test_")}
+
+
 def test_vllm_version_is_the_one_pinned():
-    assert vllm.__version__.startswith("0.32."), vllm.__version__
+    assert vllm.__version__.startswith(f"{vllm_internals.VLLM_VERSION}."), vllm.__version__
+
+
+def test_every_touch_point_names_its_pins():
+    kinds = {vllm_internals.PATCH, vllm_internals.PRIVATE_READ}
+    kinds |= {vllm_internals.OVERRIDE, vllm_internals.COPIED}
+    for point in TOUCH_POINTS:
+        assert point.kind in kinds, point
+        assert point.pins and point.checks, point
+        missing = set(point.pins) - _tests_here()
+        assert not missing, f"{point.vllm}: no test named {missing}"
+
+
+def test_every_pin_here_is_declared():
+    declared = {pin for point in TOUCH_POINTS for pin in point.pins}
+    assert _tests_here() - declared - _META == set()
+
+
+def test_touch_points_name_real_symbols():
+    """Both ends of every entry exist: vLLM's symbol, and where we use it."""
+    for point in TOUCH_POINTS:
+        assert point.vllm.startswith("vllm."), point.vllm
+        assert point.ours.startswith("lvlm_prune."), point.ours
+        _resolve(point.vllm)
+        _resolve(point.ours)
+
+
+def test_every_declared_override_is_pinned_and_back():
+    declared = {
+        point.vllm.partition(":")[2]
+        for point in TOUCH_POINTS
+        if "test_overridden_vllm_method_keeps_its_signature" in point.pins
+    }
+    assert declared == {f"{cls.__name__}.{name}" for cls, name, _ in OVERRIDDEN}
+
+
+@pytest.fixture(scope="module")
+def llava_contexts(tmp_path_factory):
+    """vLLM's processing contexts of a LLaVA-1.5 and a Pixtral-HF checkpoint: their configs
+    only, written to disk and read by vLLM's ``ModelConfig`` (no weights, no tokenizer)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PixtralVisionConfig
+    from vllm.config import ModelConfig
+
+    small = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    contexts = {}
+    for name, vision in (("llava", CLIPVisionConfig), ("pixtral", PixtralVisionConfig)):
+        folder = tmp_path_factory.mktemp(name)
+        text = LlamaConfig(**small, vocab_size=320)
+        LlavaConfig(vision_config=vision(**small), text_config=text).save_pretrained(folder)
+        model_config = ModelConfig(model=str(folder), skip_tokenizer_init=True)
+        # The processors only require a tokenizer to be there when built.
+        contexts[name] = InputProcessingContext(model_config=model_config, tokenizer=object())
+    return contexts
 
 
 @pytest.mark.parametrize(
@@ -107,12 +236,31 @@ def test_overridden_vllm_method_keeps_its_signature(base, name, params):
     assert _params(getattr(base, name)) == params
 
 
-OURS = [
-    LlavaPruneMultiModalProcessor,
-    LlavaPruneForConditionalGeneration,
-    Qwen2_5_VLPruneMultiModalProcessor,
-    Qwen2_5_VLPruneForConditionalGeneration,
-]
+def _our_classes() -> list[type]:
+    """Every model class ``register()`` registers and the processor classes of its module."""
+    from lvlm_prune.vllm_plugin import MODELS
+
+    found = []
+    for target in MODELS.values():
+        model = _resolve(target)
+        module = sys.modules[model.__module__]
+        found.append(model)
+        found += [
+            c
+            for c in vars(module).values()
+            if isinstance(c, type)
+            and issubclass(c, BaseMultiModalProcessor)
+            and c.__module__ == module.__name__
+        ]
+    return list(dict.fromkeys(found))
+
+
+OURS = _our_classes()
+
+
+def _defining(cls: type, name: str) -> type:
+    """The first class in ``cls``'s MRO that defines ``name``."""
+    return next(c for c in cls.__mro__ if name in vars(c))
 
 
 @pytest.mark.parametrize("ours", OURS, ids=lambda c: c.__name__)
@@ -120,7 +268,7 @@ def test_every_override_matches_the_method_it_replaces(ours):
     """Every method our classes define (the family's class and the shared mixins it inherits)
     that a vLLM class also has: same parameters as the first vLLM class in the MRO that defines
     it, and in the pinned list above (so a new override cannot skip being pinned)."""
-    pinned = {name for _, name, _ in OVERRIDDEN}
+    pinned = {(_defining(cls, name), name) for cls, name, _ in OVERRIDDEN}
     vllm_bases = [c for c in ours.__mro__ if c.__module__.split(".")[0] == "vllm"]
     assert vllm_bases, f"{ours.__name__} subclasses no vLLM class"
     checked = set()
@@ -134,7 +282,9 @@ def test_every_override_matches_the_method_it_replaces(ours):
             if base is None:
                 continue  # our own helper
             checked.add(name)
-            assert name in pinned, f"{own.__name__}.{name} overrides vLLM but is not pinned here"
+            assert (base, name) in pinned, (
+                f"{own.__name__}.{name} overrides {base.__name__}.{name} but is not pinned here"
+            )
             assert _params(fn) == _params(getattr(base, name)), f"{own.__name__}.{name}"
     assert checked, "no override found: the walk is broken"
 
@@ -171,26 +321,202 @@ def _modules_calling_the_gate() -> set[str]:
 
 
 def test_gate_wrap_covers_every_module_that_calls_vllms_gate():
-    assert _modules_calling_the_gate() == set(plugin.GATED_MODULES)
-    for name in plugin.GATED_MODULES:
+    assert _modules_calling_the_gate() == set(vllm_internals.GATED_MODULES)
+    for name in vllm_internals.GATED_MODULES:
         gate = importlib.import_module(name).validate_request_mm_kwargs
-        assert set(_params(gate)) == {
-            "mm_processor_kwargs",
-            "media_io_kwargs",
-            "trust_request_mm_kwargs",
+        assert {p.name: p.kind for p in inspect.signature(gate).parameters.values()} == {
+            "mm_processor_kwargs": inspect.Parameter.KEYWORD_ONLY,
+            "media_io_kwargs": inspect.Parameter.KEYWORD_ONLY,
+            "trust_request_mm_kwargs": inspect.Parameter.KEYWORD_ONLY,
         }
 
 
+def test_gate_refuses_untrusted_kwargs_and_the_wrap_lets_ours_through(monkeypatch):
+    from vllm.exceptions import VLLMValidationError
+
+    module = importlib.import_module(vllm_internals.GATED_MODULES[0])
+    for name in vllm_internals.GATED_MODULES:  # restored after the test
+        gated = importlib.import_module(name)
+        monkeypatch.setattr(gated, "validate_request_mm_kwargs", gated.validate_request_mm_kwargs)
+
+    def gate(kwargs, *, trusted=False, media=None):
+        module.validate_request_mm_kwargs(
+            mm_processor_kwargs=kwargs, media_io_kwargs=media, trust_request_mm_kwargs=trusted
+        )
+
+    # vLLM's own gate: every untrusted kwarg refused, everything trusted passes.
+    with pytest.raises(VLLMValidationError, match="--trust-request-mm-kwargs"):
+        gate({"keep_ratio": 0.5})
+    gate({"keep_ratio": 0.5, "do_resize": False}, trusted=True)
+    plugin.allow_pruning_kwargs_per_request()
+    wrapped = module.validate_request_mm_kwargs
+    plugin.allow_pruning_kwargs_per_request()
+    assert module.validate_request_mm_kwargs is wrapped  # idempotent: one wrap
+    gate({"keep_ratio": 0.5, "prune_method": "uniform"})
+    gate(None)
+    for refused in ({"do_resize": False, "keep_ratio": 0.5}, {"do_resize": False}):
+        with pytest.raises(VLLMValidationError, match="--trust-request-mm-kwargs"):
+            gate(refused)
+    with pytest.raises(VLLMValidationError, match="media_io_kwargs"):
+        gate({"keep_ratio": 0.5}, media={"image": {"image_mode": "L"}})
+    with pytest.raises(VLLMValidationError, match="set by the server"):
+        gate({"prune_query_ids": [[1, 2]]}, trusted=True)
+
+
 def test_gate_wrap_refuses_to_start_when_it_patches_nothing(monkeypatch):
-    module = importlib.import_module(plugin.GATED_MODULES[0])
+    module = importlib.import_module(vllm_internals.GATED_MODULES[0])
     monkeypatch.delattr(module, "validate_request_mm_kwargs")
     with pytest.raises(RuntimeError, match="validate_request_mm_kwargs"):
         plugin.allow_pruning_kwargs_per_request()
 
 
+def test_engine_core_runs_our_utility_by_name():
+    """``register()`` adds ``lvlm_prune_trim_memory`` to ``EngineCore``; the engine core runs a
+    utility call by looking its name up on itself, so the API process can call it."""
+    from vllm.v1.engine.core import DPEngineCoreProc, EngineCore, EngineCoreProc
+
+    assert "super()._handle_client_request(" in inspect.getsource(
+        DPEngineCoreProc._handle_client_request
+    )
+    assert issubclass(EngineCoreProc, EngineCore)
+    dispatch = inspect.getsource(EngineCoreProc._handle_client_request)
+    _in_order(
+        dispatch,
+        [
+            "elif request_type == EngineCoreRequestType.UTILITY:",
+            "client_idx, call_id, method_name, args = request",
+            "(method := getattr(self, method_name))",
+            "method(*self._convert_msgspec_args(method, args))",
+        ],
+    )
+    vllm_internals.add_engine_core_utilities()
+    utility = EngineCore.lvlm_prune_trim_memory
+    assert _params(utility) == ["self"]
+    assert isinstance(utility(None), bool)  # it uses nothing of the engine core
+
+
+def test_image_loader_turns_a_decompression_bomb_into_a_value_error(monkeypatch):
+    from PIL import Image
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    from lvlm_prune.benchmarks.soak import oversized_png_url
+
+    monkeypatch.setattr(ImageMediaIO, "load_bytes", ImageMediaIO.load_bytes)  # restored after
+    assert _params(ImageMediaIO.load_bytes) == ["self", "data"]
+    bomb = base64.b64decode(oversized_png_url().split(",", 1)[1])
+    small = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(small, format="PNG")
+    loader = ImageMediaIO()
+    with pytest.raises(Image.DecompressionBombError):  # vLLM's own: a 500
+        loader.load_bytes(bomb)
+    with pytest.raises(ValueError, match="Failed to load image"):  # vLLM's 400 for junk
+        loader.load_bytes(b"no image")
+    media_limits.answer_oversized_images_with_400()
+    media_limits.answer_oversized_images_with_400()  # idempotent
+    with pytest.raises(ValueError, match="Failed to load image") as err:
+        loader.load_bytes(bomb)
+    assert not isinstance(err.value, Image.DecompressionBombError)
+    assert loader.load_bytes(small.getvalue()).media.size == (8, 6)
+
+
+def test_rehash_is_vllms_kwargs_hash(llava_contexts):
+    """``_get_mm_hashes`` rehashes each image's hash with its own query ids, with vLLM's hasher
+    and the server's configured algorithm."""
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    signature = inspect.signature(MultiModalHasher.hash_kwargs)
+    assert [(p.name, p.kind) for p in signature.parameters.values()] == [
+        ("algorithm", inspect.Parameter.POSITIONAL_ONLY),
+        ("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+    ctx = llava_contexts["llava"]
+    algorithm = ctx.get_mm_config().mm_hasher_algorithm
+    ours = vllm_internals.rehash_image(ctx, "abc", {"prune_query_ids": [1, 2]})
+    assert ours == MultiModalHasher.hash_kwargs(algorithm, image="abc", prune_query_ids=[1, 2])
+    assert ours == vllm_internals.rehash_image(ctx, "abc", {"prune_query_ids": [1, 2]})
+    assert ours != vllm_internals.rehash_image(ctx, "abc", {"prune_query_ids": [1, 3]})
+    assert ours != vllm_internals.rehash_image(ctx, "abd", {"prune_query_ids": [1, 2]})
+
+
+def _manager_of(target, *args):
+    """vLLM's engine process manager over one real child process running ``target(*args)``
+    (its ``__init__``, which starts engine cores, skipped; the fields it sets, set)."""
+    from vllm.v1.engine.utils import CoreEngineProcManager
+
+    proc = multiprocessing.get_context("fork").Process(
+        target=target, args=args, name="EngineCore_DP0"
+    )
+    proc.start()
+    manager = object.__new__(CoreEngineProcManager)
+    manager.processes = [proc]
+    manager._request_shutdown_timeout = 0
+    manager.failed_proc_name = None
+    manager.manager_stopped = threading.Event()
+    manager._finalizer = weakref.finalize(manager, lambda: None)
+    return manager
+
+
+def test_engine_death_is_told_from_a_stop():
+    """``lvlm-prune serve`` exits 1 when its engine core died and 0 after a requested stop
+    (``supervision``), from what vLLM's own liveness monitor records."""
+    import zmq
+    from vllm.v1.engine.core_client import BackgroundResources, MPClient
+
+    # vLLM's client marks itself dead in its liveness monitor, before it shuts down...
+    _in_order(
+        inspect.getsource(MPClient.start_engine_core_monitor),
+        [
+            "engine_manager.monitor_engine_liveness()",
+            "_self.resources.engine_dead = True",
+            "_self.shutdown()",
+        ],
+    )
+    # ... and in every shutdown, a requested one too: engine_dead alone tells nothing.
+    resources = BackgroundResources(ctx=zmq.Context())
+    assert resources.engine_dead is False
+    resources()
+    assert resources.engine_dead is True
+
+    def client(manager) -> _Client:
+        resources = BackgroundResources(ctx=zmq.Context(), engine_manager=manager)
+        resources()  # every path ends in the client's shutdown
+        return _Client(resources)
+
+    died = _manager_of(sys.exit, 3)  # an engine core exiting non-zero, unasked
+    died.monitor_engine_liveness()
+    assert died.failed_proc_name == "EngineCore_DP0"
+    stopped = _manager_of(time.sleep, 60)  # a running engine core, stopped on request
+    threading.Timer(0.2, stopped.shutdown).start()
+    stopped.monitor_engine_liveness()
+    assert stopped.processes[0].exitcode != 0 and stopped.failed_proc_name is None
+
+    assert vllm_internals.engine_core_died(client(died))
+    assert not vllm_internals.engine_core_died(client(stopped))
+    assert not vllm_internals.engine_core_died(client(None))  # engines started elsewhere
+    assert not vllm_internals.engine_core_died(_Client(None))  # an in-process engine
+
+
+class _Client:
+    """An engine client as ``supervision.watch`` holds it: ``AsyncLLM.engine_core.resources``."""
+
+    def __init__(self, resources) -> None:
+        self.engine_core = type("MPClient", (), {"resources": resources})()
+
+
+def _imported_in(fn, package: str) -> dict[str, object]:
+    """The names ``fn`` imports in its body, resolved (relative imports from ``package``)."""
+    out = {}
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module("." * node.level + (node.module or ""), package)
+            out.update({a.asname or a.name: getattr(module, a.name) for a in node.names})
+    return out
+
+
 def test_serve_steps_are_vllms_own_in_its_order():
-    """``lvlm-prune serve`` repeats vLLM's ``main`` of the API server entry point; the same calls,
-    in the same order, must still be what vLLM does."""
+    """``lvlm-prune serve`` repeats vLLM's ``main`` of the API server entry point
+    (``vllm_internals.serve_args`` then ``run_api_server``): the same functions, called in the
+    same order, must still be what vLLM does."""
     from vllm.entrypoints.launchers.api_server import entry
 
     steps = [
@@ -201,23 +527,107 @@ def test_serve_steps_are_vllms_own_in_its_order():
         "run_server",
     ]
     theirs = inspect.getsource(entry.main)
-    ours = inspect.getsource(cli.serve) + inspect.getsource(cli.vllm_serve_parser)
-    for source in (theirs, ours):
-        at = [source.find(f"{step}(") for step in steps]
-        assert all(i >= 0 for i in at), dict(zip(steps, at))
-    assert [theirs.find(f"{s}(") for s in steps] == sorted(theirs.find(f"{s}(") for s in steps)
+    ours = inspect.getsource(vllm_internals.serve_args) + inspect.getsource(
+        vllm_internals.run_api_server
+    )
+    _in_order(theirs, [f"{step}(" for step in steps])
+    # Our argument parsing (vLLM's parser, our flags folded in) is build_serve_args'.
+    _in_order(ours, [f"{step}(" for step in steps if step != "make_arg_parser"])
+    assert "make_arg_parser(" in inspect.getsource(cli.vllm_serve_parser)
+    assert "vllm_internals.serve_args(" in inspect.getsource(cli.serve)
+    # The very functions vLLM's main calls (a step that moved module fails here first).
+    their_functions = {**vars(entry), **_imported_in(entry.main, entry.__package__)}
+    our_functions = {}
+    for fn in (vllm_internals.serve_args, vllm_internals.run_api_server, cli.vllm_serve_parser):
+        our_functions.update(_imported_in(fn, "lvlm_prune"))
+    for step in steps:
+        assert our_functions[step] is their_functions[step], step
     assert _params(entry.run_server)[0] == "args"
 
 
 def test_rpc_to_every_data_parallel_engine():
-    """``ServerState.rpc_every_engine`` calls ``EngineCore.collective_rpc`` on every engine
-    through the MP clients' ``call_utility_all_async``."""
+    """``vllm_internals.collective_rpc_every_engine`` calls ``EngineCore.collective_rpc`` on
+    every engine through the MP clients' ``call_utility_all_async``; only the load-balancing
+    client's ``call_utility_async`` answers for engine 0 alone."""
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.core_client import AsyncMPClient, DPLBAsyncMPClient
 
     assert _params(EngineCore.collective_rpc) == ["self", "method", "timeout", "args", "kwargs"]
     for client in (AsyncMPClient, DPLBAsyncMPClient):
         assert _params(client.call_utility_all_async) == ["self", "method", "args"]
+    _in_order(
+        inspect.getsource(AsyncMPClient.call_utility_all_async),
+        ["asyncio.gather(", "for engine in self.core_engines"],
+    )
+
+
+def test_llava_processor_factory_matches_vllms(llava_contexts):
+    """``vllm_plugin.llava._build_processor`` is vLLM's LLaVA / Pixtral-HF processor factory with
+    our processor for LLaVA; vLLM's info factory is used as is."""
+    from vllm.model_executor.models import llava
+    from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+
+    from lvlm_prune.vllm_plugin import llava as ours
+
+    # What vLLM builds per request: the model class's registered factories, run on a context.
+    factories = ours.LlavaPruneForConditionalGeneration._processor_factory
+    assert factories.info is llava._build_llava_or_pixtral_hf_info
+    assert factories.processor is ours._build_processor
+    assert factories.dummy_inputs is LlavaDummyInputsBuilder
+    stock = LlavaForConditionalGeneration._processor_factory
+    expected = {
+        "llava": LlavaPruneMultiModalProcessor,
+        "pixtral": llava.PixtralHFMultiModalProcessor,
+    }
+    for name, ctx in llava_contexts.items():
+        theirs, mine = stock.build_processor(ctx), factories.build_processor(ctx)
+        assert type(mine) is expected[name], name
+        assert isinstance(mine, type(theirs)), (name, type(theirs))
+        assert type(mine.info) is type(theirs.info), name
+
+    # The same info classes decided, in the same order, and anything else refused.
+    def dispatch(fn) -> list[str]:
+        tree = ast.parse(inspect.getsource(fn).strip())
+        return [
+            node.args[1].id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance"
+        ]
+
+    assert dispatch(llava._build_llava_or_pixtral_hf_processor) == dispatch(ours._build_processor)
+    assert dispatch(ours._build_processor) == ["PixtralHFProcessingInfo", "LlavaProcessingInfo"]
+    for fn in (llava._build_llava_or_pixtral_hf_processor, ours._build_processor):
+        assert "raise NotImplementedError(type(info))" in inspect.getsource(fn)
+
+
+def test_supports_multimodal_pruning_is_vllms_video_interface():
+    """Why we declare ``SupportsMultiModalPruning`` on nothing (``vllm_internals``' docstring):
+    it is vLLM's video pruning (EVS), on only with ``video_pruning_rate`` > 0."""
+    from vllm.model_executor.models.interfaces import (
+        SupportsMultiModalPruning,
+        supports_multimodal_pruning,
+    )
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert supports_multimodal_pruning(Qwen2_5_VLPruneForConditionalGeneration)  # vLLM's
+    assert SupportsMultiModalPruning in Qwen2_5_VLForConditionalGeneration.__mro__
+    assert not supports_multimodal_pruning(LlavaPruneForConditionalGeneration)
+    assert "recompute_mrope_positions" not in vars(Qwen2_5_VLPruneForConditionalGeneration)
+    assert _params(SupportsMultiModalPruning.recompute_mrope_positions) == [
+        "self",
+        "input_ids",
+        "multimodal_embeddings",
+        "mrope_positions",
+        "num_computed_tokens",
+    ]
+    load = inspect.getsource(GPUModelRunner.load_model)
+    _in_order(
+        load,
+        [
+            "supports_multimodal_pruning(self.get_model())",
+            "mm_config.is_multimodal_pruning_enabled()",
+        ],
+    )
 
 
 def test_decoder_layer_parts_the_flow_pass_runs():
@@ -341,7 +751,6 @@ def test_qwen_mrope_positions_read_only_offsets_modalities_and_grids():
 
 
 def test_feature_specs_we_widen():
-    import dataclasses
 
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 

@@ -1,0 +1,484 @@
+"""Every place lvlm-prune reaches below vLLM's public API, in one module.
+
+vLLM's processor, engine and serving internals change between releases, and an upgrade that
+breaks one of them breaks quietly: a stock, unpruned model, every pruned request answered 400, a
+server a supervisor never restarts. So the runtime patches are applied here and the private reads
+happen here (callers call the small functions below), and ``TOUCH_POINTS`` lists every touch
+point, those that stay in the family modules too (the overridden processor and model hooks, the
+copied factory, the decoder-layer steps the flow pass reruns). Each entry names the pin in
+``tests/test_vllm_internals.py`` that fails when vLLM moves it.
+
+A vLLM upgrade: set ``VLLM_VERSION``, run ``tests/test_vllm_internals.py``, read what broke.
+
+NOTE(vLLM 0.32): ``SupportsMultiModalPruning`` (``model_executor/models/interfaces.py``) exists,
+and we add it to none of our classes. It is vLLM's interface for its own video pruning (EVS):
+the runner calls the model's ``recompute_mrope_positions`` only when ``--video-pruning-rate`` is
+above 0, and only for M-RoPE models. Qwen2.5-VL's vLLM class declares it, so our subclass
+inherits it, for vLLM's video pruning alone (our processor refuses image pruning while that is on;
+``vllm_plugin/qwen2_5_vl.py`` says why our positions do not take that path). LLaVA must not: it has
+no video and no ``recompute_mrope_positions``, and our pruning needs no runner support (the
+processor decides each request's K and placeholders).
+"""
+
+from __future__ import annotations
+
+import importlib
+from argparse import Namespace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+VLLM_VERSION = "0.32"
+"""The vLLM minor version every pin below was read from."""
+
+PATCH, PRIVATE_READ, OVERRIDE, COPIED = "patch", "private read", "override", "copied code"
+
+
+@dataclass(frozen=True)
+class TouchPoint:
+    kind: str
+    """``PATCH`` (we replace or add vLLM code at run time), ``PRIVATE_READ`` (we call or read a
+    vLLM internal, or rely on what it does), ``OVERRIDE`` (our subclass replaces a vLLM hook),
+    ``COPIED`` (our code repeats vLLM's)."""
+    vllm: str
+    """The vLLM symbol, ``module:qualname``."""
+    ours: str
+    """Where we use it, ``module:qualname``."""
+    pins: tuple[str, ...]
+    """Test functions in ``tests/test_vllm_internals.py`` that check it."""
+    checks: str
+    """What the pins check."""
+
+
+_PROCESSOR = "lvlm_prune.vllm_plugin.processing.processor:PruneProcessorMixin"
+_MODEL = "lvlm_prune.vllm_plugin.worker.model:PruneModelMixin"
+_QWEN = "lvlm_prune.vllm_plugin.qwen2_5_vl:Qwen2_5_VLPruneForConditionalGeneration"
+_VLLM_QWEN = "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration"
+_QWEN3 = "lvlm_prune.vllm_plugin.qwen3_vl:Qwen3VLPruneForConditionalGeneration"
+_VLLM_QWEN3 = "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration"
+_VLLM_QWEN3_PROCESSOR = "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor"
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_SIGNATURE = (
+    "test_overridden_vllm_method_keeps_its_signature",
+    "test_every_override_matches_the_method_it_replaces",
+)
+
+
+def _override(vllm: str, ours: str) -> TouchPoint:
+    return TouchPoint(
+        OVERRIDE, vllm, ours, _SIGNATURE, "parameter names, in order, vLLM's and ours"
+    )
+
+
+TOUCH_POINTS: tuple[TouchPoint, ...] = (
+    # ---- patches: applied by the functions of this module ------------------------------------
+    TouchPoint(
+        PATCH,
+        "vllm.v1.engine.core:EngineCoreProc._handle_client_request",
+        "lvlm_prune.vllm_plugin.vllm_internals:add_engine_core_utilities",
+        ("test_engine_core_runs_our_utility_by_name",),
+        "a utility call is resolved with getattr on the engine core; ours is there and runs",
+    ),
+    TouchPoint(
+        PATCH,
+        "vllm.entrypoints.generate.base.protocol:validate_request_mm_kwargs",
+        "lvlm_prune.vllm_plugin.vllm_internals:screen_per_request_mm_kwargs",
+        (
+            "test_gate_wrap_covers_every_module_that_calls_vllms_gate",
+            "test_gate_refuses_untrusted_kwargs_and_the_wrap_lets_ours_through",
+            "test_gate_wrap_refuses_to_start_when_it_patches_nothing",
+        ),
+        "GATED_MODULES is exactly the modules importing the gate; its keyword-only signature; "
+        "vLLM refuses untrusted kwargs and the wrap passes only the screened ones",
+    ),
+    TouchPoint(
+        PATCH,
+        "vllm.multimodal.media.image:ImageMediaIO.load_bytes",
+        "lvlm_prune.vllm_plugin.vllm_internals:refuse_images_raising",
+        ("test_image_loader_turns_a_decompression_bomb_into_a_value_error",),
+        "(self, data); vLLM's loader lets PIL's DecompressionBombError out, ours a ValueError",
+    ),
+    # ---- private reads done by this module ----------------------------------------------------
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.multimodal.hasher:MultiModalHasher.hash_kwargs",
+        "lvlm_prune.vllm_plugin.vllm_internals:rehash_image",
+        ("test_rehash_is_vllms_kwargs_hash",),
+        "(algorithm, /, **kwargs); deterministic, keyed by every kwarg; the configured algorithm",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.v1.engine.utils:CoreEngineProcManager.monitor_engine_liveness",
+        "lvlm_prune.vllm_plugin.vllm_internals:engine_core_died",
+        ("test_engine_death_is_told_from_a_stop",),
+        "failed_proc_name set only for an engine that exits non-zero unasked; engine_dead is "
+        "set by every shutdown, so it cannot tell the two apart alone",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.v1.engine.core_client:AsyncMPClient.call_utility_all_async",
+        "lvlm_prune.vllm_plugin.vllm_internals:collective_rpc_every_engine",
+        ("test_rpc_to_every_data_parallel_engine",),
+        "(self, method, *args) on the MP clients; EngineCore.collective_rpc's parameters",
+    ),
+    TouchPoint(
+        COPIED,
+        "vllm.entrypoints.launchers.api_server.entry:main",
+        "lvlm_prune.vllm_plugin.vllm_internals:serve_args",
+        ("test_serve_steps_are_vllms_own_in_its_order",),
+        "the same calls, in vLLM's order (argument parsing in server.cli.vllm_serve_parser)",
+    ),
+    # ---- the processor hooks PruneProcessorMixin overrides (processing/processor.py) ----------
+    _override("vllm.multimodal.processing:BaseMultiModalProcessor.apply", f"{_PROCESSOR}.apply"),
+    _override(
+        "vllm.multimodal.processing:BaseMultiModalProcessor.get_dummy_inputs",
+        f"{_PROCESSOR}.get_dummy_inputs",
+    ),
+    _override(
+        "vllm.multimodal.processing:BaseMultiModalProcessor._get_mm_hashes",
+        f"{_PROCESSOR}._get_mm_hashes",
+    ),
+    _override(
+        "vllm.multimodal.processing:BaseMultiModalProcessor._get_cache_missing_processor_kwargs",
+        f"{_PROCESSOR}._get_cache_missing_processor_kwargs",
+    ),
+    _override(
+        "vllm.multimodal.processing:BaseMultiModalProcessor._call_hf_processor",
+        f"{_PROCESSOR}._call_hf_processor",
+    ),
+    _override(
+        "vllm.multimodal.processing:BaseMultiModalProcessor._apply_hf_processor_main",
+        f"{_PROCESSOR}._apply_hf_processor_main",
+    ),
+    _override(
+        "vllm.model_executor.models.llava:LlavaMultiModalProcessor._get_mm_fields_config",
+        f"{_PROCESSOR}._get_mm_fields_config",
+    ),
+    _override(
+        "vllm.model_executor.models.llava:LlavaMultiModalProcessor._get_prompt_updates",
+        f"{_PROCESSOR}._get_prompt_updates",
+    ),
+    _override(
+        "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_mm_fields_config",
+        f"{_PROCESSOR}._get_mm_fields_config",
+    ),
+    _override(
+        "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_prompt_updates",
+        f"{_PROCESSOR}._get_prompt_updates",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.multimodal.processing:InputProcessingContext.call_hf_processor",
+        f"{_PROCESSOR}._call_hf_processor",
+        ("test_processor_inputs_and_context_we_read",),
+        "ProcessorInputs' fields, get_merged_mm_kwargs / call_hf_processor's parameters, and "
+        "that the multimodal hash covers the processor kwargs but not the prompt",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.transformers_utils.processor:cached_get_processor",
+        f"{_PROCESSOR}._get_prompt_updates",
+        ("test_hf_processors_are_cached_by_their_kwargs",),
+        "HF processors are lru-cached by their kwargs (why ours are stripped first)",
+    ),
+    # ---- the model hooks (worker/model.py, qwen2_5_vl.py) ------------------------------------
+    _override(
+        "vllm.model_executor.models.llava:LlavaForConditionalGeneration.embed_multimodal",
+        f"{_MODEL}.embed_multimodal",
+    ),
+    _override(f"{_VLLM_QWEN}.embed_multimodal", f"{_MODEL}.embed_multimodal"),
+    _override(f"{_VLLM_QWEN}.get_mrope_input_positions", f"{_QWEN}.get_mrope_input_positions"),
+    _override(f"{_VLLM_QWEN}.embed_input_ids", f"{_QWEN}.embed_input_ids"),
+    _override(f"{_VLLM_QWEN}.forward", f"{_QWEN}.forward"),
+    # Qwen3-VL (qwen3_vl.py): vLLM's Qwen3-VL processor and model define these hooks themselves.
+    *(
+        _override(f"{_VLLM_QWEN3_PROCESSOR}.{name}", f"{_PROCESSOR}.{name}")
+        for name in (
+            "_get_mm_hashes",
+            "_get_cache_missing_processor_kwargs",
+            "_get_mm_fields_config",
+            "_get_prompt_updates",
+        )
+    ),
+    _override(
+        f"{_VLLM_QWEN3_PROCESSOR}._apply_hf_processor_main",
+        "lvlm_prune.vllm_plugin.qwen3_vl:_Qwen3VLProcessorWithoutOwnKwargs._apply_hf_processor_main",
+    ),
+    *(
+        _override(f"{_VLLM_QWEN3}.{name}", f"{_QWEN3}.{name}")
+        for name in ("embed_multimodal", "get_mrope_input_positions", "embed_input_ids", "forward")
+    ),
+    TouchPoint(
+        OVERRIDE,
+        f"{_VLLM_QWEN}.__init__",
+        f"{_MODEL}.__init__",
+        ("test_our_model_classes_are_built_as_vllm_builds_models",),
+        "(self, vllm_config, prefix) on vLLM's class and ours",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.model_executor.models.interfaces:SupportsMultiModalPruning",
+        _QWEN,
+        ("test_supports_multimodal_pruning_is_vllms_video_interface",),
+        "Qwen2.5-VL inherits vLLM's declaration (video EVS), LLaVA has none; the runner turns it "
+        "on only with video pruning (this module's docstring says why we declare nothing)",
+    ),
+    # ---- Qwen2.5-VL's M-RoPE machinery (qwen2_5_vl.py relies on vLLM's runner) --------------
+    TouchPoint(
+        PRIVATE_READ,
+        f"{_VLLM_QWEN}.iter_mm_grid_thw",
+        f"{_QWEN}.get_mrope_input_positions",
+        ("test_qwen_mrope_positions_read_only_offsets_modalities_and_grids",),
+        "vLLM's positions read only offsets, modalities and grids of the features we widen",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.multimodal.inputs:MultiModalFeatureSpec",
+        f"{_QWEN}.get_mrope_input_positions",
+        ("test_feature_specs_we_widen",),
+        "a dataclass with data, modality, identifier, mm_position",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_prompt_updates",
+        "lvlm_prune.vllm_plugin.qwen2_5_vl:Qwen2_5_VLPruneMultiModalProcessor",
+        (
+            "test_qwen_prompt_updates_count_tokens_from_the_grid",
+            "test_qwen_token_count_from_the_image_size",
+        ),
+        "N from the grid, one PromptReplacement per modality; get_num_image_tokens' keywords",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        f"{_VLLM_QWEN}.embed_multimodal",
+        f"{_MODEL}.embed_multimodal",
+        ("test_qwen_embed_multimodal_returns_one_tensor_per_item",),
+        "one tensor per item; vLLM's EVS rewrite only when its pruning is on",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.model_executor.models.utils:_merge_multimodal_embeddings",
+        f"{_QWEN}.embed_input_ids",
+        ("test_the_runner_merges_rows_in_mask_order_and_accepts_wider_rows",),
+        "rows fill the mask's true entries in order; the encoder check accepts wider rows",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        f"{_RUNNER}._preprocess",
+        f"{_QWEN}.forward",
+        (
+            "test_v1_runner_positions_then_encoder_then_embed_then_forward",
+            "test_the_cpu_runner_is_the_v1_runner_and_never_turns_evs_on",
+            "test_v2_runner_positions_and_embeddings_go_through_the_same_model_calls",
+        ),
+        "positions, encoder, gather, embed_input_ids, forward: in that order, on V1, CPU, V2",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.config:CompilationConfig",
+        f"{_QWEN}.unsupported_engine_config",
+        ("test_what_the_guards_read_of_vllms_config",),
+        "the config fields and defaults the start-up guards read",
+    ),
+    # ---- copied code in the family modules ----------------------------------------------------
+    TouchPoint(
+        COPIED,
+        "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_processor",
+        "lvlm_prune.vllm_plugin.llava:_build_processor",
+        ("test_llava_processor_factory_matches_vllms",),
+        "for a LLaVA and a Pixtral-HF config, vLLM's info factory (used as is) picks the same "
+        "info, ours the same processor (ours the pruning subclass); same info classes",
+    ),
+    TouchPoint(
+        COPIED,
+        "vllm.model_executor.models.llama:LlamaDecoderLayer.forward",
+        "lvlm_prune.vllm_plugin.worker.flow:run_layers",
+        ("test_decoder_layer_parts_the_flow_pass_runs",),
+        "the layer's and attention's steps and submodule names, in vLLM's order",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.distributed:tensor_model_parallel_all_reduce",
+        "lvlm_prune.vllm_plugin.worker.flow:scout_scores",
+        ("test_what_the_flow_pass_reads_of_vllm",),
+        "the TP collectives, Worker.get_model, MultiModalInput.prompt_token_ids, embed_input_ids",
+    ),
+)
+
+
+# ---- patches ----------------------------------------------------------------------------------
+
+
+def add_engine_core_utilities() -> None:
+    """Give ``EngineCore`` our utility methods (``vllm_plugin.register()``, every process).
+
+    The engine core resolves a utility call's method by name on itself; ``lvlm_prune_trim_memory``
+    lets the API process trim the engine core's memory once the server is idle
+    (``server.plugin.IdleTrimmer``, through ``trim_engine_cores``).
+    """
+    from vllm.v1.engine.core import EngineCore
+
+    EngineCore.lvlm_prune_trim_memory = _trim_memory
+
+
+def _trim_memory(self) -> bool:
+    from lvlm_prune import memory
+
+    return memory.trim()
+
+
+# NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's
+# validate_request_mm_kwargs by name and call it on every request that can carry images.
+GATED_MODULES = ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")
+
+
+def screen_per_request_mm_kwargs(screen: Callable[[dict, bool], dict | None]) -> None:
+    """Put ``screen(mm_processor_kwargs, trusted)`` in front of vLLM's per-request
+    ``mm_processor_kwargs`` gate: vLLM's own check then sees what it returns.
+
+    vLLM refuses every per-request processor kwarg unless the server runs with
+    ``--trust-request-mm-kwargs``; ``media_io_kwargs`` always meet vLLM's check unchanged.
+
+    Raises:
+        RuntimeError: a gated module has no gate to wrap (started anyway, every per-request
+            pruning option would be refused with vLLM's 400).
+    """
+    missing = []
+    for name in GATED_MODULES:
+        module = importlib.import_module(name)
+        original = getattr(module, "validate_request_mm_kwargs", None)
+        if original is None:
+            missing.append(name)
+        elif not getattr(original, "_lvlm_prune", False):
+            module.validate_request_mm_kwargs = _screened_gate(original, screen)
+    if missing:
+        import vllm
+
+        raise RuntimeError(
+            f"lvlm-prune cannot let its per-request options through vLLM {vllm.__version__}'s "
+            f"gate: {', '.join(missing)} has no validate_request_mm_kwargs (this lvlm-prune "
+            f"supports vLLM {VLLM_VERSION}.x)"
+        )
+
+
+def _screened_gate(original, screen):
+    def validate_request_mm_kwargs(
+        *, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs
+    ):
+        if mm_processor_kwargs:
+            mm_processor_kwargs = screen(mm_processor_kwargs, trust_request_mm_kwargs)
+        return original(
+            mm_processor_kwargs=mm_processor_kwargs,
+            media_io_kwargs=media_io_kwargs,
+            trust_request_mm_kwargs=trust_request_mm_kwargs,
+        )
+
+    validate_request_mm_kwargs._lvlm_prune = True
+    return validate_request_mm_kwargs
+
+
+def refuse_images_raising(*errors: type[Exception]) -> None:
+    """Make vLLM's image loader raise ``errors`` as the ``ValueError`` it raises for every other
+    undecodable image (HTTP 400).
+
+    NOTE(vLLM 0.32): ``ImageMediaIO.load_bytes`` turns ``OSError`` and
+    ``UnidentifiedImageError`` into ``ValueError``; anything else it lets out, a 500.
+    """
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    original = ImageMediaIO.load_bytes
+    if getattr(original, "_lvlm_prune", False):
+        return
+
+    def load_bytes(self, data: bytes):
+        try:
+            return original(self, data)
+        except errors as err:
+            raise ValueError(f"Failed to load image: {err}") from err
+
+    load_bytes._lvlm_prune = True
+    ImageMediaIO.load_bytes = load_bytes
+
+
+# ---- private reads ----------------------------------------------------------------------------
+
+
+def rehash_image(ctx, item_hash: str, extra: Mapping[str, object]) -> str:
+    """vLLM's multimodal hash of an image already hashed as ``item_hash``, with ``extra`` kwargs
+    (``ctx``: the processor's ``InputProcessingContext``, for the configured algorithm)."""
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    algorithm = ctx.get_mm_config().mm_hasher_algorithm
+    return MultiModalHasher.hash_kwargs(algorithm, image=item_hash, **extra)
+
+
+def engine_core_died(engine_client) -> bool:
+    """Whether an engine core process behind ``engine_client`` died, as opposed to being shut
+    down.
+
+    NOTE(vLLM 0.32): ``BackgroundResources.engine_dead`` (v1/engine/core_client.py) is set by every
+    shutdown, a requested one too, so it cannot tell the two apart alone; the process manager's
+    ``failed_proc_name`` is set only for an engine that exited non-zero while nobody was stopping
+    it (``CoreEngineProcManager.monitor_engine_liveness``, v1/engine/utils.py). An in-process
+    engine client has neither.
+    """
+    resources = getattr(getattr(engine_client, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return bool(getattr(resources, "engine_dead", False)) and (
+        getattr(manager, "failed_proc_name", None) is not None
+    )
+
+
+def _call_utility_all(engine_client):
+    """The engine client's ``call_utility_all_async`` (an ``EngineCore`` method on every engine,
+    one answer each), or None when the engine runs in this process."""
+    return getattr(getattr(engine_client, "engine_core", None), "call_utility_all_async", None)
+
+
+async def collective_rpc_every_engine(
+    engine_client, method: str, *, args: tuple, timeout: float | None
+) -> list[list]:
+    """A worker RPC on every worker of every data-parallel engine; answers ``[engine][worker]``.
+
+    NOTE(vLLM 0.32): ``AsyncLLM.collective_rpc`` goes through ``call_utility_async``, which under
+    the data-parallel load balancer (``DPLBAsyncMPClient``) runs the call on every engine but
+    returns engine 0's answers only (v1/engine/core_client.py): a pop there would delete the other
+    engines' entries unseen. ``call_utility_all_async`` returns one answer per engine.
+    """
+    call_all = _call_utility_all(engine_client)
+    if call_all is None:  # an in-process engine client: one engine
+        return [await engine_client.collective_rpc(method, timeout=timeout, args=args)]
+    # EngineCore.collective_rpc(method, timeout, args, kwargs)
+    return await call_all("collective_rpc", method, timeout, tuple(args), None)
+
+
+async def trim_engine_cores(engine_client) -> None:
+    """``lvlm_prune.memory.trim`` in every engine core process (``add_engine_core_utilities``);
+    nothing for an in-process engine, which the API process's own trim covers."""
+    if call_all := _call_utility_all(engine_client):
+        await call_all("lvlm_prune_trim_memory")
+
+
+# ---- copied code --------------------------------------------------------------------------------
+
+
+def serve_args(build_args: Callable[[], Namespace]) -> Namespace:
+    """The first half of vLLM's serve entry point: its environment and logging set up around
+    ``build_args()`` (vLLM's parser with our defaults folded in), and vLLM's checks of them."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    # NOTE(vLLM 0.32): the steps of vllm/entrypoints/launchers/api_server/entry.py:main.
+    cli_env_setup()
+    args = build_args()
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def run_api_server(args: Namespace) -> None:
+    """The second half: vLLM's OpenAI server, until it stops."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+
+    uvloop.run(run_server(args))
