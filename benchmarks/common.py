@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -43,15 +44,21 @@ METHODS = ("simignore", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """One pruning setting; keep_ratio 1.0 is stock vLLM (the plugin changes nothing)."""
+class Setting:
+    """A setting told apart by its keep ratio; 1.0 is stock vLLM (the plugin changes nothing)."""
 
     keep_ratio: float
-    method: str = "simignore"
 
     @property
     def stock(self) -> bool:
         return self.keep_ratio >= 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(Setting):
+    """One pruning setting of an in-process benchmark: keep ratio and method."""
+
+    method: str = "simignore"
 
     @property
     def name(self) -> str:
@@ -93,6 +100,35 @@ def image_size(text: str) -> tuple[int, int]:
     if width < 28 or height < 28:
         raise argparse.ArgumentTypeError(f"at least 28 px a side: {text!r}")
     return width, height
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaled:
+    """An option's default that follows ``--smoke``: ``full`` for a real run, ``smoke`` with it
+    (``resolve_scaled`` puts the chosen one in place once the options are parsed)."""
+
+    full: float
+    smoke: float
+
+
+def add_scaled(
+    parser: argparse.ArgumentParser, flag: str, what: str, *, full, smoke, type=int, more=""
+) -> None:
+    """An option whose default is ``full``, or ``smoke`` with ``--smoke``; the help says both."""
+    parser.add_argument(
+        flag,
+        type=type,
+        default=Scaled(full, smoke),
+        help=f"{what} (default {full:g}; smoke {smoke:g}){more}",
+    )
+
+
+def resolve_scaled(args: argparse.Namespace) -> argparse.Namespace:
+    """Every option left at its ``Scaled`` default set to the value for this run's scale."""
+    for key, value in vars(args).items():
+        if isinstance(value, Scaled):
+            setattr(args, key, value.smoke if args.smoke else value.full)
+    return args
 
 
 def make_image(seed: int, size: int | tuple[int, int] = IMAGE_SIZE):
@@ -411,29 +447,32 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def pyplot():
-    """matplotlib with the Agg backend, or None where matplotlib is missing (the PNG is skipped)."""
-    try:
-        import matplotlib
+def figure(draw):
+    """A benchmark's ``plot(result, path) -> bool`` (True: the PNG was written) from
+    ``draw(result, plt) -> figure`` (None: nothing to plot); no PNG where matplotlib is missing."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed (pip install 'lvlm-prune[bench]'): no PNG", file=sys.stderr
-        )
-        return None
-    return plt
+    @functools.wraps(draw)
+    def plot(result: dict, path) -> bool:
+        try:
+            import matplotlib
 
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print(
+                "matplotlib is not installed (pip install 'lvlm-prune[bench]'): no PNG",
+                file=sys.stderr,
+            )
+            return False
+        fig = draw(result, plt)
+        if fig is None:
+            return False
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
 
-def save_figure(fig, path) -> bool:
-    """Write a benchmark's figure as its PNG and free it; True (the plot was written)."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return plot
 
 
 def progress(total: int, desc: str):

@@ -38,6 +38,7 @@ from pathlib import Path
 from lvlm_prune.kernels import PRUNE_METHODS
 
 from . import common
+from .benchmark import Benchmark, Context
 
 NAME = "fidelity"
 LETTERS = "ABCDEFGH"
@@ -221,13 +222,24 @@ def letter_token_ids(tokenizer, count: int) -> list[int]:
 # Run
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
-    from vllm import SamplingParams
-
+def run(args: argparse.Namespace, ctx: Context) -> dict | None:
     from lvlm_prune.models.shapes import is_shapes_model
 
+    if args.make_synthetic:
+        items = make_synthetic(args.items or 40)
+        write_jsonl(items, Path(args.make_synthetic))
+        print(f"wrote {len(items)} synthetic items to {args.make_synthetic}")
+        return None
+    llm = ctx.llm
     if is_shapes_model(llm.llm_engine.vllm_config.model_config.model) and not args.data:
-        return run_shapes(args, llm, model_label)
+        return run_shapes(args, llm, ctx.label)
+    return run_multiple_choice(args, llm, ctx.label)
+
+
+def run_multiple_choice(args: argparse.Namespace, llm, model_label: str) -> dict:
+    """The JSONL set (or a synthetic one) in LLaVA's ScienceQA prompt format."""
+    from vllm import SamplingParams
+
     ratios = args.ratios or list(common.RATIOS)
     methods = args.methods or list(common.METHODS)
     if args.data:
@@ -389,9 +401,6 @@ def shapes_configs(ratios, methods) -> list[ShapesConfig]:
 
 
 def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
-    from vllm import SamplingParams
-
-    from lvlm_prune.kernels import keep_count
     from lvlm_prune.shapes import scenes
 
     n = args.items or (12 if args.smoke else SHAPES_ITEMS)
@@ -401,25 +410,48 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
     items = scenes.sample(seed, n, per_type=True)
     images = [scene.image() for scene, _ in items]
     patches = [scene.object_patches() for scene, _ in items]
+    configs = shapes_configs(args.ratios or SHAPES_RATIOS, args.methods or SHAPES_METHODS)
+    # The control: every question asked about the next item's image (another scene).
+    runs = [(c.name, c, images) for c in configs]
+    runs.append(("mismatched image", ShapesConfig(1.0), images[1:] + images[:1]))
+    runs.append(("stock (repeat)", ShapesConfig(1.0), images))
+    predictions, kept, scores = _ask_shapes(llm, runs, items, seed, f"{NAME} ({model_label})")
+    types = [q.type for _, q in items]
+    return {
+        "benchmark": NAME,
+        "task": scenes.VERSION,
+        "model": model_label,
+        "data": f"{scenes.VERSION}, {n} fresh questions ({n // 3} per type), seed {seed}",
+        "seed": seed,
+        "n_items": n,
+        "chance_accuracy": sum(scenes.CHANCE[t] for t in types) / n,
+        "chance_per_type": scenes.CHANCE,
+        "scoring": "greedy next token restricted to the question type's options "
+        "(docs/shapesvqa.md multiple-choice form); relevance query = the question text",
+        "relevance_scores": _score_summary(scores, items, patches) if scores else None,
+        "note": None,
+        "rows": _shapes_rows(runs, items, patches, predictions, kept),
+    }
+
+
+def _ask_shapes(llm, runs, items, seed: int, desc: str):
+    """Every run's answers, the kept indices of every pruned run (from the engine's diagnostics)
+    and the relevance scores of the first simignore run."""
+    from vllm import SamplingParams
+
+    from lvlm_prune.shapes import scenes
+
     tokenizer = llm.get_tokenizer()
     option_ids = {t: tokenizer.convert_tokens_to_ids(list(o)) for t, o in scenes.OPTIONS.items()}
     sampling = [
         SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=option_ids[q.type])
         for _, q in items
     ]
-    configs = shapes_configs(args.ratios or SHAPES_RATIOS, args.methods or SHAPES_METHODS)
-    # The control: every question asked about the next item's image (another scene).
-    runs = [(c.name, c, images) for c in configs]
-    runs.append(("mismatched image", ShapesConfig(1.0), images[1:] + images[:1]))
-    runs.append(("stock (repeat)", ShapesConfig(1.0), images))
-
-    def answer(out, q) -> str:
-        return q.options[option_ids[q.type].index(out.outputs[0].token_ids[0])]
-
+    n = len(items)
     predictions: dict[str, list[str]] = {}
     kept: dict[str, list[list[int]]] = {}
     scores: list | None = None
-    bar = common.progress(len(runs) * n, f"{NAME} ({model_label})")
+    bar = common.progress(len(runs) * n, desc)
     next_id = 1
     for name, config, imgs in runs:
         diag_ids = None
@@ -437,7 +469,10 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
             for i, ((_, q), img) in enumerate(zip(items, imgs))
         ]
         outs = llm.generate(reqs, sampling, use_tqdm=False)
-        predictions[name] = [answer(o, q) for o, (_, q) in zip(outs, items)]
+        predictions[name] = [
+            q.options[option_ids[q.type].index(o.outputs[0].token_ids[0])]
+            for o, (_, q) in zip(outs, items)
+        ]
         if diag_ids is not None:
             (diag,) = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=(diag_ids,))
             kept[name] = [diag[i][0]["kept_indices"] for i in diag_ids]
@@ -445,7 +480,14 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
                 scores = [diag[i][0]["scores"] for i in diag_ids]
         bar.update(n)
     bar.close()
+    return predictions, kept, scores
 
+
+def _shapes_rows(runs, items, patches, predictions: dict, kept: dict) -> list[dict]:
+    from lvlm_prune.kernels import keep_count
+    from lvlm_prune.shapes import scenes
+
+    n = len(items)
     types = [q.type for _, q in items]
     stock = predictions["stock"]
     rows = []
@@ -482,21 +524,7 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
     stock_acc = rows[0]["accuracy"]
     for row in rows:
         row["accuracy_vs_stock"] = row["accuracy"] / stock_acc if stock_acc else None
-    return {
-        "benchmark": NAME,
-        "task": scenes.VERSION,
-        "model": model_label,
-        "data": f"{scenes.VERSION}, {n} fresh questions ({n // 3} per type), seed {seed}",
-        "seed": seed,
-        "n_items": n,
-        "chance_accuracy": sum(scenes.CHANCE[t] for t in types) / n,
-        "chance_per_type": scenes.CHANCE,
-        "scoring": "greedy next token restricted to the question type's options "
-        "(SHAPES.md multiple-choice form); relevance query = the question text",
-        "relevance_scores": _score_summary(scores, items, patches) if scores else None,
-        "note": None,
-        "rows": rows,
-    }
+    return rows
 
 
 def _proportion(key: str, flags: list[bool]) -> dict:
@@ -605,13 +633,11 @@ def shapes_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path) -> bool:
+@common.figure
+def plot(result: dict, plt):
     """ShapesVQA model: accuracy and object hit rate vs kept tokens, one line per method."""
     if not result.get("task"):
-        return False
-    plt = common.pyplot()
-    if plt is None:
-        return False
+        return None
     rows = result["rows"]
     stock = rows[0]
     control = next(r for r in rows if r["config"] == "mismatched image")
@@ -653,4 +679,7 @@ def plot(result: dict, path) -> bool:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return common.save_figure(fig, path)
+    return fig
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)

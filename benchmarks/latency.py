@@ -14,23 +14,15 @@ from __future__ import annotations
 import argparse
 
 from . import common
+from .benchmark import Benchmark, Context
 
 NAME = "latency"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="measured rounds (default 15; smoke 2)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="unmeasured rounds first (default 2; smoke 1)"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="output tokens per request (default 16; smoke 4)",
-    )
+    common.add_scaled(parser, "--repeats", "measured rounds", full=15, smoke=2)
+    common.add_scaled(parser, "--warmup", "unmeasured rounds first", full=2, smoke=1)
+    common.add_scaled(parser, "--max-tokens", "output tokens per request", full=16, smoke=4)
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
     parser.add_argument(
@@ -42,21 +34,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+def run(args: argparse.Namespace, ctx: Context) -> dict:
+    configs = common.configs_for(args.ratios, args.methods)
+    samples = _measure(ctx, args, configs)
+    return {
+        "benchmark": NAME,
+        "model": ctx.label,
+        "settings": {
+            **{k: getattr(args, k) for k in ("repeats", "warmup", "max_tokens")},
+            "ratios": args.ratios,
+            "methods": args.methods,
+            "prefix_caching": False,
+            "image_per_request": "fresh random {}x{} image (seeded by round and position)".format(
+                *args.image_size
+            ),
+            "order": "round-robin over configs, rotated by one position each round",
+            "quiet_below": args.quiet_below,
+        },
+        "ttft_source": (
+            "RequestOutput.metrics.first_token_latency: request arrival (before input processing) "
+            "to the first token's output; engine_prefill = metrics.first_token_ts - scheduled_ts"
+        ),
+        "cotenant_cpu_share_median": common.summary_or_none(
+            [x for c in configs for x in samples[c.name]["cotenant"]]
+        ),
+        "rows": _rows(samples, configs, args.quiet_below),
+    }
+
+
+def _measure(ctx: Context, args: argparse.Namespace, configs) -> dict:
+    """One request at a time, configs round-robin; the samples of the measured rounds."""
     from vllm import SamplingParams
 
-    repeats = args.repeats or (2 if args.smoke else 15)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
-    max_tokens = args.max_tokens or (4 if args.smoke else 16)
-    configs = common.configs_for(args.ratios, args.methods)
+    warmup, repeats, max_tokens = args.warmup, args.repeats, args.max_tokens
+    llm = ctx.llm
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     samples = {
         c.name: {"ttft": [], "prefill": [], "e2e": [], "cotenant": [], "prompt_tokens": set()}
         for c in configs
     }
-
     family = common.family_of(llm)
-    bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({model_label})")
+    bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({ctx.label})")
     for round_ in range(warmup + repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
             image = common.make_image(10_000 * round_ + i, args.image_size)
@@ -74,7 +92,10 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             s["prompt_tokens"].add(len(out.prompt_token_ids))
             assert len(out.outputs[0].token_ids) == max_tokens
     bar.close()
+    return samples
 
+
+def _rows(samples: dict, configs, quiet_below: float) -> list[dict]:
     stock_tokens = _one(samples["stock"]["prompt_tokens"])
     rows = []
     for config in configs:
@@ -94,7 +115,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             }
         )
     stock = rows[0]
-    quiet = _quiet_ttft(samples, configs, args.quiet_below)
+    quiet = _quiet_ttft(samples, configs, quiet_below)
     for row in rows:
         row["ttft_quiet"] = quiet[row["config"]]
         row["ttft_quiet_ratio"] = (
@@ -108,31 +129,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             row[f"{key}_paired_ratio_median"] = common.summary(
                 [a / b for a, b in zip(row[key]["values"], stock[key]["values"])]
             )["median"]
-    return {
-        "benchmark": NAME,
-        "model": model_label,
-        "settings": {
-            "repeats": repeats,
-            "warmup": warmup,
-            "max_tokens": max_tokens,
-            "ratios": args.ratios,
-            "methods": args.methods,
-            "prefix_caching": False,
-            "image_per_request": "fresh random {}x{} image (seeded by round and position)".format(
-                *args.image_size
-            ),
-            "order": "round-robin over configs, rotated by one position each round",
-            "quiet_below": args.quiet_below,
-        },
-        "ttft_source": (
-            "RequestOutput.metrics.first_token_latency: request arrival (before input processing) "
-            "to the first token's output; engine_prefill = metrics.first_token_ts - scheduled_ts"
-        ),
-        "cotenant_cpu_share_median": common.summary_or_none(
-            [x for c in configs for x in samples[c.name]["cotenant"]]
-        ),
-        "rows": rows,
-    }
+    return rows
 
 
 def _quiet_ttft(samples: dict, configs, threshold: float) -> dict:
@@ -205,10 +202,8 @@ def markdown(result: dict) -> str:
     )
 
 
-def plot(result: dict, path) -> bool:
-    plt = common.pyplot()
-    if plt is None:
-        return False
+@common.figure
+def plot(result: dict, plt):
     rows = result["rows"]
     stock = rows[0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -240,4 +235,7 @@ def plot(result: dict, path) -> bool:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return common.save_figure(fig, path)
+    return fig
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)

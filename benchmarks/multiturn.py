@@ -18,27 +18,15 @@ random image. ``simignore@0.25 requery`` re-selects the image for every new ques
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
-import io
-import json
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
-from . import common
+from . import common, harness
+from .benchmark import Benchmark, Context
 
 NAME = "multiturn"
-USES_ENGINE = False  # conversations need servers with prefix caching on, started per block size
 QUESTIONS = (
     common.QUESTION,
     "How many people are standing near the door?",
@@ -47,13 +35,8 @@ QUESTIONS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
-    keep_ratio: float
+class Setting(common.Setting):
     requery: bool = False
-
-    @property
-    def stock(self) -> bool:
-        return self.keep_ratio >= 1.0
 
     @property
     def name(self) -> str:
@@ -71,18 +54,15 @@ class Setting:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    common.add_scaled(
+        parser,
         "--conversations",
-        type=int,
-        default=None,
-        help="measured conversations per setting and block size (default 10; smoke 2)",
+        "measured conversations per setting and block size",
+        full=10,
+        smoke=2,
     )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="unmeasured rounds first (default 1; smoke 1)"
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, default=None, help="reply tokens per turn (default 16; smoke 4)"
-    )
+    common.add_scaled(parser, "--warmup", "unmeasured rounds first", full=1, smoke=1)
+    common.add_scaled(parser, "--max-tokens", "reply tokens per turn", full=16, smoke=4)
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.25, 0.11])
     parser.add_argument(
         "--requery-ratio",
@@ -117,31 +97,26 @@ def settings_for(ratios, requery_ratio: float) -> list[Setting]:
     return out
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
-    model_dir, _ = common.resolve_model(args.model or ("tiny" if args.smoke else "bench"))
-    conversations = args.conversations or (2 if args.smoke else 10)
-    warmup = args.warmup if args.warmup is not None else 1
-    max_tokens = args.max_tokens or (4 if args.smoke else 16)
+def run(args: argparse.Namespace, ctx: Context) -> dict:
+    conversations, warmup, max_tokens = args.conversations, args.warmup, args.max_tokens
     block_sizes = args.block_sizes or default_block_sizes()[: 1 if args.smoke else None]
     settings = settings_for(args.ratios, args.requery_ratio)
 
-    rows, server_args = [], None
+    rows, options = [], None
     for block_size in block_sizes:
-        with Server(
-            model_dir,
-            name=model_label,
-            block_size=block_size,
-            max_model_len=args.max_model_len,
-            timeout=args.server_timeout,
-            dtype=args.dtype,
-        ) as server:
-            server_args = server.vllm_args
-            samples = _converse(server, settings, conversations, warmup, max_tokens, model_label)
+        # Prefix caching on (vLLM's default): what a follow-up turn reuses is the point.
+        options = [
+            *harness.server_options(ctx.label, max_model_len=args.max_model_len, dtype=args.dtype),
+            *("--block-size", str(block_size), "--enable-prompt-tokens-details"),
+            "--enable-logging-iteration-details",
+        ]
+        with harness.serve([ctx.model_dir, *options], timeout=args.server_timeout) as server:
+            samples = _converse(server, ctx.label, settings, conversations, warmup, max_tokens)
         rows += _rows(samples, settings, block_size)
 
     return {
         "benchmark": NAME,
-        "model": model_label,
+        "model": ctx.label,
         "settings": {
             "conversations": conversations,
             "warmup": warmup,
@@ -151,7 +126,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             "ratios": args.ratios,
             "requery_ratio": args.requery_ratio,
             "block_sizes": block_sizes,
-            "server_args": server_args,
+            "server_args": options,
             "image_per_conversation": "fresh random 336x336 image (seeded by round and setting)",
             "order": "turn by turn: turn t of every setting's conversation, then turn t+1; "
             "settings rotated by one position each round",
@@ -168,129 +143,21 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The server and the conversations
+# The conversations
 
 
-class Server:
-    """A real ``lvlm-prune serve`` on 127.0.0.1, started for one block size and stopped after."""
-
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        name: str,
-        block_size: int,
-        max_model_len: int,
-        timeout: float,
-        dtype: str = "auto",
-    ) -> None:
-        self.name, self.timeout = name, timeout
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.vllm_args = [
-            *("--served-model-name", name, "--port", str(self.port)),
-            *("--enforce-eager", "--max-model-len", str(max_model_len), "--dtype", dtype),
-            *("--limit-mm-per-prompt", '{"image": 1}', "--block-size", str(block_size)),
-            "--enable-prompt-tokens-details",
-            "--enable-logging-iteration-details",
-        ]
-        self.cmd = [sys.executable, "-m", "lvlm_prune.server.cli", "serve", model_dir]
-        self._log_dir = tempfile.TemporaryDirectory(prefix="lvlm-prune-multiturn-")
-        self.log = Path(self._log_dir.name) / "server.log"
-        self._log_at = 0
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        # The engine in its own processes, as `vllm serve` runs it (the benchmark process keeps
-        # its in-process default for the other benchmarks).
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [*self.cmd, *self.vllm_args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_dir.cleanup()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server not ready in {self.timeout:.0f} s:\n{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-    def chat(self, body: dict) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"HTTP {err.code}: {err.read()[:2000]!r}") from None
-
-    def counters(self) -> dict[str, float]:
-        """vLLM's TTFT and prefill-time sums and counts, over every label set."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
-            text = response.read().decode()
-        out = {}
-        for metric in ("time_to_first_token_seconds", "request_prefill_time_seconds"):
-            for part in ("sum", "count"):
-                values = re.findall(rf"^vllm:{metric}_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-                out[f"{metric}_{part}"] = sum(float(v) for v in values)
-        return out
-
-    def new_encoder_inputs(self) -> int:
-        """Encoder inputs the scheduler logged since the last call."""
-        with open(self.log, errors="replace") as f:
-            f.seek(self._log_at)
-            text = f.read()
-        end = text.rfind("\n") + 1  # a line still being written is read next time
-        self._log_at += len(text[:end].encode(errors="replace"))
-        return sum(int(n) for n in re.findall(r"encoder inputs: (\d+)", text[:end]))
-
-
-def _converse(server: Server, settings, conversations: int, warmup: int, max_tokens: int, model):
+def _converse(server: harness.Server, model: str, settings, conversations, warmup, max_tokens):
     keys = ("ttft", "prefill", "e2e", "prompt", "cached", "encoder", "image_tokens")
     samples = {
         (s.name, turn): {k: [] for k in keys} for s in settings for turn in range(len(QUESTIONS))
     }
     rounds = warmup + conversations
     bar = common.progress(rounds * len(settings) * len(QUESTIONS), f"{NAME} ({model})")
-    counters = server.counters()
-    server.new_encoder_inputs()
+    counters = _counters(server)
+    _new_encoder_inputs(server)
     for round_ in range(rounds):
         histories = {
-            s.name: [_user(QUESTIONS[0], _data_url(common.make_image(10_000 * round_ + i)))]
+            s.name: [_user(QUESTIONS[0], harness.data_url(common.make_image(10_000 * round_ + i)))]
             for i, s in enumerate(settings)
         }
         for turn in range(len(QUESTIONS)):
@@ -299,7 +166,7 @@ def _converse(server: Server, settings, conversations: int, warmup: int, max_tok
                 if turn > 0:
                     messages.append(_user(QUESTIONS[turn]))
                 body = {
-                    "model": server.name,
+                    "model": model,
                     "messages": messages,
                     "max_tokens": max_tokens,
                     "temperature": 0.0,
@@ -310,39 +177,58 @@ def _converse(server: Server, settings, conversations: int, warmup: int, max_tok
                 reply = server.chat(body)
                 e2e = time.perf_counter() - start
                 before, counters = counters, _counters_after(server, counters)
-                encoder = server.new_encoder_inputs()
+                encoder = _new_encoder_inputs(server)
                 content = reply["choices"][0]["message"]["content"] or ""
                 messages.append({"role": "assistant", "content": content})
                 bar.update()
-                if round_ < warmup:
-                    continue
-                s = samples[(setting.name, turn)]
-                for key, metric in (
-                    ("ttft", "time_to_first_token_seconds_sum"),
-                    ("prefill", "request_prefill_time_seconds_sum"),
-                ):
-                    s[key].append(counters[metric] - before[metric])
-                s["e2e"].append(e2e)
-                s["prompt"].append(reply["usage"]["prompt_tokens"])
-                details = reply["usage"].get("prompt_tokens_details") or {}
-                s["cached"].append(details.get("cached_tokens"))
-                s["encoder"].append(encoder)
-                s["image_tokens"].append(reply["pruning"]["image_tokens_after"])
+                if round_ >= warmup:
+                    s = samples[(setting.name, turn)]
+                    _record(s, reply, e2e, encoder, before, counters)
     bar.close()
     return samples
 
 
-def _counters_after(server: Server, before: dict) -> dict:
+def _record(s: dict, reply: dict, e2e: float, encoder: int, before: dict, after: dict) -> None:
+    """One turn's numbers into its (setting, turn) samples."""
+    for key, counter in (
+        ("ttft", "time_to_first_token_seconds_sum"),
+        ("prefill", "request_prefill_time_seconds_sum"),
+    ):
+        s[key].append(after[counter] - before[counter])
+    s["e2e"].append(e2e)
+    s["prompt"].append(reply["usage"]["prompt_tokens"])
+    details = reply["usage"].get("prompt_tokens_details") or {}
+    s["cached"].append(details.get("cached_tokens"))
+    s["encoder"].append(encoder)
+    s["image_tokens"].append(reply["pruning"]["image_tokens_after"])
+
+
+_TIMERS = ("time_to_first_token_seconds", "request_prefill_time_seconds")
+
+
+def _counters(server: harness.Server) -> dict[str, float]:
+    """vLLM's TTFT and prefill-time sums and counts, over every label set."""
+    samples = server.metrics()
+    return {
+        f"{m}_{part}": harness.metric(samples, f"vllm:{m}_{part}")
+        for m in _TIMERS
+        for part in ("sum", "count")
+    }
+
+
+def _counters_after(server: harness.Server, before: dict) -> dict:
     """The counters once this request's TTFT and prefill time are in (one request at a time)."""
     for _ in range(100):
-        after = server.counters()
-        if all(
-            after[f"{m}_count"] == before[f"{m}_count"] + 1
-            for m in ("time_to_first_token_seconds", "request_prefill_time_seconds")
-        ):
+        after = _counters(server)
+        if all(after[f"{m}_count"] == before[f"{m}_count"] + 1 for m in _TIMERS):
             return after
         time.sleep(0.02)
     raise RuntimeError(f"vLLM's TTFT counters did not move by one request: {before} → {after}")
+
+
+def _new_encoder_inputs(server: harness.Server) -> int:
+    """Encoder inputs the scheduler logged since the last call."""
+    return sum(int(n) for n in re.findall(r"encoder inputs: (\d+)", server.new_log()))
 
 
 def _user(text: str, image_url: str | None = None) -> dict:
@@ -350,18 +236,6 @@ def _user(text: str, image_url: str | None = None) -> dict:
     if image_url:
         content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
     return {"role": "user", "content": content}
-
-
-def _data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,10 +356,8 @@ def markdown(result: dict) -> str:
     return "\n".join(sections)
 
 
-def plot(result: dict, path) -> bool:
-    plt = common.pyplot()
-    if plt is None:
-        return False
+@common.figure
+def plot(result: dict, plt):
     block_sizes = result["settings"]["block_sizes"]
     fig, axes = plt.subplots(1, len(block_sizes), figsize=(5.5 * len(block_sizes), 4.2))
     axes = [axes] if len(block_sizes) == 1 else list(axes)
@@ -506,4 +378,7 @@ def plot(result: dict, path) -> bool:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return common.save_figure(fig, path)
+    return fig
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)

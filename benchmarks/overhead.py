@@ -23,6 +23,7 @@ import time
 from lvlm_prune.vllm_plugin import options
 
 from . import common
+from .benchmark import Benchmark, Context
 
 NAME = "overhead"
 PIECES = (
@@ -38,12 +39,8 @@ FLOW_RATIOS = (1.0, 0.25)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="measured rounds (default 6; smoke 1)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 1)"
-    )
+    common.add_scaled(parser, "--repeats", "measured rounds", full=6, smoke=1)
+    common.add_scaled(parser, "--warmup", "unmeasured rounds", full=1, smoke=1)
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=[*common.METHODS, "flow"])
     parser.add_argument(
@@ -52,11 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the flow method's scout layers (default: the model's declared depth, else 2)",
     )
-    parser.add_argument(
-        "--flow-passes",
-        type=int,
-        default=None,
-        help="flow diagnostics passes timed per keep ratio (default 4; smoke 1)",
+    common.add_scaled(
+        parser, "--flow-passes", "flow diagnostics passes timed per keep ratio", full=6, smoke=1
     )
 
 
@@ -147,59 +141,90 @@ def request_for(config, image, args: argparse.Namespace) -> dict:
     return req
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+def run(args: argparse.Namespace, ctx: Context) -> dict:
+    repeats, warmup = args.repeats, args.warmup
+    configs = common.configs_for(args.ratios, args.methods)
+    llm = ctx.llm
+    with instrumented(llm) as (probe, _model):
+        samples, prompt_tokens = _measure(ctx, probe, args, configs, (warmup, repeats))
+        ratios = [r for r in FLOW_RATIOS if r in {c.keep_ratio for c in configs}]
+        flow_rows = time_flow_passes(llm, probe, args, ratios)
+    rows = _rows(samples, configs, prompt_tokens)
+    stock = rows[0]["median_seconds"]
+    vision = stock["vision_tower"] + stock["projector"]
+    hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+    return {
+        "benchmark": NAME,
+        "model": ctx.label,
+        "settings": {
+            "repeats": repeats,
+            "warmup": warmup,
+            "max_tokens": 1,
+            "prefix_caching": False,
+        },
+        "method": (
+            "forward hooks on vision_tower / multi_modal_projector, timing wrappers on "
+            "language_model.model.forward, the model's embed_multimodal, the plugin's select_tokens "
+            "and the processor's apply; "
+            "installed by the benchmark in-process, removed after"
+        ),
+        "llm_to_vision_time_ratio_stock": stock["llm_forward"] / vision if vision else None,
+        "estimated_flops_stock": _flops(hf_config, rows[0]["prompt_tokens"], args.prune_layer),
+        "rows": rows,
+        "flow_passes": flow_rows,
+    }
+
+
+def _measure(ctx: Context, probe: Probe, args, configs, rounds: tuple[int, int]):
+    """One request at a time, configs round-robin: each request's pieces, and the derived ones."""
     from vllm import SamplingParams
 
     from lvlm_prune.vllm_plugin.worker import diagnostics
 
-    repeats = args.repeats or (1 if args.smoke else 6)
-    warmup = args.warmup if args.warmup is not None else 1
-    configs = common.configs_for(args.ratios, args.methods)
+    warmup, repeats = rounds
     sampling = SamplingParams(max_tokens=1, temperature=0.0)
     samples = {c.name: collections.defaultdict(list) for c in configs}
     prompt_tokens: dict[str, int] = {}
-
-    bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({model_label})")
-    with instrumented(llm) as (probe, model):
-        for round_ in range(warmup + repeats):
-            for i, config in enumerate(common.rotated(configs, round_)):
-                image = common.make_image(2_000_000 + 10_000 * round_ + i)
-                probe.take()
-                diagnostics.STORE.drain_timings()
-                with common.Timer() as t:
-                    (out,) = llm.generate(
-                        [request_for(config, image, args)], sampling, use_tqdm=False
-                    )
-                pieces = probe.take()
-                recorded = sum(s for s, _ in diagnostics.STORE.drain_timings())
-                bar.update()
-                if round_ < warmup:
-                    continue
-                s = samples[config.name]
-                ttft = common.ttft_seconds(out)
-                s["ttft"].append(ttft)
-                for piece, seconds in pieces.items():
-                    s[piece].append(seconds)
-                # Derived per request, then medians (medians of parts do not add up).
-                s["pruning_other"].append(
-                    pieces["embed_multimodal"]
-                    - pieces["vision_tower"]
-                    - pieces["projector"]
-                    - pieces["scout"]
-                    - pieces["selection"]
+    bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({ctx.label})")
+    for round_ in range(warmup + repeats):
+        for i, config in enumerate(common.rotated(configs, round_)):
+            image = common.make_image(2_000_000 + 10_000 * round_ + i)
+            probe.take()
+            diagnostics.STORE.drain_timings()
+            with common.Timer() as t:
+                (out,) = ctx.llm.generate(
+                    [request_for(config, image, args)], sampling, use_tqdm=False
                 )
-                s["engine_other"].append(
-                    ttft - pieces["processor"] - pieces["embed_multimodal"] - pieces["llm_forward"]
-                )
-                s["selection_share"].append(pieces["selection"] / ttft)
-                s["cotenant"].append(t.cotenant_cpu_share or 0.0)
-                s["selection_recorded_by_plugin"].append(recorded)
-                prompt_tokens[config.name] = len(out.prompt_token_ids)
-        hf_config = llm.llm_engine.vllm_config.model_config.hf_config
-        ratios = [r for r in FLOW_RATIOS if r in {c.keep_ratio for c in configs}]
-        flow_rows = time_flow_passes(llm, probe, args, ratios)
+            pieces = probe.take()
+            recorded = sum(s for s, _ in diagnostics.STORE.drain_timings())
+            bar.update()
+            if round_ < warmup:
+                continue
+            s = samples[config.name]
+            ttft = common.ttft_seconds(out)
+            s["ttft"].append(ttft)
+            for piece, seconds in pieces.items():
+                s[piece].append(seconds)
+            # Derived per request, then medians (medians of parts do not add up).
+            s["pruning_other"].append(
+                pieces["embed_multimodal"]
+                - pieces["vision_tower"]
+                - pieces["projector"]
+                - pieces["scout"]
+                - pieces["selection"]
+            )
+            s["engine_other"].append(
+                ttft - pieces["processor"] - pieces["embed_multimodal"] - pieces["llm_forward"]
+            )
+            s["selection_share"].append(pieces["selection"] / ttft)
+            s["cotenant"].append(t.cotenant_cpu_share or 0.0)
+            s["selection_recorded_by_plugin"].append(recorded)
+            prompt_tokens[config.name] = len(out.prompt_token_ids)
     bar.close()
+    return samples, prompt_tokens
 
+
+def _rows(samples: dict, configs, prompt_tokens: dict[str, int]) -> list[dict]:
     rows = []
     for config in configs:
         s = samples[config.name]
@@ -214,7 +239,6 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
                 "samples": {k: list(v) for k, v in s.items()},
             }
         )
-    stock = rows[0]["median_seconds"]
     # Paired per round (a config's i-th sample and stock's i-th ran in the same round): a shared
     # machine's slow drift cancels out of the ratio.
     stock_ttft = samples[configs[0].name]["ttft"]
@@ -223,32 +247,17 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
         row["scout_share_of_stock_ttft"] = common.summary(
             [a / b for a, b in zip(scout, stock_ttft)]
         )["median"]
-    vision = stock["vision_tower"] + stock["projector"]
-    flops = estimated_flops(hf_config, rows[0]["prompt_tokens"])
-    prune_layer = args.prune_layer or options.default_prune_layer(hf_config)
-    flops["scout"] = estimated_scout_flops(hf_config, rows[0]["prompt_tokens"], prune_layer)
+    return rows
+
+
+def _flops(hf_config, prompt_tokens: int, prune_layer: int | None) -> dict:
+    """Estimated FLOPs of one stock prefill, and of the flow method's scout over it."""
+    flops = estimated_flops(hf_config, prompt_tokens)
+    prune_layer = prune_layer or options.default_prune_layer(hf_config)
+    flops["scout"] = estimated_scout_flops(hf_config, prompt_tokens, prune_layer)
     flops["scout_to_llm_ratio"] = flops["scout"] / flops["llm"]
     flops["prune_layer"] = prune_layer
-    return {
-        "benchmark": NAME,
-        "model": model_label,
-        "settings": {
-            "repeats": repeats,
-            "warmup": warmup,
-            "max_tokens": 1,
-            "prefix_caching": False,
-        },
-        "method": (
-            "forward hooks on vision_tower / multi_modal_projector, timing wrappers on "
-            "language_model.model.forward, the model's embed_multimodal, the plugin's select_tokens "
-            "and the processor's apply; "
-            "installed by the benchmark in-process, removed after"
-        ),
-        "llm_to_vision_time_ratio_stock": stock["llm_forward"] / vision if vision else None,
-        "estimated_flops_stock": flops,
-        "rows": rows,
-        "flow_passes": flow_rows,
-    }
+    return flops
 
 
 def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> list[dict]:
@@ -258,7 +267,7 @@ def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> lis
 
     from lvlm_prune.vllm_plugin.worker import flow
 
-    passes = args.flow_passes or (1 if args.smoke else 6)
+    passes = args.flow_passes
     sampling = SamplingParams(max_tokens=1, temperature=0.0)
     rows = []
     for ratio in ratios:
@@ -343,60 +352,8 @@ def estimated_flops(hf_config, prompt_tokens: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    headers = [
-        "config",
-        "prompt tokens",
-        "TTFT",
-        "processor",
-        "vision tower",
-        "projector",
-        "selection",
-        "scout",
-        "query embed + gather",
-        "LLM forward",
-        "engine other",
-        "selection / TTFT",
-        "scout / stock TTFT",
-        "co-tenant CPU",
-    ]
-    rows = []
-    for r in result["rows"]:
-        m = r["median_seconds"]
-        ms = lambda k, m=m: f"{m[k] * 1e3:.1f}"
-        rows.append(
-            [
-                r["config"],
-                r["prompt_tokens"],
-                ms("ttft"),
-                ms("processor"),
-                ms("vision_tower"),
-                ms("projector"),
-                ms("selection"),
-                ms("scout"),
-                ms("pruning_other"),
-                ms("llm_forward"),
-                ms("engine_other"),
-                f"**{100 * r['selection_share_of_ttft']:.2f}%**",
-                f"{100 * r['scout_share_of_stock_ttft']:.1f}%",
-                f"{100 * m['cotenant']:.0f}%",
-            ]
-        )
     fl = result["estimated_flops_stock"]
     measured = result["llm_to_vision_time_ratio_stock"]
-    flow_table = common.markdown_table(
-        ["keep ratio", "prompt tokens", "flow pass", "RPC wall", "LLM forward", "pass / prefill"],
-        [
-            [
-                f"{f['keep_ratio']:g}",
-                f["prompt_tokens"],
-                f"{f['median_pass_seconds'] * 1e3:.1f}",
-                f"{f['median_rpc_seconds'] * 1e3:.1f}",
-                f"{f['prefill_seconds'] * 1e3:.1f}",
-                f"**{f['times_prefill']:.2f}\u00d7**",
-            ]
-            for f in result.get("flow_passes", [])
-        ],
-    )
     return "\n".join(
         [
             f"### Overhead breakdown — model `{result['model']}`",
@@ -406,7 +363,7 @@ def markdown(result: dict) -> str:
             "embed_multimodal − LLM forward (scheduling, input batch, logits, sampling, output); "
             "derived columns are computed per request, then the median (so a row need not add up).",
             "",
-            common.markdown_table(headers, rows),
+            _pieces_table(result["rows"]),
             "",
             f"Stock prefill, LLM : vision (tower + projector): measured time "
             f"{measured:.1f} : 1; estimated FLOPs {fl['llm_to_vision_ratio']:.1f} : 1 "
@@ -426,6 +383,70 @@ def markdown(result: dict) -> str:
             "and of the same request's own LLM forward (its prefill); `pass / prefill` is per "
             "request, then the median.",
             "",
-            flow_table,
+            _flow_table(result.get("flow_passes", [])),
         ]
     )
+
+
+def _pieces_table(result_rows: list[dict]) -> str:
+    headers = [
+        "config",
+        "prompt tokens",
+        "TTFT",
+        "processor",
+        "vision tower",
+        "projector",
+        "selection",
+        "scout",
+        "query embed + gather",
+        "LLM forward",
+        "engine other",
+        "selection / TTFT",
+        "scout / stock TTFT",
+        "co-tenant CPU",
+    ]
+    pieces = (
+        "ttft",
+        "processor",
+        "vision_tower",
+        "projector",
+        "selection",
+        "scout",
+        "pruning_other",
+        "llm_forward",
+        "engine_other",
+    )
+    rows = []
+    for r in result_rows:
+        m = r["median_seconds"]
+        rows.append(
+            [
+                r["config"],
+                r["prompt_tokens"],
+                *(f"{m[k] * 1e3:.1f}" for k in pieces),
+                f"**{100 * r['selection_share_of_ttft']:.2f}%**",
+                f"{100 * r['scout_share_of_stock_ttft']:.1f}%",
+                f"{100 * m['cotenant']:.0f}%",
+            ]
+        )
+    return common.markdown_table(headers, rows)
+
+
+def _flow_table(flow_passes: list[dict]) -> str:
+    return common.markdown_table(
+        ["keep ratio", "prompt tokens", "flow pass", "RPC wall", "LLM forward", "pass / prefill"],
+        [
+            [
+                f"{f['keep_ratio']:g}",
+                f["prompt_tokens"],
+                f"{f['median_pass_seconds'] * 1e3:.1f}",
+                f"{f['median_rpc_seconds'] * 1e3:.1f}",
+                f"{f['prefill_seconds'] * 1e3:.1f}",
+                f"**{f['times_prefill']:.2f}\u00d7**",
+            ]
+            for f in flow_passes
+        ],
+    )
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown)

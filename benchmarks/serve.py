@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import io
@@ -33,19 +32,13 @@ import json
 import math
 import os
 import random
-import re
 import shlex
-import signal
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
-from . import common, multiturn
+from . import common, harness
+from .benchmark import Benchmark, Context
 
 NAME = "serve"
-USES_ENGINE = False  # starts its own servers
-IN_ALL = False  # tens of minutes: run on its own
 GOAL_RATIO = 3.0  # sustainable rate at keep 0.25 / stock's, on the bench model
 GOAL_KEEP_RATIO = 0.25
 SLO_FACTOR = 2.0
@@ -56,160 +49,11 @@ IMAGE_SIZE = 336
 
 
 # --------------------------------------------------------------------------------------------
-# The server, its metrics and its processes (shared with the soak)
-
-
-class Server(multiturn.Server):
-    """A real ``lvlm-prune serve`` on 127.0.0.1 with vLLM's defaults except what is given here.
-
-    The same start, readiness wait, log and SIGTERM stop as the multi-turn benchmark's server;
-    only the vLLM options differ (block size and prefix caching left at vLLM's defaults).
-    """
-
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        name: str,
-        max_model_len: int,
-        timeout: float,
-        images_per_prompt: int = 1,
-        mm_processor_cache_gb: float | None = None,
-        extra_args: tuple[str, ...] = (),
-        dtype: str = "auto",
-    ) -> None:
-        super().__init__(
-            model_dir, name=name, block_size=0, max_model_len=max_model_len, timeout=timeout
-        )
-        self.vllm_args = [
-            *("--served-model-name", name, "--port", str(self.port)),
-            *("--enforce-eager", "--max-model-len", str(max_model_len), "--dtype", dtype),
-            *("--limit-mm-per-prompt", json.dumps({"image": images_per_prompt})),
-            *extra_args,
-        ]
-        if mm_processor_cache_gb is not None:
-            self.vllm_args += ["--mm-processor-cache-gb", f"{mm_processor_cache_gb:g}"]
-
-    def metrics(self) -> dict[str, float]:
-        return scrape(self.url)
-
-    def processes(self) -> dict:
-        """``{"api": Process, "VLLM::EngineCore": Process, ...}``: the API process and vLLM's
-        engine processes under it (found by process tree: vLLM names them ``VLLM::...``)."""
-        import psutil
-
-        api = psutil.Process(self.proc.pid)
-        out = {"api": api}
-        for child in api.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                name = child.name()
-                if name.startswith("VLLM::"):
-                    key, n = name, 1
-                    while key in out:
-                        n += 1
-                        key = f"{name} #{n}"
-                    out[key] = child
-        return out
-
-    def __enter__(self) -> Server:
-        # A SIGTERM to the benchmark stops the server too (the default would leave it running).
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        return super().__enter__()
-
-    def __exit__(self, *exc) -> None:
-        try:
-            super().__exit__(*exc)
-        finally:
-            if getattr(self, "_previous_sigterm", None) is not None:
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
-                self._previous_sigterm = None
-
-    def engine_core(self):
-        return next(p for name, p in self.processes().items() if name.startswith("VLLM::Engine"))
-
-    def log_tail(self, chars: int = 5000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Every sample on ``/metrics``, keyed ``name{labels}`` as Prometheus writes it."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    out = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    return out
-
-
-def metric(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of ``name`` over every label set that has the given labels."""
-    total = 0.0
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        if base == name and all(w in rest for w in wanted):
-            total += value
-    return total
-
-
-class CpuMeter:
-    """Share of the machine's CPU that processes other than this one and the server used."""
-
-    def __init__(self, server: Server) -> None:
-        import psutil
-
-        self._procs = [psutil.Process(), *server.processes().values()]
-        self._start = self._read()
-        self._t0 = time.monotonic()
-
-    def _read(self) -> tuple[float, float]:
-        import psutil
-
-        busy = psutil.cpu_times()
-        total_busy = sum(busy) - busy.idle - getattr(busy, "iowait", 0.0)
-        ours = 0.0
-        for p in self._procs:
-            with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                ours += t.user + t.system
-        return total_busy, ours
-
-    def share(self) -> float:
-        end, wall = self._read(), time.monotonic() - self._t0
-        capacity = wall * (os.cpu_count() or 1)
-        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
-        return max(0.0, min(1.0, other / capacity)) if capacity > 0 else 0.0
-
-
-def data_url(image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    mime = "jpeg" if fmt.upper() == "JPEG" else fmt.lower()
-    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-# --------------------------------------------------------------------------------------------
 # Settings and workloads
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
-    keep_ratio: float
-
-    @property
-    def stock(self) -> bool:
-        return self.keep_ratio >= 1.0
-
+class Setting(common.Setting):
     @property
     def name(self) -> str:
         return "stock" if self.stock else f"keep {self.keep_ratio:g}"
@@ -283,7 +127,7 @@ def shapes_requests(tokenizer, n: int, seed: int, output_len: int) -> list:
 
     out = []
     for scene, question in scenes.sample(seed, n):
-        url = data_url(scene.image())
+        url = harness.data_url(scene.image())
         out.append(
             SampleRequest(
                 prompt=question.text,
@@ -318,26 +162,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2 ** (1 / 3),
         help="factor between grid rates (default 2^(1/3), three per doubling)",
     )
-    parser.add_argument(
+    common.add_scaled(
+        parser,
         "--seconds-per-rate",
+        "arrivals per rate last this long",
+        full=15,
+        smoke=4,
         type=float,
-        default=None,
-        help="arrivals per rate last this long (default 15; smoke 4)",
     )
-    parser.add_argument(
-        "--min-requests", type=int, default=None, help="per rate (default 12; smoke 6)"
-    )
-    parser.add_argument(
-        "--unloaded", type=int, default=None, help="one-at-a-time requests per setting (10; 4)"
-    )
+    common.add_scaled(parser, "--min-requests", "per rate", full=12, smoke=6)
+    common.add_scaled(parser, "--unloaded", "one-at-a-time requests per setting", full=10, smoke=4)
     parser.add_argument(
         "--input-len", type=int, default=24, help="random-mm text tokens (default 24)"
     )
-    parser.add_argument(
+    common.add_scaled(
+        parser,
         "--output-len",
-        type=int,
-        default=None,
-        help="random-mm output tokens, ignore_eos (default 16; smoke 4); shapes: at most 8, to EOS",
+        "random-mm output tokens, ignore_eos",
+        full=16,
+        smoke=4,
+        more="; shapes: at most 8, to EOS",
     )
     parser.add_argument(
         "--mm-processor-cache-gb",
@@ -352,9 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def workloads_for(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
+def workloads_for(args: argparse.Namespace, ctx: Context) -> tuple[list[Workload], list[str]]:
     names = args.workloads or (["random-mm"] if args.smoke else ["random-mm", "shapes"])
-    model_dir, label = common.resolve_model(args.model or ("tiny" if args.smoke else "bench"))
+    model_dir, label = ctx.model_dir, ctx.label
     out, skipped = [], []
     for name in names:
         if name == "random-mm":
@@ -363,11 +207,11 @@ def workloads_for(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
                     "random-mm",
                     model_dir,
                     label,
-                    output_len=args.output_len or (4 if args.smoke else 16),
+                    output_len=args.output_len,
                     ignore_eos=True,
                     description=f"vLLM's random-mm: {args.input_len} random text tokens, one "
                     f"fresh random {IMAGE_SIZE} x {IMAGE_SIZE} JPEG, "
-                    f"{args.output_len or (4 if args.smoke else 16)} output tokens (ignore_eos)",
+                    f"{args.output_len} output tokens (ignore_eos)",
                 )
             )
             continue
@@ -399,10 +243,17 @@ def workloads_for(args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
 class Runner:
     """One workload against one server: every measurement is one call of vLLM's benchmark."""
 
-    def __init__(self, server: Server, workload: Workload, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        server: harness.Server,
+        server_args: list[str],
+        workload: Workload,
+        args: argparse.Namespace,
+    ) -> None:
         from vllm.tokenizers import get_tokenizer
 
-        self.server, self.workload, self.args = server, workload, args
+        self.server, self.server_args = server, server_args
+        self.workload, self.args = workload, args
         self.tokenizer = get_tokenizer(workload.model_dir)
         self.seed = args.seed * 1_000_003
         self.slo_ms: float | None = None
@@ -420,7 +271,7 @@ class Runner:
         import numpy as np
 
         np.random.seed(seed % 2**32)  # vLLM's Poisson arrival times come from numpy's global RNG
-        meter = CpuMeter(self.server)
+        meter = harness.CpuMeter(self.server)
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             raw = asyncio.run(
                 benchmark(
@@ -428,8 +279,8 @@ class Runner:
                     endpoint_type="openai-chat",
                     api_url=f"{self.server.url}/v1/chat/completions",
                     base_url=self.server.url,
-                    model_id=self.server.name,
-                    model_name=self.server.name,
+                    model_id=self.workload.model_label,
+                    model_name=self.workload.model_label,
                     tokenizer=self.tokenizer,
                     input_requests=requests,
                     logprobs=None,
@@ -499,24 +350,13 @@ def _result_block(printed: str) -> str:
 
 
 def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> dict:
-    seconds = args.seconds_per_rate or (4 if args.smoke else 15)
-    min_requests = args.min_requests or (6 if args.smoke else 12)
-    unloaded_n = args.unloaded or (4 if args.smoke else 10)
+    seconds, min_requests = args.seconds_per_rate, args.min_requests
     label = f"{NAME} {runner.workload.name}"
 
     print(f"[{label}] warm-up", flush=True)
     for setting in settings:
         runner.measure(setting, n=3, rate=math.inf, one_at_a_time=True)
-
-    print(f"[{label}] unloaded: {unloaded_n} requests per setting, one at a time", flush=True)
-    unloaded_points: dict[str, list[dict]] = {s.name: [] for s in settings}
-    halves = (unloaded_n - unloaded_n // 2, unloaded_n // 2)
-    for round_, n in enumerate(halves):
-        for setting in common.rotated(settings, round_):
-            if n:
-                p = runner.measure(setting, n=n, rate=math.inf, one_at_a_time=True)
-                unloaded_points[setting.name].append(p)
-    unloaded = {name: _unloaded(points) for name, points in unloaded_points.items()}
+    unloaded = _unloaded_phase(runner, settings, args.unloaded)
     stock = unloaded[settings[0].name]
     runner.slo_ms = SLO_FACTOR * stock["ttft_ms"]["median"]
     print(
@@ -524,52 +364,19 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
         f"{runner.slo_ms:.0f} ms",
         flush=True,
     )
-
-    def n_for(rate: float) -> int:
-        return max(min_requests, math.ceil(rate * seconds))
-
-    points: list[dict] = []
-
-    def run_point(setting: Setting, rate: float) -> dict:
-        p = runner.measure(setting, n=n_for(rate), rate=rate)
-        points.append(p)
-        print(
-            f"[{label}] {setting.name:>9} @ {rate:6.3f} req/s: p99 TTFT "
-            f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
-            f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
-            f"{'within' if p['within_slo'] else 'OUT OF'} SLO",
-            flush=True,
-        )
-        return p
-
-    round_ = 0
+    points = Points(runner, label, seconds, min_requests)
     if args.rates:
-        for round_, rate in enumerate(sorted(args.rates)):
-            for setting in common.rotated(settings, round_):
-                run_point(setting, rate)
+        _fixed_rates(points, settings, args.rates)
     else:
-        ladders = [
-            Ladder(s, 1e3 / unloaded[s.name]["e2el_ms"]["mean"], args.rate_step) for s in settings
-        ]
-        while any(not ladder.done for ladder in ladders):
-            for ladder in common.rotated([x for x in ladders if not x.done], round_):
-                ladder.record(run_point(ladder.setting, ladder.rate)["within_slo"])
-            round_ += 1
-        refine = []
-        for setting in settings:
-            passed, failed = _bracket(points, setting)
-            if passed is not None and failed is not None:
-                refine.append((setting, math.sqrt(passed * failed)))
-        for setting, rate in common.rotated(refine, round_):
-            run_point(setting, rate)
+        _search(points, settings, unloaded, args.rate_step)
 
-    sustainable = {s.name: _sustainable(points, s) for s in settings}
+    sustainable = {s.name: _sustainable(points.measured, s) for s in settings}
     stock_rate = sustainable[settings[0].name]
     return {
         "workload": runner.workload.name,
         "model": runner.workload.model_label,
         "description": runner.workload.description,
-        "server_args": runner.server.vllm_args,
+        "server_args": runner.server_args,
         "vllm_bench_serve_equivalent": {
             s.name: runner.workload.vllm_command(s, args.input_len) for s in settings
         },
@@ -582,13 +389,73 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
         "seconds_per_rate": seconds,
         "min_requests": min_requests,
         "unloaded": unloaded,
-        "points": points,
+        "points": points.measured,
         "sustainable_rate": sustainable,
         "ratio_to_stock": {
             name: (rate / stock_rate if rate and stock_rate else None)
             for name, rate in sustainable.items()
         },
     }
+
+
+def _unloaded_phase(runner: Runner, settings: list[Setting], n: int) -> dict[str, dict]:
+    """``n`` one-at-a-time requests per setting, in two halves with the order rotated."""
+    label = f"{NAME} {runner.workload.name}"
+    print(f"[{label}] unloaded: {n} requests per setting, one at a time", flush=True)
+    points: dict[str, list[dict]] = {s.name: [] for s in settings}
+    for round_, half in enumerate((n - n // 2, n // 2)):
+        for setting in common.rotated(settings, round_):
+            if half:
+                p = runner.measure(setting, n=half, rate=math.inf, one_at_a_time=True)
+                points[setting.name].append(p)
+    return {name: _unloaded(own) for name, own in points.items()}
+
+
+class Points:
+    """The loaded measurements: each rate's arrivals last ``seconds`` (at least ``min_requests``)."""
+
+    def __init__(self, runner: Runner, label: str, seconds: float, min_requests: int) -> None:
+        self.runner, self.label = runner, label
+        self.seconds, self.min_requests = seconds, min_requests
+        self.measured: list[dict] = []
+
+    def run(self, setting: Setting, rate: float) -> dict:
+        n = max(self.min_requests, math.ceil(rate * self.seconds))
+        p = self.runner.measure(setting, n=n, rate=rate)
+        self.measured.append(p)
+        print(
+            f"[{self.label}] {setting.name:>9} @ {rate:6.3f} req/s: p99 TTFT "
+            f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
+            f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
+            f"{'within' if p['within_slo'] else 'OUT OF'} SLO",
+            flush=True,
+        )
+        return p
+
+
+def _fixed_rates(points: Points, settings: list[Setting], rates: list[float]) -> None:
+    """``--rates``: every setting at every rate, the settings rotated each round."""
+    for round_, rate in enumerate(sorted(rates)):
+        for setting in common.rotated(settings, round_):
+            points.run(setting, rate)
+
+
+def _search(points: Points, settings: list[Setting], unloaded: dict, step: float) -> None:
+    """Each setting's ladder, one rate each per round in rotated order; then one rate at the
+    geometric midpoint between each setting's highest pass and the failure above it."""
+    ladders = [Ladder(s, 1e3 / unloaded[s.name]["e2el_ms"]["mean"], step) for s in settings]
+    round_ = 0
+    while any(not ladder.done for ladder in ladders):
+        for ladder in common.rotated([x for x in ladders if not x.done], round_):
+            ladder.record(points.run(ladder.setting, ladder.rate)["within_slo"])
+        round_ += 1
+    refine = []
+    for setting in settings:
+        passed, failed = _bracket(points.measured, setting)
+        if passed is not None and failed is not None:
+            refine.append((setting, math.sqrt(passed * failed)))
+    for setting, rate in common.rotated(refine, round_):
+        points.run(setting, rate)
 
 
 @dataclasses.dataclass
@@ -659,27 +526,26 @@ def _sustainable(points: list[dict], setting: Setting) -> float | None:
     )
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
+def run(args: argparse.Namespace, ctx: Context) -> dict:
     os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's dataset and request bars, per rate
     settings = [Setting(r) for r in sorted(set(args.ratios), reverse=True)]
     if not settings[0].stock:
         settings.insert(0, Setting(1.0))
-    workloads, skipped = workloads_for(args)
+    workloads, skipped = workloads_for(args, ctx)
     results = []
     for workload in workloads:
-        with Server(
-            workload.model_dir,
-            name=workload.model_label,
-            max_model_len=args.max_model_len,
-            timeout=args.server_timeout,
-            mm_processor_cache_gb=args.mm_processor_cache_gb,
-            dtype=args.dtype,
-        ) as server:
-            results.append(sweep(Runner(server, workload, args), settings, args))
+        options = [
+            *harness.server_options(
+                workload.model_label, max_model_len=args.max_model_len, dtype=args.dtype
+            ),
+            *("--mm-processor-cache-gb", f"{args.mm_processor_cache_gb:g}"),
+        ]
+        with harness.serve([workload.model_dir, *options], timeout=args.server_timeout) as server:
+            results.append(sweep(Runner(server, options, workload, args), settings, args))
         print(markdown_workload(results[-1]), flush=True)
     return {
         "benchmark": NAME,
-        "model": model_label,
+        "model": ctx.label,
         "settings": [s.name for s in settings],
         "skipped": skipped,
         "client": "vllm.benchmarks.serve.benchmark (vllm bench serve's core), openai-chat "
@@ -818,10 +684,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path) -> bool:
-    plt = common.pyplot()
-    if plt is None or not result["workloads"]:
-        return False
+@common.figure
+def plot(result: dict, plt):
+    if not result["workloads"]:
+        return None
     workloads = result["workloads"]
     fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7.5), squeeze=False)
     for col, r in enumerate(workloads):
@@ -853,7 +719,7 @@ def plot(result: dict, path) -> bool:
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    return common.save_figure(fig, path)
+    return fig
 
 
 def load_result(path: Path) -> dict | None:
@@ -861,3 +727,6 @@ def load_result(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)

@@ -49,11 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common, serve
+from . import common, harness, serve
+from .benchmark import Benchmark, Context
 
 NAME = "soak"
-USES_ENGINE = False  # starts its own server
-IN_ALL = False
 SERVER_KEEP_RATIO = 0.25
 RATE_SHARE = 0.8
 MEMORY_TOLERANCE = 0.05
@@ -105,9 +104,7 @@ QUESTIONS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--minutes", type=float, default=None, help="length of the soak (default 10; smoke 1)"
-    )
+    common.add_scaled(parser, "--minutes", "length of the soak", full=10.0, smoke=1.0, type=float)
     parser.add_argument(
         "--rate",
         type=float,
@@ -223,7 +220,7 @@ def _image_urls(req: Planned, seed: int) -> list[str]:
         junk = np.random.default_rng(seed + req.index).bytes(4096)
         return ["data:image/png;base64," + base64.b64encode(junk).decode()]
     return [
-        serve.data_url(common.make_image(seed * 1_000_003 + 2 * req.index + i))
+        harness.data_url(common.make_image(seed * 1_000_003 + 2 * req.index + i))
         for i in range(req.images)
     ]
 
@@ -367,20 +364,20 @@ async def _drive(url: str, model: str, requests: list[Planned], seed: int) -> li
 # Server state: idle, memory
 
 
-def settle(server: serve.Server, since: float) -> dict:
+def settle(server: harness.Server, since: float) -> dict:
     """Poll ``/metrics`` until the engine is idle, the stores are empty and the server has
     trimmed its memory since the load ended (at most 90 s); the diagnostics gauge is refreshed
     every 5 s, so it is read from a scrape at least that long after the load ended."""
     deadline = time.monotonic() + SETTLE_SECONDS
-    trims_before = serve.metric(server.metrics(), "lvlm_prune_memory_trims_total")
+    trims_before = harness.metric(server.metrics(), "lvlm_prune_memory_trims_total")
     while True:
         m = server.metrics()
-        trimmed = serve.metric(m, "lvlm_prune_memory_trims_total") > trims_before
+        trimmed = harness.metric(m, "lvlm_prune_memory_trims_total") > trims_before
         state = {
-            "num_requests_running": serve.metric(m, "vllm:num_requests_running"),
-            "num_requests_waiting": serve.metric(m, "vllm:num_requests_waiting"),
-            "ledger_entries": serve.metric(m, "lvlm_prune_ledger_entries"),
-            "diagnostics_pending": serve.metric(m, "lvlm_prune_diagnostics_pending"),
+            "num_requests_running": harness.metric(m, "vllm:num_requests_running"),
+            "num_requests_waiting": harness.metric(m, "vllm:num_requests_waiting"),
+            "ledger_entries": harness.metric(m, "lvlm_prune_ledger_entries"),
+            "diagnostics_pending": harness.metric(m, "lvlm_prune_diagnostics_pending"),
         }
         fresh = time.monotonic() - since > DIAGNOSTICS_POLL_SECONDS + 1
         if (fresh and trimmed and not any(state.values())) or time.monotonic() > deadline:
@@ -393,7 +390,7 @@ def settle(server: serve.Server, since: float) -> dict:
 class MemorySampler:
     """Resident memory (MiB) of every server process, every few seconds, in a thread."""
 
-    def __init__(self, server: serve.Server, every: float = 5.0) -> None:
+    def __init__(self, server: harness.Server, every: float = 5.0) -> None:
         self.procs = server.processes()
         self.every = every
         self.samples: list[dict] = []
@@ -455,9 +452,48 @@ def default_rate(args: argparse.Namespace, label: str) -> tuple[float, str]:
     )
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
-    model_dir, label = common.resolve_model(args.model or ("tiny" if args.smoke else "bench"))
-    minutes = args.minutes or (1.0 if args.smoke else 10.0)
+@dataclasses.dataclass
+class Soak:
+    """What the soak is to do: its traffic, by phase, and the server it runs against."""
+
+    label: str
+    minutes: float
+    rate: float
+    rate_source: str
+    warmup: float  # seconds
+    phases: dict[str, list[Planned]]
+    cache_gb: float
+    server_args: list[str]
+
+
+@dataclasses.dataclass
+class Observed:
+    """What the soak saw: every request's outcome, the server's state and memory."""
+
+    outcomes: list[dict]
+    settled: dict[str, dict]  # per phase, once idle after it
+    before: dict[str, float]  # /metrics before the traffic
+    after: dict[str, float]  # and after it
+    memory: list[dict]  # MemorySampler.samples
+    cotenant: float
+    log_tail: str
+
+
+def run(args: argparse.Namespace, ctx: Context) -> dict:
+    soak = prepare(args, ctx.label)
+    print(
+        f"[{NAME}] {soak.minutes:g} min at {soak.rate:.2f} req/s ({soak.rate_source}); warm-up "
+        f"{soak.warmup:.0f} s",
+        flush=True,
+    )
+    with harness.serve([ctx.model_dir, *soak.server_args], timeout=args.server_timeout) as server:
+        observed = _observe(server, soak, args.seed)
+    return _result(soak, observed)
+
+
+def prepare(args: argparse.Namespace, label: str) -> Soak:
+    """The rate, the warm-up, every request of both phases, and the server's options."""
+    minutes = args.minutes
     rate, rate_source = default_rate(args, label)
     share = args.warmup_share if args.warmup_share is not None else (0.5 if args.smoke else 0.2)
     total = minutes * 60
@@ -469,95 +505,168 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     cache_gb = args.mm_processor_cache_gb
     if cache_gb is None:
         cache_gb = cache_size_gb(phases["warm-up"])
-
-    server = serve.Server(
-        model_dir,
-        name=label,
-        max_model_len=args.max_model_len,
-        timeout=args.server_timeout,
-        images_per_prompt=2,
-        mm_processor_cache_gb=cache_gb,
-        extra_args=("--keep-ratio", str(SERVER_KEEP_RATIO)),
-        dtype=args.dtype,
-    )
-    outcomes, settled = [], {}
-    print(
-        f"[{NAME}] {minutes:g} min at {rate:.2f} req/s ({rate_source}); warm-up {warmup:.0f} s",
-        flush=True,
-    )
-    with server:
-        before = server.metrics()
-        meter = serve.CpuMeter(server)
-        with MemorySampler(server) as memory:
-            for phase, requests in phases.items():
-                print(f"[{NAME}] {phase}: {len(requests)} requests", flush=True)
-                outcomes += asyncio.run(_drive(server.url, label, requests, args.seed))
-                settled[phase] = settle(server, time.monotonic())
-                memory.sample(f"after {phase}, idle")
-        cotenant = meter.share()
-        after = server.metrics()
-        log_tail = server.log_tail(3000)
-    return _result(
-        label=label,
-        minutes=minutes,
-        rate=rate,
-        rate_source=rate_source,
-        warmup=warmup,
-        outcomes=outcomes,
-        settled=settled,
-        before=before,
-        after=after,
-        memory=memory.samples,
-        server_args=server.vllm_args,
-        cotenant=cotenant,
-        log_tail=log_tail,
-        cache_gb=cache_gb,
-    )
-
-
-def _delta(before: dict, after: dict, name: str, **labels) -> float:
-    return serve.metric(after, name, **labels) - serve.metric(before, name, **labels)
-
-
-def _result(**r) -> dict:
-    outcomes = r["outcomes"]
-    by_kind = {
-        k: [o for o in outcomes if o["kind"] == k]
-        for k in ("valid", "invalid", "bad-image", "disconnect")
-    }
-    valid, invalid = by_kind["valid"], by_kind["invalid"]
-    bad, gone = by_kind["bad-image"], by_kind["disconnect"]
-    answered = [o for o in valid if o.get("status") == 200 and not o.get("problem")]
-    disconnected = [o for o in gone if o.get("disconnected")]
-    late = [o for o in disconnected if o.get("events_before_drop", 0) >= LATE_DROP_EVENTS]
-    ended = [o for o in gone if o.get("ended_before_drop") and not o.get("problem")]
-    five_xx = [o for o in outcomes if (o.get("status") or 0) >= 500]
-    no_status = [o for o in outcomes if o.get("status") is None]
-    invalid_ok = [
-        o
-        for o in invalid
-        if o.get("status") == 400 and str(o.get("error_param", "")).startswith("pruning")
+    server_args = [
+        *harness.server_options(
+            label, max_model_len=args.max_model_len, dtype=args.dtype, images=2
+        ),
+        *("--keep-ratio", str(SERVER_KEEP_RATIO), "--mm-processor-cache-gb", f"{cache_gb:g}"),
     ]
-    bad_ok = [o for o in bad if o.get("status") == 400 and not o.get("problem")]
-    before, after = r["before"], r["after"]
-    finished = _delta(before, after, "vllm:request_success_total", finished_reason="stop") + _delta(
-        before, after, "vllm:request_success_total", finished_reason="length"
-    )
-    counted = _delta(before, after, "lvlm_prune_requests_total")
-    # Dropped streams (and only they) ran at keep 0.05: the histogram's first bucket counts those
-    # the server finished (the ones whose end the client saw, and any whose drop came too late).
-    ran_on = _delta(before, after, "lvlm_prune_keep_ratio_bucket", le=f"{DROP_KEEP_RATIO}")
-    end = r["settled"]["measured"]
+    return Soak(label, minutes, rate, rate_source, warmup, phases, cache_gb, server_args)
 
-    memory = r["memory"]
+
+def _observe(server: harness.Server, soak: Soak, seed: int) -> Observed:
+    """Both phases' traffic, each followed by a settle and a memory sample."""
+    outcomes, settled = [], {}
+    before = server.metrics()
+    meter = harness.CpuMeter(server)
+    with MemorySampler(server) as memory:
+        for phase, requests in soak.phases.items():
+            print(f"[{NAME}] {phase}: {len(requests)} requests", flush=True)
+            outcomes += asyncio.run(_drive(server.url, soak.label, requests, seed))
+            settled[phase] = settle(server, time.monotonic())
+            memory.sample(f"after {phase}, idle")
+    cotenant = meter.share()
+    after = server.metrics()
+    return Observed(
+        outcomes, settled, before, after, memory.samples, cotenant, server.log_tail(3000)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+
+
+@dataclasses.dataclass
+class Outcomes:
+    """The outcomes sorted by kind and by what the checks need of them."""
+
+    all: list[dict]
+    valid: list[dict]
+    invalid: list[dict]
+    bad: list[dict]  # oversized images and non-images
+    gone: list[dict]  # streams to be dropped
+    answered: list[dict]  # valid, 200, no problem
+    disconnected: list[dict]  # dropped by the client mid-stream
+    late: list[dict]  # dropped only after LATE_DROP_EVENTS events
+    ended: list[dict]  # found already ended at the client's first read
+
+    @classmethod
+    def of(cls, outcomes: list[dict]) -> Outcomes:
+        kind = {k: [o for o in outcomes if o["kind"] == k] for k in KINDS}
+        disconnected = [o for o in kind["disconnect"] if o.get("disconnected")]
+        return cls(
+            all=outcomes,
+            valid=kind["valid"],
+            invalid=kind["invalid"],
+            bad=kind["bad-image"],
+            gone=kind["disconnect"],
+            answered=[o for o in kind["valid"] if o.get("status") == 200 and not o.get("problem")],
+            disconnected=disconnected,
+            late=[o for o in disconnected if o.get("events_before_drop", 0) >= LATE_DROP_EVENTS],
+            ended=[
+                o for o in kind["disconnect"] if o.get("ended_before_drop") and not o.get("problem")
+            ],
+        )
+
+
+KINDS = ("valid", "invalid", "bad-image", "disconnect")
+
+
+@dataclasses.dataclass
+class Counters:
+    """What the server's counters say happened between the start and the end of the traffic."""
+
+    finished: float  # vLLM requests finished (stop + length)
+    counted: float  # lvlm_prune_requests_total increase
+    ran_on: float  # dropped streams the server ran to their end
+
+    @classmethod
+    def of(cls, before: dict, after: dict) -> Counters:
+        def delta(name: str, **labels) -> float:
+            return harness.metric(after, name, **labels) - harness.metric(before, name, **labels)
+
+        success = "vllm:request_success_total"
+        return cls(
+            finished=delta(success, finished_reason="stop")
+            + delta(success, finished_reason="length"),
+            counted=delta("lvlm_prune_requests_total"),
+            # Dropped streams (and only they) ran at keep 0.05: the histogram's first bucket
+            # counts those the server finished (the ones whose end the client saw, and any whose
+            # drop came too late).
+            ran_on=delta("lvlm_prune_keep_ratio_bucket", le=f"{DROP_KEEP_RATIO}"),
+        )
+
+
+def _traffic_checks(o: Outcomes, c: Counters) -> list[tuple[str, object, object]]:
+    five_xx = [x for x in o.all if (x.get("status") or 0) >= 500]
+    no_status = [x for x in o.all if x.get("status") is None]
+    invalid_ok = [
+        x
+        for x in o.invalid
+        if x.get("status") == 400 and str(x.get("error_param", "")).startswith("pruning")
+    ]
+    bad_ok = [x for x in o.bad if x.get("status") == 400 and not x.get("problem")]
+    prompt_drops = len(o.disconnected) - len(o.late)
+    return [
+        ("responses 5xx", 0, len(five_xx)),
+        ("requests without any HTTP response (client errors, timeouts)", 0, len(no_status)),
+        (
+            "valid requests answered exactly once (200, one complete body or stream, one pruning)",
+            len(o.valid),
+            len(o.answered),
+        ),
+        ("invalid pruning values answered 400 naming pruning.*", len(o.invalid), len(invalid_ok)),
+        ("oversized images and non-images answered 400", len(o.bad), len(bad_ok)),
+        (
+            "streams the client dropped after the first token (or found already ended)",
+            len(o.gone),
+            len(o.disconnected) + len(o.ended),
+        ),
+        (
+            f"dropped streams the server stopped (not run to their end), of those the client "
+            f"dropped at once (before {LATE_DROP_EVENTS} events had arrived)",
+            prompt_drops,
+            prompt_drops - max(0, c.ran_on - len(o.ended) - len(o.late)),
+        ),
+        (
+            "vLLM requests finished (stop + length) = answered in full + dropped but run on",
+            len(o.answered) + c.ran_on,
+            c.finished,
+        ),
+    ]
+
+
+def _state_checks(o: Outcomes, c: Counters, settled: dict) -> list[tuple[str, object, object]]:
+    end = settled["measured"]
+    return [
+        ("vllm:num_requests_running after the run", 0, end["num_requests_running"]),
+        ("vllm:num_requests_waiting after the run", 0, end["num_requests_waiting"]),
+        ("lvlm_prune_ledger_entries after the run", 0, end["ledger_entries"]),
+        ("lvlm_prune_diagnostics_pending after the run", 0, end["diagnostics_pending"]),
+        (
+            "memory handed back once idle, after warm-up and after the run "
+            "(lvlm_prune_memory_trims_total grew)",
+            True,
+            all(phase.get("memory_trimmed", False) for phase in settled.values()),
+        ),
+        (
+            "lvlm_prune_requests_total increase, dropped streams aside = valid image requests",
+            len(o.answered),
+            c.counted - c.ran_on,
+        ),
+    ]
+
+
+def _rss_rows(memory: list[dict]) -> list[dict]:
+    """Per server process: resident memory idle after the warm-up, idle at the end, the peak."""
     baseline = next(s for s in memory if s.get("mark") == "after warm-up, idle")
     final = next(s for s in memory if s.get("mark") == "after measured, idle")
-    rss_rows = []
+    rows = []
     for name, start_mib in baseline["rss_mib"].items():
         end_mib = final["rss_mib"][name]
         peak = max(s["rss_mib"].get(name, 0) for s in memory if s["t"] >= baseline["t"])
         growth = end_mib / start_mib - 1
-        rss_rows.append(
+        rows.append(
             {
                 "process": name,
                 "start_mib": start_mib,
@@ -567,114 +676,93 @@ def _result(**r) -> dict:
                 "ok": growth <= MEMORY_TOLERANCE,
             }
         )
+    return rows
 
-    checks = [
-        ("responses 5xx", 0, len(five_xx)),
-        ("requests without any HTTP response (client errors, timeouts)", 0, len(no_status)),
-        (
-            "valid requests answered exactly once (200, one complete body or stream, one pruning)",
-            len(valid),
-            len(answered),
-        ),
-        ("invalid pruning values answered 400 naming pruning.*", len(invalid), len(invalid_ok)),
-        ("oversized images and non-images answered 400", len(bad), len(bad_ok)),
-        (
-            "streams the client dropped after the first token (or found already ended)",
-            len(gone),
-            len(disconnected) + len(ended),
-        ),
-        (
-            f"dropped streams the server stopped (not run to their end), of those the client "
-            f"dropped at once (before {LATE_DROP_EVENTS} events had arrived)",
-            len(disconnected) - len(late),
-            len(disconnected) - len(late) - max(0, ran_on - len(ended) - len(late)),
-        ),
-        (
-            "vLLM requests finished (stop + length) = answered in full + dropped but run on",
-            len(answered) + ran_on,
-            finished,
-        ),
-        ("vllm:num_requests_running after the run", 0, end["num_requests_running"]),
-        ("vllm:num_requests_waiting after the run", 0, end["num_requests_waiting"]),
-        ("lvlm_prune_ledger_entries after the run", 0, end["ledger_entries"]),
-        ("lvlm_prune_diagnostics_pending after the run", 0, end["diagnostics_pending"]),
-        (
-            "memory handed back once idle, after warm-up and after the run "
-            "(lvlm_prune_memory_trims_total grew)",
-            True,
-            all(phase.get("memory_trimmed", False) for phase in r["settled"].values()),
-        ),
-        (
-            "lvlm_prune_requests_total increase, dropped streams aside = valid image requests",
-            len(answered),
-            counted - ran_on,
-        ),
-    ]
+
+def _memory_check(row: dict) -> dict:
+    return {
+        "check": f"resident memory of {row['process']}: growth after warm-up <= "
+        f"{MEMORY_TOLERANCE:.0%}",
+        "expected": f"<= {row['start_mib'] * (1 + MEMORY_TOLERANCE):.0f} MiB",
+        "observed": f"{row['start_mib']:.0f} -> {row['end_mib']:.0f} MiB ({row['change']:+.1%})",
+        "ok": row["ok"],
+    }
+
+
+def _checks(o: Outcomes, c: Counters, settled: dict, rss_rows: list[dict]) -> list[dict]:
     checks = [
         {"check": name, "expected": expected, "observed": observed, "ok": observed == expected}
-        for name, expected, observed in checks
+        for name, expected, observed in _traffic_checks(o, c) + _state_checks(o, c, settled)
     ]
-    for row in rss_rows:
-        checks.append(
-            {
-                "check": f"resident memory of {row['process']}: growth after warm-up <= "
-                f"{MEMORY_TOLERANCE:.0%}",
-                "expected": f"<= {row['start_mib'] * (1 + MEMORY_TOLERANCE):.0f} MiB",
-                "observed": f"{row['start_mib']:.0f} -> {row['end_mib']:.0f} MiB "
-                f"({row['change']:+.1%})",
-                "ok": row["ok"],
-            }
-        )
-    problems = [
-        {k: o.get(k) for k in ("index", "kind", "stream", "status", "problem", "error_message")}
-        for o in outcomes
-        if o.get("problem") or (o.get("status") or 0) >= 500 or o.get("status") is None
-    ]
-    durations = [o["seconds"] for o in answered]
+    return checks + [_memory_check(row) for row in rss_rows]
+
+
+def _result(soak: Soak, seen: Observed) -> dict:
+    outcomes = Outcomes.of(seen.outcomes)
+    rss_rows = _rss_rows(seen.memory)
+    checks = _checks(outcomes, Counters.of(seen.before, seen.after), seen.settled, rss_rows)
+    durations = [o["seconds"] for o in outcomes.answered]
     passed = all(c["ok"] for c in checks)
     return {
         "benchmark": NAME,
-        "model": r["label"],
-        "settings": {
-            "minutes": r["minutes"],
-            "rate": r["rate"],
-            "rate_source": r["rate_source"],
-            "warmup_seconds": r["warmup"],
-            "server_args": r["server_args"],
-            "mm_processor_cache_gb": r["cache_gb"],
-            "mix": {
-                "invalid_pruning": SHARE_INVALID,
-                "bad_image": SHARE_BAD_IMAGE,
-                "disconnect": SHARE_DISCONNECT,
-                "heatmap": SHARE_HEATMAP,
-                "two_images": SHARE_TWO_IMAGES,
-                "streamed": 0.5,
-                "valid_pruning": [[p, w] for p, w in VALID_PRUNING],
-                "invalid_values": list(INVALID_PRUNING),
-            },
-        },
-        "counts": {
-            "sent": len(outcomes),
-            "valid": len(valid),
-            "valid_streamed": sum(o["stream"] for o in valid),
-            "valid_heatmap": sum(o["heatmap"] for o in valid),
-            "valid_two_images": sum(o["images"] == 2 for o in valid),
-            "invalid": len(invalid),
-            "bad_image": len(bad),
-            "disconnect": len(gone),
-            "disconnect_ended_before_drop": len(ended),
-            "disconnect_late": len(late),
-            "statuses": _statuses(outcomes),
-        },
+        "model": soak.label,
+        "settings": _settings(soak),
+        "counts": _counts(outcomes),
         "valid_latency_s": common.summary(durations) if durations else None,
-        "settled": r["settled"],
-        "memory": {"processes": rss_rows, "samples": memory},
-        "cotenant_cpu_share": r["cotenant"],
+        "settled": seen.settled,
+        "memory": {"processes": rss_rows, "samples": seen.memory},
+        "cotenant_cpu_share": seen.cotenant,
         "checks": checks,
-        "problems": problems[:20],
-        "server_log_tail": r["log_tail"] if not passed else None,
+        "problems": _problems(seen.outcomes)[:20],
+        "server_log_tail": seen.log_tail if not passed else None,
         "passed": passed,
     }
+
+
+def _settings(soak: Soak) -> dict:
+    return {
+        "minutes": soak.minutes,
+        "rate": soak.rate,
+        "rate_source": soak.rate_source,
+        "warmup_seconds": soak.warmup,
+        "server_args": soak.server_args,
+        "mm_processor_cache_gb": soak.cache_gb,
+        "mix": {
+            "invalid_pruning": SHARE_INVALID,
+            "bad_image": SHARE_BAD_IMAGE,
+            "disconnect": SHARE_DISCONNECT,
+            "heatmap": SHARE_HEATMAP,
+            "two_images": SHARE_TWO_IMAGES,
+            "streamed": 0.5,
+            "valid_pruning": [[p, w] for p, w in VALID_PRUNING],
+            "invalid_values": list(INVALID_PRUNING),
+        },
+    }
+
+
+def _counts(o: Outcomes) -> dict:
+    return {
+        "sent": len(o.all),
+        "valid": len(o.valid),
+        "valid_streamed": sum(x["stream"] for x in o.valid),
+        "valid_heatmap": sum(x["heatmap"] for x in o.valid),
+        "valid_two_images": sum(x["images"] == 2 for x in o.valid),
+        "invalid": len(o.invalid),
+        "bad_image": len(o.bad),
+        "disconnect": len(o.gone),
+        "disconnect_ended_before_drop": len(o.ended),
+        "disconnect_late": len(o.late),
+        "statuses": _statuses(o.all),
+    }
+
+
+def _problems(outcomes: list[dict]) -> list[dict]:
+    keys = ("index", "kind", "stream", "status", "problem", "error_message")
+    return [
+        {k: o.get(k) for k in keys}
+        for o in outcomes
+        if o.get("problem") or (o.get("status") or 0) >= 500 or o.get("status") is None
+    ]
 
 
 def _statuses(outcomes: list[dict]) -> dict[str, int]:
@@ -748,10 +836,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path) -> bool:
-    plt = common.pyplot()
-    if plt is None:
-        return False
+@common.figure
+def plot(result: dict, plt):
     samples = result["memory"]["samples"]
     fig, ax = plt.subplots(figsize=(8, 4))
     for name in samples[0]["rss_mib"]:
@@ -765,4 +851,7 @@ def plot(result: dict, path) -> bool:
     ax.set_title(f"soak on {result['model']}: memory of the server's processes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return common.save_figure(fig, path)
+    return fig
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)

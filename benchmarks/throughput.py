@@ -16,47 +16,60 @@ import argparse
 import math
 
 from . import common
+from .benchmark import Benchmark, Context
 
 NAME = "throughput"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--batch", type=int, default=None, help="requests per batch (default 12; smoke 3)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="measured rounds (default 3; smoke 1)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="unmeasured rounds (default 1; smoke 0)"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="output tokens per request (default 8; smoke 2)",
-    )
+    common.add_scaled(parser, "--batch", "requests per batch", full=12, smoke=3)
+    common.add_scaled(parser, "--repeats", "measured rounds", full=3, smoke=1)
+    common.add_scaled(parser, "--warmup", "unmeasured rounds", full=1, smoke=0)
+    common.add_scaled(parser, "--max-tokens", "output tokens per request", full=8, smoke=2)
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--method", default="simignore")
 
 
-def run(args: argparse.Namespace, llm, model_label: str) -> dict:
-    from vllm import SamplingParams
-
-    batch = args.batch or (3 if args.smoke else 12)
-    repeats = args.repeats or (1 if args.smoke else 3)
-    warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 1)
-    max_tokens = args.max_tokens or (2 if args.smoke else 8)
+def run(args: argparse.Namespace, ctx: Context) -> dict:
+    batch, repeats, warmup, max_tokens = args.batch, args.repeats, args.warmup, args.max_tokens
     configs = [common.Config(r, args.method) for r in sorted(set(args.ratios), reverse=True)]
     assert configs[0].stock, "the ratios must include 1.0 (stock)"
+    samples = _measure(ctx, args, configs, batch, (warmup, repeats), max_tokens)
+    kv = common.kv_cache_info(ctx.llm)
+    return {
+        "benchmark": NAME,
+        "model": ctx.label,
+        "settings": {
+            "batch": batch,
+            "repeats": repeats,
+            "warmup": warmup,
+            "max_tokens": max_tokens,
+            "method": args.method,
+            "prefix_caching": False,
+            "order": "round-robin over ratios, rotated each round",
+        },
+        "kv_cache": kv,
+        "kv_capacity_method": (
+            "num_blocks // ceil((prompt_tokens + max_tokens) / block_size), from vLLM's cache config "
+            "after init; token_granular = num_blocks * block_size // (prompt_tokens + max_tokens)"
+        ),
+        "rows": _rows(samples, configs, kv, batch, max_tokens),
+    }
+
+
+def _measure(ctx: Context, args, configs, batch: int, rounds: tuple[int, int], max_tokens: int):
+    """A batch per config, configs round-robin; the samples of the measured rounds."""
+    from vllm import SamplingParams
+
+    warmup, repeats = rounds
+    llm = ctx.llm
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     samples = {
         c.name: {"seconds": [], "cotenant": [], "prompt_tokens": None, "output_tokens": None}
         for c in configs
     }
-
     family = common.family_of(llm)
-    bar = common.progress((warmup + repeats) * len(configs) * batch, f"{NAME} ({model_label})")
+    bar = common.progress((warmup + repeats) * len(configs) * batch, f"{NAME} ({ctx.label})")
     for round_ in range(warmup + repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
             seeds = [1_000_000 + 10_000 * round_ + 100 * i + j for j in range(batch)]
@@ -76,8 +89,10 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
             s["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
             s["prompt_tokens_per_request"] = len(outs[0].prompt_token_ids)
     bar.close()
+    return samples
 
-    kv = common.kv_cache_info(llm)
+
+def _rows(samples: dict, configs, kv: dict, batch: int, max_tokens: int) -> list[dict]:
     rows = []
     for config in configs:
         s = samples[config.name]
@@ -103,25 +118,7 @@ def run(args: argparse.Namespace, llm, model_label: str) -> dict:
     for row in rows:
         row["requests_per_s_ratio"] = row["requests_per_s"] / stock["requests_per_s"]
         row["kv_capacity_ratio"] = row["kv_capacity_requests"] / stock["kv_capacity_requests"]
-    return {
-        "benchmark": NAME,
-        "model": model_label,
-        "settings": {
-            "batch": batch,
-            "repeats": repeats,
-            "warmup": warmup,
-            "max_tokens": max_tokens,
-            "method": args.method,
-            "prefix_caching": False,
-            "order": "round-robin over ratios, rotated each round",
-        },
-        "kv_cache": kv,
-        "kv_capacity_method": (
-            "num_blocks // ceil((prompt_tokens + max_tokens) / block_size), from vLLM's cache config "
-            "after init; token_granular = num_blocks * block_size // (prompt_tokens + max_tokens)"
-        ),
-        "rows": rows,
-    }
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -168,10 +165,8 @@ def markdown(result: dict) -> str:
     )
 
 
-def plot(result: dict, path) -> bool:
-    plt = common.pyplot()
-    if plt is None:
-        return False
+@common.figure
+def plot(result: dict, plt):
     rows = result["rows"]
     xs = [r["keep_ratio"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -190,4 +185,7 @@ def plot(result: dict, path) -> bool:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     fig.suptitle(f"model {result['model']}")
-    return common.save_figure(fig, path)
+    return fig
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)

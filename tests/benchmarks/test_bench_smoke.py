@@ -123,6 +123,15 @@ def test_image_size_option_refuses_what_is_not_width_x_height(text):
         common.image_size(text)
 
 
+def test_defaults_follow_smoke_unless_given():
+    from lvlm_prune.benchmarks.__main__ import build_parser
+
+    args = common.resolve_scaled(build_parser().parse_args(["latency", "--smoke"]))
+    assert (args.repeats, args.warmup, args.max_tokens) == (2, 1, 4)
+    args = common.resolve_scaled(build_parser().parse_args(["latency", "--repeats", "3"]))
+    assert (args.repeats, args.warmup, args.max_tokens) == (3, 2, 16)
+
+
 def test_throughput_kv_capacity_grows_as_keep_ratio_falls(smoke):
     result = smoke["results"]["throughput"]
     kv = result["kv_cache"]
