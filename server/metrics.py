@@ -65,6 +65,13 @@ LEDGER_ENTRIES = Gauge(
     "when idle, disconnects and errors included. Per process, so no model_name label.",
 )
 LEDGER_ENTRIES.set_function(lambda: len(LEDGER))  # read at scrape time
+MODEL_PRUNED = Gauge(
+    "lvlm_prune_model_pruned",
+    "1 when lvlm-prune prunes the served model's image tokens; 0 when the model's architecture is "
+    "not one it prunes, so the model is served unpruned and requests that ask for pruning are "
+    "refused (HTTP 400). Set at start-up.",
+    LABELS,
+)
 MEMORY_TRIMS = Counter(
     "lvlm_prune_memory_trims",
     "Times the server, gone idle, handed the memory its last burst freed back to the operating "

@@ -138,6 +138,7 @@ def test_metrics_names_and_counts(server, client):
     )
     uniform = f'lvlm_prune_requests_total{{method="uniform",model_name="{MODEL}"}}'
     assert after[uniform] - before.get(uniform, 0) == 1
+    assert after[f"lvlm_prune_model_pruned{key}"] == 1  # 0: test_unsupported_model.py
 
 
 def _scrape(server) -> dict[str, float]:
