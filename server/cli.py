@@ -18,7 +18,6 @@ import os
 import sys
 
 from lvlm_prune import envs, models
-from lvlm_prune.kernels import PRUNE_METHODS
 
 PLUGIN_NAMES = ("lvlm_prune", "lvlm_prune_api")
 
@@ -51,11 +50,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _add_own_flags(parser) -> None:
+    """One flag per option declared server-wide (``options.FLAGS``)."""
+    from lvlm_prune.vllm_plugin import options
+
     group = parser.add_argument_group("lvlm-prune (folded into --mm-processor-kwargs)")
-    group.add_argument(
-        "--keep-ratio", type=_ratio, help="server-wide share of image tokens kept, in (0, 1]"
-    )
-    group.add_argument("--prune-method", choices=PRUNE_METHODS, help="server-wide method")
+    for opt in options.FLAGS:
+        group.add_argument(
+            opt.flag,
+            dest=opt.kwarg,
+            type=_flag_type(opt),
+            choices=getattr(opt.kind, "choices", None),
+            help=f"server-wide {opt.kwarg}: {opt.kind.rule}",
+        )
 
 
 def _own_parser() -> argparse.ArgumentParser:
@@ -65,13 +71,21 @@ def _own_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ratio(text: str) -> float:
-    from lvlm_prune.vllm_plugin.options import PruneOptions
+def _flag_type(opt):
+    """The flag's text checked by the option's own rule (``Option.parse``)."""
 
-    try:
-        return PruneOptions.from_kwargs({"keep_ratio": float(text)}).keep_ratio
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    def parse(text: str):
+        try:
+            value = opt.kind.from_text(text)
+        except ValueError:
+            value = text  # refused below, in the option's words
+        try:
+            return opt.parse(value, name=opt.flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = opt.kwarg  # argparse names the type in some errors
+    return parse
 
 
 def vllm_serve_parser():
@@ -98,10 +112,7 @@ def build_serve_args(argv: list[str]) -> argparse.Namespace:
         args.served_model_name = args.served_model_name or [served_name]
 
     mm_kwargs = dict(args.mm_processor_kwargs or {})
-    if ours.keep_ratio is not None:
-        mm_kwargs["keep_ratio"] = ours.keep_ratio
-    if ours.prune_method is not None:
-        mm_kwargs["prune_method"] = ours.prune_method
+    mm_kwargs.update({k: v for k, v in vars(ours).items() if v is not None})  # dest: the kwarg
     if mm_kwargs:
         from lvlm_prune.vllm_plugin.options import PruneOptions
 
@@ -115,6 +126,47 @@ def build_serve_args(argv: list[str]) -> argparse.Namespace:
 
         args.worker_extension_cls = WORKER_EXTENSION
     return args
+
+
+def refuse_unpruned_model(args: argparse.Namespace) -> None:
+    """Exit with a message, before the engine loads, when the server-wide options ask for
+    pruning a model lvlm-prune does not prune (every request would be answered unpruned).
+
+    Decided here from the checkpoint's config rather than only where the endpoint plugin sees the
+    engine's model config (``plugin.PruningEndpointPlugin.init_state``): that runs after the
+    engine has loaded the weights and profiled memory, minutes for a large model. The plugin
+    checks again, for ``vllm serve`` and for what a config alone cannot tell (``--model-impl
+    transformers``); this refuses only when no architecture the config names is one we prune, and
+    leaves a checkpoint it cannot read to vLLM's own error.
+    """
+    from .plugin import (
+        UnprunedModelError,
+        check_server_wide_options,
+        pruning_asked,
+        unpruned_reason,
+    )
+
+    if not pruning_asked(args.mm_processor_kwargs or {}, prefix="mm_processor_kwargs"):
+        return  # nothing to refuse: skip reading the config
+    from vllm.transformers_utils.config import get_config
+
+    try:
+        hf_config = get_config(
+            args.model,
+            args.trust_remote_code,
+            revision=args.revision,
+            code_revision=args.code_revision,
+            config_format=args.config_format,
+            hf_overrides_kw=args.hf_overrides if isinstance(args.hf_overrides, dict) else None,
+        )
+    except Exception:  # noqa: BLE001 - vLLM says what is wrong with the checkpoint itself
+        return
+    reasons = [unpruned_reason(arch, hf_config) for arch in hf_config.architectures or ()]
+    if reasons and None not in reasons:
+        try:
+            check_server_wide_options(reasons[0], args.mm_processor_kwargs)
+        except UnprunedModelError as err:
+            sys.exit(f"lvlm-prune serve: {err}")
 
 
 def prepare_environment() -> None:
@@ -136,20 +188,18 @@ def prepare_environment() -> None:
 def serve(argv: list[str]) -> None:
     prepare_environment()
 
-    import uvloop
-    from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
+    from lvlm_prune.vllm_plugin import vllm_internals
 
+    from .plugin import UnprunedModelError
     from .supervision import exit_status
 
-    # NOTE(vLLM 0.32): the same steps as vllm/entrypoints/launchers/api_server/entry.py:main.
-    cli_env_setup()
-    args = build_serve_args(argv)
-    configure_logging_from_args(args)
-    validate_parsed_serve_args(args)
-    uvloop.run(run_server(args))
+    # vLLM's own serve entry point, in two halves (vllm_internals: its steps are copied code).
+    args = vllm_internals.serve_args(lambda: build_serve_args(argv))
+    refuse_unpruned_model(args)
+    try:
+        vllm_internals.run_api_server(args)
+    except UnprunedModelError as err:  # what only the engine's model config told (plugin.py)
+        sys.exit(f"lvlm-prune serve: {err}")
     sys.exit(exit_status())  # non-zero when the engine died, so a supervisor restarts us
 
 

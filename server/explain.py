@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lvlm_prune import envs
 from lvlm_prune.kernels import PRUNE_METHODS
+from lvlm_prune.vllm_plugin import options
 
 DIAGNOSTICS_ID = 1
 MAP_LAYER = 2
@@ -62,14 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    from lvlm_prune.vllm_plugin.options import PruneOptionError, PruneOptions
-
-    kwargs = {"keep_ratio": args.keep_ratio, "prune_method": args.method}
+    kwargs = {options.KEEP_RATIO: args.keep_ratio, options.METHOD: args.method}
     if args.prune_layer is not None:
-        kwargs["prune_layer"] = args.prune_layer
+        kwargs[options.PRUNE_LAYER] = args.prune_layer
     try:
-        PruneOptions.from_kwargs(kwargs)
-    except PruneOptionError as err:
+        options.PruneOptions.from_kwargs(kwargs)
+    except options.PruneOptionError as err:
         sys.exit(f"lvlm-prune explain: {err}")
     if not args.image.is_file():
         sys.exit(f"lvlm-prune explain: no image file {args.image}")
@@ -153,9 +152,9 @@ def explain(
     ]
     kwargs = {
         **mm_kwargs,
-        "prune_query": [question],  # as the server: the image's own question, not the template
-        "prune_diagnostics": DIAGNOSTICS_ID,
-        "prune_flow": True,
+        options.QUERY: [question],  # as the server: the image's own question, not the template
+        options.DIAGNOSTICS: DIAGNOSTICS_ID,
+        options.FLOW: True,
     }
     (output,) = llm.chat(
         messages,
@@ -186,8 +185,8 @@ def explain(
         "question": question,
         "answer": output.outputs[0].text,
         "prompt_tokens": len(output.prompt_token_ids),
-        "keep_ratio": mm_kwargs["keep_ratio"],
-        "method": mm_kwargs["prune_method"],
+        "keep_ratio": mm_kwargs[options.KEEP_RATIO],
+        "method": mm_kwargs[options.METHOD],
         "per_image": per_image,
         "flow": result_flow,
     }

@@ -75,6 +75,8 @@ class PruningMiddleware:
             or state is None
         ):
             return await self.app(scope, receive, send)
+        if not state.prunes:
+            return await answer_on_unpruned_model(self.app, scope, receive, send, state)
         state.idle_trimmer.started()
         try:
             await self._handle(scope, receive, send, path, state)
@@ -111,6 +113,28 @@ class PruningMiddleware:
             await rewriter.release()  # a disconnect or an error must not leave entries behind
 
 
+async def answer_on_unpruned_model(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, state
+) -> None:
+    """A model lvlm-prune does not prune (``plugin.UnprunedModel``): a request that asks for
+    pruning is refused with a 400 naming why, rather than answered unpruned as if it had been;
+    any other goes to vLLM as it came, less a no-op ``pruning`` object (keep_ratio 1.0)."""
+    body = await _read_body(receive)
+    try:
+        payload = json.loads(body) if body else None
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        if asked := state.pruning_asked(payload):
+            return await _send_error(send, state.refusal(asked), asked[0])
+        if "pruning" in payload:
+            del payload["pruning"]
+            body = json.dumps(payload).encode()
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+    await app(scope, _replay(body, receive), send)
+
+
 @dataclass
 class PreparedRequest:
     tag: str
@@ -130,18 +154,16 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
             raise BadRequest("mm_processor_kwargs must be an object", "mm_processor_kwargs")
         # Raw prune_flow asks what pruning.diagnostics "flow" asks: the server supplies the id.
         raw_flow = raw_kwargs.pop(options.FLOW, None)
-        if raw_flow is not None and not isinstance(raw_flow, bool):
-            raise BadRequest(
-                f"mm_processor_kwargs.{options.FLOW} must be true or false, got {raw_flow!r}",
-                f"mm_processor_kwargs.{options.FLOW}",
-            )
-        check_raw_kwargs(raw_kwargs)
+        with _at_door(None):
+            if raw_flow is not None:
+                options.BY_KWARG[options.FLOW].parse(raw_flow)
+            check_raw_kwargs(raw_kwargs)
 
     pruning = PruningRequest()
     if raw_pruning is not None:
         if not isinstance(raw_pruning, dict):
             raise BadRequest("pruning must be an object", "pruning")
-        try:
+        try:  # the same Option.parse as the raw kwargs, field by field (schemas.py)
             pruning = PruningRequest.model_validate(raw_pruning)
         except pydantic.ValidationError as err:
             first = err.errors()[0]
@@ -204,38 +226,44 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
 
 
 def check_raw_kwargs(raw: dict) -> None:
-    """Raw ``mm_processor_kwargs``: our options validated here, with the field in the error.
-
-    Other keys, and keys only the server may set, are for vLLM's gate to refuse (plugin.py).
-    """
-    try:
+    """Raw ``mm_processor_kwargs``: our options checked by the offline engine's own parser, the
+    field named in the error. Other keys, and keys only the server may set, are for vLLM's gate
+    to refuse (plugin.py)."""
+    with _at_door(None):
         options.PruneOptions.from_kwargs(raw)
-    except options.PruneOptionError as err:
-        raise BadRequest(str(err), f"mm_processor_kwargs.{err.kwarg}") from None
 
 
 def check_query_count(mm_kwargs: dict, num_images: int, source: str | None) -> None:
-    """A list of queries must have one entry per image (the processor would refuse it too, but
-    without the field's name)."""
+    """A list of queries has one entry per image (``options.check_query_count``, the rule the
+    processor applies too), refused here with the field's name."""
     query = mm_kwargs.get(options.QUERY)
-    if isinstance(query, list) and len(query) != num_images:
-        param = "pruning.query" if source == "pruning" else f"mm_processor_kwargs.{options.QUERY}"
-        raise BadRequest(
-            f"{param} has {len(query)} queries for {num_images} image(s) in the messages: give "
-            "one string for every image, or one string per image in prompt order",
-            param,
-        )
+    if isinstance(query, (list, tuple)):
+        with _at_door(source) as name:
+            options.check_query_count(query, num_images, name=name(options.QUERY))
 
 
 def check_prune_layer(mm_kwargs: dict, num_layers: int, source: str | None) -> None:
-    """A scout cannot run more decoder layers than the model has (the processor refuses it too,
-    for the flow method, but without the field's name)."""
+    """A scout cannot run more decoder layers than the model has, whatever the method
+    (``options.check_prune_layer``, the rule the processor applies too)."""
     layer = mm_kwargs.get(options.PRUNE_LAYER)
-    if isinstance(layer, int) and layer > num_layers:
-        param = f"{source or 'mm_processor_kwargs'}.{options.PRUNE_LAYER}"
-        raise BadRequest(
-            f"{param} must be at most the model's {num_layers} decoder layers, got {layer}", param
-        )
+    with _at_door(source) as name:
+        options.check_prune_layer(layer, num_layers, name=name(options.PRUNE_LAYER))
+
+
+@contextlib.contextmanager
+def _at_door(source: str | None):
+    """A ``PruneOptionError`` inside as a 400 whose ``param`` is the field the client set:
+    ``pruning.<name>`` when ``source`` is "pruning", else ``mm_processor_kwargs.<kwarg>``.
+    Yields the field's name for a kwarg, for the message."""
+
+    def param(kwarg: str) -> str:
+        opt = options.BY_KWARG[kwarg]
+        return f"pruning.{opt.api}" if source == "pruning" else f"mm_processor_kwargs.{kwarg}"
+
+    try:
+        yield param
+    except options.PruneOptionError as err:
+        raise BadRequest(str(err), param(err.kwarg)) from None
 
 
 def image_urls(payload: dict) -> list[str | None]:

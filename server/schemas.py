@@ -1,89 +1,58 @@
 """The ``pruning`` object: what a client may ask for, and what it gets back.
 
 Requests validate strictly (no "0.5" for a number, no unknown keys), so a typo is a 400 that names
-the field instead of a silently unpruned request. pydantic checks the types; the value rules are
-``PruneOptions``', the same for this object, raw ``mm_processor_kwargs`` and the offline engine.
+the field instead of a silently unpruned request. The fields of ``pruning`` and their rules come
+from the option declarations (``vllm_plugin/options.py``), the same for this object, raw
+``mm_processor_kwargs`` and the offline engine.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from lvlm_prune.kernels import PRUNE_METHODS
 from lvlm_prune.vllm_plugin import options
 
-QueryText = Annotated[StrictStr, Field(max_length=20_000)]
 
-
-class PruningRequest(BaseModel):
-    """``extra_body={"pruning": {...}}`` on /v1/chat/completions and /v1/completions."""
-
+class _PruningRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    keep_ratio: Annotated[float, Field(strict=True)] | None = None
-    """Share of each image's tokens kept, in (0, 1]; default: the server's (1.0 unless set)."""
-    method: Annotated[StrictStr, Field(json_schema_extra={"enum": list(PRUNE_METHODS)})] | None = (
-        None
-    )
-    merge: StrictBool | None = None
-    diagnostics: bool | Literal["heatmap", "flow"] = False
-    """True: scores, kept indices and top query tokens per image. "heatmap": also a PNG. "flow":
-    what true gives, and the information flow through the language model (``flow``)."""
-    query: QueryText | list[QueryText] | None = None
-    """Relevance query: one string for every image, or one per image in prompt order. Default:
-    each image's own question, the text of the user message that carries it (else of the next
-    user message with text). The last 512 tokens of each are used."""
-    requery: StrictBool = False
-    """Re-select every image for the latest user message's text. The image's hash, kept tokens
-    and prompt then change, so the vision tower runs again and the prefix cache misses from the
-    first image on."""
-    seed: StrictInt | None = None
-    prune_layer: StrictInt | None = None
-    """``method: "flow"``: decoder layers the scout runs (default: the model's declared depth,
-    else 2); it ranks the image tokens by the attention the question pays them in the last of
-    them."""
+    def mm_processor_kwargs(self) -> dict[str, object]:
+        """The options the client gave, as ``mm_processor_kwargs`` (already normalised)."""
+        out = {
+            opt.kwarg: getattr(self, opt.api)
+            for opt in options.BY_API.values()
+            if opt.kwarg and getattr(self, opt.api) is not None
+        }
+        if self.diagnostics == "flow":
+            out[options.FLOW] = True  # the server adds the diagnostics id it needs
+        return out
 
-    @field_validator("keep_ratio", "method", "seed", "prune_layer")
-    @classmethod
-    def _in_range(cls, value, info):
-        kwarg = {
-            "keep_ratio": options.KEEP_RATIO,
-            "method": options.METHOD,
-            "seed": options.SEED,
-            "prune_layer": options.PRUNE_LAYER,
-        }[info.field_name]
+
+def _checked(opt: options.Option):
+    """The field of ``opt``: its value checked by the same ``Option.parse`` as raw kwargs."""
+
+    def check(value: object) -> object:
+        if value is None and default is None:
+            return None
         try:
-            options.PruneOptions.from_kwargs({kwarg: value})
+            return opt.parse(value, name=opt.api, api=True)
         except options.PruneOptionError as err:
             raise ValueError(str(err)) from None
-        return value
 
-    @field_validator("diagnostics", mode="before")
-    @classmethod
-    def _diagnostics(cls, value):
-        if value is True or value is False or value in ("heatmap", "flow"):
-            return value
-        raise ValueError(f'must be true, false, "heatmap" or "flow", got {value!r}')
+    # An option the engine takes too is None when not given: the server-wide default applies.
+    default = None if opt.kwarg else opt.default
+    return Annotated[object, AfterValidator(check)], Field(default=default, description=opt.doc)
 
-    def mm_processor_kwargs(self) -> dict[str, object]:
-        out: dict[str, object] = {}
-        if self.keep_ratio is not None:
-            out[options.KEEP_RATIO] = float(self.keep_ratio)
-        if self.method is not None:
-            out[options.METHOD] = self.method
-        if self.merge is not None:
-            out[options.MERGE] = self.merge
-        if self.query is not None:
-            out[options.QUERY] = self.query
-        if self.seed is not None:
-            out[options.SEED] = self.seed
-        if self.prune_layer is not None:
-            out[options.PRUNE_LAYER] = self.prune_layer
-        if self.diagnostics == "flow":
-            out[options.FLOW] = True
-        return out
+
+PruningRequest = create_model(
+    "PruningRequest",
+    __base__=_PruningRequest,
+    __doc__="""``extra_body={"pruning": {...}}`` on /v1/chat/completions and /v1/completions; one
+    field per ``options.OPTIONS`` entry with an API name.""",
+    **{opt.api: _checked(opt) for opt in options.BY_API.values()},
+)
 
 
 class QueryToken(BaseModel):

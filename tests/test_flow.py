@@ -134,7 +134,7 @@ def test_flow_options():
     assert hashed["prune_layer"] == 1 and hashed["prune_flow"] is True
     # prune_layer only matters (and is only hashed) for the flow method.
     assert "prune_layer" not in PruneOptions.from_kwargs({"prune_layer": 3}).hashed_kwargs([[1]])
-    assert PruneOptions.from_kwargs({"prune_method": "flow"}).prune_layer == 2
+    assert PruneOptions.from_kwargs({"prune_method": "flow"}).scout_layers == 2
     for bad in (0, -1, 1025, 1.0, True, "2"):
         with pytest.raises(PruneOptionError, match="prune_layer must be an integer in"):
             PruneOptions.from_kwargs({"prune_layer": bad})
@@ -144,7 +144,8 @@ def test_flow_options():
         PruneOptions.from_kwargs({"prune_flow": 1, "prune_diagnostics": 3})
     with pytest.raises(PruneOptionError, match="at most the model's 2 decoder layers, got 3"):
         PruneOptions.from_kwargs({"prune_method": "flow", "prune_layer": 3}).check_layers(2)
-    PruneOptions.from_kwargs({"prune_layer": 3}).check_layers(2)  # simignore: not used
+    with pytest.raises(PruneOptionError, match="at most the model's 2 decoder layers, got 3"):
+        PruneOptions.from_kwargs({"prune_layer": 3}).check_layers(2)  # every method, as HTTP
     # What the worker could not run is refused in the processor, naming the kwarg.
     qwen = types.SimpleNamespace(model_type="qwen2", num_hidden_layers=4)
     flow.check_supported(PruneOptions(), qwen)  # neither flow method nor flow diagnostics

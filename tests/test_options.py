@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import math
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,95 @@ def test_entry_point_and_idempotent_register():
 
     cls = ModelRegistry._try_load_model_cls("LlavaForConditionalGeneration")
     assert cls.__name__ == "LlavaPruneForConditionalGeneration"
+
+
+# ---- the declarations and what comes from them ------------------------------------------------
+
+
+def test_docs_table_is_the_generated_one():
+    """docs/serving.md's options table is ``markdown_table()``; regenerate it with
+    ``python -m lvlm_prune.vllm_plugin.options --write docs/serving.md``."""
+    from lvlm_prune.vllm_plugin import options
+
+    doc = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    assert options.TABLE_START in doc and options.TABLE_END in doc
+    assert options.with_table(doc) == doc, "docs/serving.md: run " + (
+        "python -m lvlm_prune.vllm_plugin.options --write docs/serving.md"
+    )
+    for opt in options.OPTIONS:
+        assert f"`{opt.kwarg or opt.api}`" in options.markdown_table()
+
+
+def test_every_option_refuses_its_invalid_examples_naming_itself():
+    from lvlm_prune.vllm_plugin import options
+
+    for opt in options.PARSED:
+        assert opt.default == getattr(PruneOptions(), opt.name)
+        for value in opt.kind.invalid_examples():
+            with pytest.raises(PruneOptionError, match=f"^{opt.kwarg} must be ") as err:
+                PruneOptions.from_kwargs({opt.kwarg: value})
+            assert err.value.kwarg == opt.kwarg and opt.kind.rule in str(err.value)
+
+
+def test_schema_and_serve_flags_come_from_the_declarations():
+    from lvlm_prune.server.cli import _own_parser
+    from lvlm_prune.server.schemas import PruningRequest
+    from lvlm_prune.vllm_plugin import options
+
+    assert list(PruningRequest.model_fields) == [
+        "keep_ratio",
+        "method",
+        "merge",
+        "diagnostics",
+        "query",
+        "requery",
+        "seed",
+        "prune_layer",
+    ]
+    given = PruningRequest.model_validate({"method": "random", "query": ["a"], "seed": 3})
+    assert given.mm_processor_kwargs() == {
+        "prune_method": "random",
+        "prune_query": ("a",),
+        "prune_seed": 3,
+    }
+    assert PruningRequest().mm_processor_kwargs() == {}  # the server's defaults apply
+    assert PruningRequest(diagnostics="flow").mm_processor_kwargs() == {"prune_flow": True}
+    assert [opt.flag for opt in options.FLAGS] == ["--keep-ratio", "--prune-method"]
+    ours, rest = _own_parser().parse_known_args(["--keep-ratio", "0.5", "--prune-method", "random"])
+    assert vars(ours) == {"keep_ratio": 0.5, "prune_method": "random"} and rest == []
+
+
+def test_image_fields_round_trip():
+    """What the processor encodes per image is what the worker decodes."""
+    from lvlm_prune.vllm_plugin import options
+
+    opts = PruneOptions.from_kwargs(
+        {
+            "keep_ratio": 0.5,
+            "prune_method": "flow",
+            "prune_merge": True,
+            "prune_diagnostics": 7,
+            "prune_flow": True,
+            "prune_layer": 1,
+        }
+    )
+    images = [options.ImageInfo(3, (5, 6)), options.ImageInfo(4, ())]
+    kwargs = {**options.image_fields(opts, images), "pixel_values": 0}
+    assert set(kwargs) == {*options.FIELDS, "pixel_values"}
+    fields = options.read_image_fields(kwargs)
+    assert kwargs == {"pixel_values": 0}  # popped
+    assert fields[options.KEEP_FIELD] == [3, 4]
+    assert fields[options.METHOD_FIELD] == ["flow", "flow"]
+    assert fields[options.MERGE_FIELD] == [True, True] and fields[options.FLOW_FIELD] == [True] * 2
+    assert fields[options.DIAGNOSTICS_FIELD] == [7, 7] and fields[options.LAYER_FIELD] == [1, 1]
+    assert fields[options.SEED_FIELD] == [opts.seed_for((5, 6)), opts.seed_for(())]
+    assert [t.tolist() for t in fields[options.QUERY_FIELD]] == [[5, 6], []]
+    assert options.read_image_fields({"pixel_values": 0}) is None
+
+
+def test_later_hooks_read_the_normalised_kwargs():
+    opts = PruneOptions.from_kwargs(
+        {"keep_ratio": 0.25, "prune_method": "flow", "prune_seed": 4, "prune_query": "q"}
+    )
+    back = PruneOptions.from_hashed(opts.hashed_kwargs([[1]]))
+    assert back == PruneOptions(keep_ratio=0.25, method="flow", seed=4)  # query: its ids instead

@@ -1,6 +1,6 @@
 """LLaVA-1.5 with question-aware image-token pruning, as subclasses of vLLM's own classes.
 
-The pruning itself is ``pruning.py``'s (the processor and model mixins every family shares); LLaVA
+The pruning itself is the shared mixins' (``processing/processor.py``, ``worker/model.py``); LLaVA
 supplies N per image (one fixed size: CLIP resizes every image) and the ``flow`` method's scout,
 which reruns the first decoder layers of its Llama language model (``flow.py``). LLaVA uses 1-D
 RoPE, so a shorter image run needs no position fix-up.
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 
 import torch
-from transformers import BatchFeature, LlavaConfig, PixtralVisionConfig
+from transformers import BatchFeature
 from vllm.inputs import MultiModalInput
 from vllm.model_executor.models.llava import (
     BaseLlavaProcessingInfo,
@@ -22,15 +22,16 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
     PixtralHFMultiModalProcessor,
     PixtralHFProcessingInfo,
+    _build_llava_or_pixtral_hf_info,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
-from vllm.multimodal.processing import BaseMultiModalProcessor, InputProcessingContext
+from vllm.multimodal.processing import BaseMultiModalProcessor
 
 from .options import LAYER_FIELD
 from .processing.processor import PruneProcessorMixin
 from .worker import flow
-from .worker.model import PruneModelMixin, per_image
+from .worker.model import PruneModelMixin
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +67,22 @@ class LlavaPruneMultiModalProcessor(PruneProcessorMixin, LlavaMultiModalProcesso
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
 
-def _build_info(ctx: InputProcessingContext) -> BaseLlavaProcessingInfo:
-    # Pixtral-HF checkpoints share the LLaVA architecture name (as vLLM's own factory tells).
-    if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
-        return PixtralHFProcessingInfo(ctx)
-    return LlavaProcessingInfo(ctx)
-
-
 def _build_processor(
     info: BaseLlavaProcessingInfo, dummy_inputs: LlavaDummyInputsBuilder
 ) -> BaseMultiModalProcessor:
-    # Pixtral-HF checkpoints are served unpruned.
+    """vLLM's ``_build_llava_or_pixtral_hf_processor`` with our processor for LLaVA (copied code,
+    pinned in tests/test_vllm_internals.py). Pixtral-HF checkpoints share LLaVA's architecture
+    name (vLLM's info factory, used as is, tells them apart) and are served unpruned."""
     if isinstance(info, PixtralHFProcessingInfo):
         return PixtralHFMultiModalProcessor(info, dummy_inputs)
-    assert isinstance(info, LlavaProcessingInfo), type(info)
-    return LlavaPruneMultiModalProcessor(info, dummy_inputs)
+    if isinstance(info, LlavaProcessingInfo):
+        return LlavaPruneMultiModalProcessor(info, dummy_inputs)
+    raise NotImplementedError(type(info))
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     _build_processor,
-    info=_build_info,
+    info=_build_llava_or_pixtral_hf_info,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class LlavaPruneForConditionalGeneration(PruneModelMixin, LlavaForConditionalGeneration):
@@ -115,7 +112,7 @@ class LlavaPruneForConditionalGeneration(PruneModelMixin, LlavaForConditionalGen
             embed_tokens = self.language_model.model.embed_tokens
             embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
             bos = embed_tokens(torch.tensor([bos_id], device=images[0].device))[0]
-        layers = per_image(fields[LAYER_FIELD])
+        layers = fields[LAYER_FIELD]
         try:
             found = flow.scout_scores(
                 self,

@@ -1,18 +1,267 @@
-"""The pruning options a request (or the server-wide default) passes in ``mm_processor_kwargs``.
+"""The pruning options: one declaration each (``OPTIONS``), and everything that follows from it.
 
-One parser for every way the options arrive (``--mm-processor-kwargs``, per-request
-``mm_processor_kwargs``, our server's ``pruning`` object), so every path rejects the same bad values
-with the same message: the kwarg's name and what it accepts. vLLM's OpenAI server turns the
-``ValueError`` into an HTTP 400.
+A request's options arrive through two doors: the offline engine (``mm_processor_kwargs``, also
+vLLM's ``--mm-processor-kwargs``) and our HTTP server (the ``pruning`` object, or raw
+``mm_processor_kwargs``). Both check values with the same :class:`Option` and the same
+cross-option rules (``check_query_count``, ``check_prune_layer``, flow needs diagnostics), so a
+bad value gets the same answer at either door: a ``ValueError`` (``PruneOptionError``) naming the
+option and what it accepts, which the server turns into an HTTP 400 naming the field.
+
+From the declarations come: :class:`PruneOptions` and its parser (``from_kwargs``), the kwargs
+that go into vLLM's multimodal hash, the per-image tensor fields the processor hands the model
+(``image_fields`` / ``read_image_fields``), the server's ``pruning`` schema
+(``server/schemas.py``), the ``lvlm-prune serve`` flags (``server/cli.py``) and the options table
+in ``docs/serving.md`` (``python -m lvlm_prune.vllm_plugin.options --write docs/serving.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+import json
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
 
 from lvlm_prune.kernels import PRUNE_METHODS, check_keep_ratio
+
+MAX_QUERY_TOKENS = 512
+"""The relevance query is cut to its last this-many tokens: a query is [T, D] per image in the
+worker, and T must not be the client's to choose without bound."""
+MAX_QUERY_CHARS = 20_000
+"""The server's ``pruning.query`` strings are at most this long (raw kwargs are not capped)."""
+
+DEFAULT_PRUNE_LAYER = 2
+"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/worker/flow.py), unless the
+checkpoint declares its own (``CHECKPOINT_DEFAULTS``)."""
+MAX_PRUNE_LAYER = 1024
+"""A bound for parsing; the model's own layer count is checked where the model is known
+(``check_prune_layer``)."""
+
+
+class PruneOptionError(ValueError):
+    """A bad pruning option; the message names the option and the allowed values."""
+
+    def __init__(self, kwarg: str, message: str) -> None:
+        super().__init__(message)
+        self.kwarg = kwarg
+
+
+# ---- kinds of values ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What values an option accepts (``rule``, in words), and how one is stored in an int64
+    element of a per-image tensor."""
+
+    rule: str
+    """Completes "NAME must be ...": the message of every refused value, at every door."""
+
+    def normalise(self, value: object) -> object:
+        """The accepted value, normalised; raises ValueError (any message) when refused."""
+        raise NotImplementedError
+
+    def from_text(self, text: str) -> object:
+        """A command-line value, before ``normalise``."""
+        return text
+
+    def invalid_examples(self) -> tuple[object, ...]:
+        """Values this kind refuses (wrong type, out of range): the doors tests send them."""
+        raise NotImplementedError
+
+    def encode(self, value: object) -> int:
+        return 0 if value is None else int(value)
+
+    def decode(self, element: int) -> object:
+        return element
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio(Kind):
+    rule: str = "a number in (0, 1]"
+
+    def normalise(self, value):
+        return check_keep_ratio(value)  # the kernels' own rule, the one keep_count relies on
+
+    def from_text(self, text):
+        return float(text)
+
+    def invalid_examples(self):
+        return ("0.5", True, 0, -1, 1.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice(Kind):
+    choices: tuple[object, ...] = ()
+
+    def normalise(self, value):
+        # By type as well as value: True is not 1, 1 is not True.
+        if not any(type(value) is type(c) and value == c for c in self.choices):
+            raise ValueError(value)
+        return value
+
+    def invalid_examples(self):
+        return ("no-such-choice", 0)
+
+    def encode(self, value):
+        return self.choices.index(value)
+
+    def decode(self, element):
+        return self.choices[element]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag(Kind):
+    rule: str = "true or false"
+
+    def normalise(self, value):
+        if not isinstance(value, bool):
+            raise ValueError(value)
+        return value
+
+    def from_text(self, text):
+        return {"true": True, "false": False}.get(text.lower(), text)
+
+    def invalid_examples(self):
+        return (1, "true")
+
+    def decode(self, element):
+        return bool(element)
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer(Kind):
+    low: int = 0
+    high: int = 0
+
+    def normalise(self, value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not self.low <= value <= self.high
+        ):
+            raise ValueError(value)
+        return value
+
+    def from_text(self, text):
+        return int(text)
+
+    def invalid_examples(self):
+        return (str(self.low), float(self.low), True, self.low - 1, self.high + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Queries(Kind):
+    """One string for every image, or a list with one per image (normalised to a tuple)."""
+
+    rule: str = "a string or a list of strings (one per image)"
+    max_chars: int | None = None
+
+    def normalise(self, value):
+        if isinstance(value, (list, tuple)) and all(isinstance(q, str) for q in value):
+            value = tuple(value)
+        elif not isinstance(value, str):
+            raise ValueError(value)
+        if self.max_chars is not None:
+            for query in (value,) if isinstance(value, str) else value:
+                if len(query) > self.max_chars:
+                    raise ValueError(f"at most {self.max_chars} characters per string")
+        return value
+
+    def invalid_examples(self):
+        return (5, ["a", 5]) + (("x" * (self.max_chars + 1),) if self.max_chars else ())
+
+
+# ---- the declarations -----------------------------------------------------------------------
+
+
+class ImageInfo(NamedTuple):
+    """What the processor knows of one image when it builds the per-image fields."""
+
+    keep: int
+    """K, the image's kept token count."""
+    query_ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageField:
+    """A per-image tensor the processor hands the model (batched over images; vLLM batches
+    items of different requests together, so every processed image carries every field)."""
+
+    name: str
+    of: Callable[[PruneOptions, ImageInfo], object] | None = None
+    """The image's value; None: the option's value."""
+    ragged: bool = False
+    """One int64 tensor per image (token ids) rather than one int64 element per image."""
+
+
+def _always(opts) -> bool:
+    return True
+
+
+def _when_set(name: str) -> Callable[[PruneOptions], bool]:
+    def when_set(opts) -> bool:
+        return getattr(opts, name) != _BY_NAME[name].default
+
+    return when_set
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One pruning option: everything every door and every process needs to know about it."""
+
+    name: str
+    """Its attribute of ``PruneOptions`` (or, for server-only ones, an internal name)."""
+    kind: Kind | None
+    """Its values; None: set by our own code, never parsed from a client."""
+    default: object
+    doc: str
+    kwarg: str | None = None
+    """Its key in ``mm_processor_kwargs`` (offline engine, raw kwargs over HTTP)."""
+    api: str | None = None
+    """Its key in the server's ``pruning`` object."""
+    api_kind: Kind | None = None
+    """The ``pruning`` object's own rule, where it differs from ``kind``."""
+    who_sets: Literal["client", "server"] = "client"
+    """Over HTTP: "server" means a client's own value is refused (vLLM's gate, server/plugin.py)."""
+    hashed: Callable[[PruneOptions], bool] | None = None
+    """When the value goes into vLLM's multimodal hash (the normalised kwargs the processor's
+    later hooks read); None: never."""
+    field: ImageField | None = None
+    flag: str | None = None
+    """The ``lvlm-prune serve`` flag that sets it server-wide."""
+    default_doc: str | None = None
+    """The default in words, for the docs table (else ``default``)."""
+
+    def parse(self, value: object, *, name: str | None = None, api: bool = False) -> object:
+        """The normalised value.
+
+        Args:
+            name: what the message calls the option (default: its kwarg).
+            api: the ``pruning`` object's rule (``api_kind``) where it has one.
+
+        Raises:
+            PruneOptionError: naming the option and stating the rule.
+        """
+        kind = (self.api_kind if api else None) or self.kind
+        try:
+            return kind.normalise(value)
+        except (TypeError, ValueError, OverflowError):
+            name = name or self.kwarg or self.api
+            raise PruneOptionError(
+                self.kwarg or self.api, f"{name} must be {kind.rule}, got {_short(value)}"
+            ) from None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-12:]
+
 
 KEEP_RATIO = "keep_ratio"
 METHOD = "prune_method"
@@ -22,42 +271,9 @@ SEED = "prune_seed"
 DIAGNOSTICS = "prune_diagnostics"
 FLOW = "prune_flow"
 PRUNE_LAYER = "prune_layer"
-
-USER_KWARGS = (KEEP_RATIO, METHOD, MERGE, QUERY, SEED, DIAGNOSTICS, FLOW, PRUNE_LAYER)
-"""The kwargs users set."""
-
 TAG = "prune_tag"
-"""Set by our server to read back the request's token counts (accounting.COUNTS); never hashed."""
-
 QUERY_IDS = "prune_query_ids"
-"""Set by the processor, never by users: each image's query token ids, one tuple per image in
-prompt order. The processor hashes every image with its own entry only, so an image's processor,
-encoder and prefix cache entries are keyed by its own question, and a later image with another
-question leaves them alone."""
 
-OWN_KWARGS = frozenset((*USER_KWARGS, TAG, QUERY_IDS))
-"""Everything of ours that must never reach the HF processor."""
-
-MAX_QUERY_TOKENS = 512
-"""The relevance query is cut to its last this-many tokens: a query is [T, D] per image in the
-worker, and T must not be the client's to choose without bound."""
-
-DEFAULT_PRUNE_LAYER = 2
-"""Decoder layers the ``flow`` method's scout runs (see vllm_plugin/worker/flow.py), unless the
-checkpoint declares its own (``CHECKPOINT_DEFAULTS``)."""
-CHECKPOINT_DEFAULTS = "lvlm_prune"
-"""A checkpoint's config.json may carry ``{"lvlm_prune": {"prune_layer": N}}``: the scout depth
-that suits that model, since a scout past the model's cliff layer ranks by attention that no
-longer reads the image (lvlm-prune-shapes declares 1). Server-wide and per-request values win."""
-CHECKPOINT_KWARGS = (PRUNE_LAYER,)
-"""What a checkpoint may declare: settings of the model, not the serving policy (how much to keep
-stays the operator's and the client's)."""
-MAX_PRUNE_LAYER = 1024
-"""A bound for parsing; the model's own layer count is checked where the model is known."""
-
-
-# Per-image fields the processor adds for the model. Every processed image carries all of them
-# (keep_ratio 1.0 included), so items of different requests batch together in the worker.
 KEEP_FIELD = "prune_keep"
 QUERY_FIELD = "prune_query_ids"
 METHOD_FIELD = "prune_method_id"
@@ -66,39 +282,167 @@ SEED_FIELD = "prune_seed"
 DIAGNOSTICS_FIELD = "prune_diagnostics_id"
 FLOW_FIELD = "prune_flow"
 LAYER_FIELD = "prune_layer"
-FIELDS = (
-    KEEP_FIELD,
-    QUERY_FIELD,
-    METHOD_FIELD,
-    MERGE_FIELD,
-    SEED_FIELD,
-    DIAGNOSTICS_FIELD,
-    FLOW_FIELD,
-    LAYER_FIELD,
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "keep_ratio",
+        Ratio(),
+        1.0,
+        "Share of each image's tokens kept; 1.0 is stock vLLM.",
+        kwarg=KEEP_RATIO,
+        api="keep_ratio",
+        hashed=_always,
+        field=ImageField(KEEP_FIELD, of=lambda opts, image: image.keep),
+        flag="--keep-ratio",
+        default_doc="1.0 (or the server's)",
+    ),
+    Option(
+        "method",
+        Choice(f"one of {list(PRUNE_METHODS)}", choices=PRUNE_METHODS),
+        "simignore",
+        "`simignore` (question-relevant), `uniform` (evenly spaced), `random` (seeded baseline), "
+        "`flow` (the tokens the question attends to most in a shallow decoder layer).",
+        kwarg=METHOD,
+        api="method",
+        hashed=_always,
+        field=ImageField(METHOD_FIELD),
+        flag="--prune-method",
+        default_doc="`simignore` (or the server's)",
+    ),
+    Option(
+        "merge",
+        Flag(),
+        False,
+        "Fold each dropped token into its most similar kept token.",
+        kwarg=MERGE,
+        api="merge",
+        hashed=_when_set("merge"),
+        field=ImageField(MERGE_FIELD),
+    ),
+    Option(
+        "diagnostics",
+        Choice('true, false, "heatmap" or "flow"', choices=(False, True, "heatmap", "flow")),
+        False,
+        'true: scores, kept indices and top query tokens per image; `"heatmap"`: also a PNG; '
+        '`"flow"`: also the information flow through the language model.',
+        api="diagnostics",
+    ),
+    Option(
+        "query",
+        Queries(),
+        None,
+        "Relevance query: one string for every image, or a list with one per image in prompt "
+        f"order; the last {MAX_QUERY_TOKENS} tokens of each are used.",
+        kwarg=QUERY,
+        api="query",
+        api_kind=Queries(
+            f"a string or a list of strings (one per image), each at most {MAX_QUERY_CHARS} "
+            "characters",
+            max_chars=MAX_QUERY_CHARS,
+        ),
+        default_doc="each image's own question (server); the prompt's text (offline)",
+    ),
+    Option(
+        "requery",
+        Flag(),
+        False,
+        "Re-select every image for the latest user message's text (the prefix cache then "
+        "misses from the first image on).",
+        api="requery",
+    ),
+    Option(
+        "seed",
+        Integer("a 64-bit integer", low=-(2**63), high=2**63 - 1),
+        None,
+        "Seed of the `random` method.",
+        kwarg=SEED,
+        api="seed",
+        hashed=_when_set("seed"),
+        field=ImageField(SEED_FIELD, of=lambda opts, image: opts.seed_for(image.query_ids)),
+        default_doc="derived from the query",
+    ),
+    Option(
+        "prune_layer",
+        Integer(
+            f"an integer in [1, {MAX_PRUNE_LAYER}] (decoder layers the flow method's scout runs)",
+            low=1,
+            high=MAX_PRUNE_LAYER,
+        ),
+        None,
+        "`flow` method: decoder layers its scout runs, at most the model's.",
+        kwarg=PRUNE_LAYER,
+        api="prune_layer",
+        hashed=lambda opts: opts.method == "flow",
+        field=ImageField(LAYER_FIELD, of=lambda opts, image: opts.scout_layers),
+        default_doc=f"the model's declared depth, else {DEFAULT_PRUNE_LAYER}",
+    ),
+    Option(
+        "diagnostics_id",
+        Integer("a positive 63-bit integer id", low=1, high=2**63 - 1),
+        None,
+        "Offline: an id of yours to fetch the selection's diagnostics by. Through the server "
+        "it is set from `diagnostics`.",
+        kwarg=DIAGNOSTICS,
+        who_sets="server",
+        hashed=_when_set("diagnostics_id"),
+        field=ImageField(DIAGNOSTICS_FIELD),
+    ),
+    Option(
+        "flow",
+        Flag(),
+        False,
+        "Keep what flow diagnostics need, under the diagnostics id (offline: needs "
+        f"`{DIAGNOSTICS}`; the server supplies the id).",
+        kwarg=FLOW,
+        hashed=_when_set("flow"),
+        field=ImageField(FLOW_FIELD),
+    ),
+    Option(
+        "tag",
+        None,
+        None,
+        "The server's key to read back the request's token counts; never hashed.",
+        kwarg=TAG,
+        who_sets="server",
+    ),
+    Option(
+        "query_ids",
+        None,
+        None,
+        "Each image's query token ids, set by the processor: each image is hashed with its own "
+        "entry only, so its cache entries are keyed by its own question.",
+        kwarg=QUERY_IDS,
+        who_sets="server",
+        hashed=_always,
+        field=ImageField(QUERY_FIELD, of=lambda opts, image: image.query_ids, ragged=True),
+    ),
 )
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+BY_KWARG: dict[str, Option] = {opt.kwarg: opt for opt in OPTIONS if opt.kwarg}
+BY_API: dict[str, Option] = {opt.api: opt for opt in OPTIONS if opt.api}
+PARSED = tuple(opt for opt in OPTIONS if opt.kwarg and opt.kind)
+"""The kwargs ``PruneOptions.from_kwargs`` reads (the attributes of ``PruneOptions``)."""
+OWN_KWARGS = frozenset(BY_KWARG)
+"""Everything of ours that must never reach the HF processor."""
+IMAGE_FIELDS = tuple(opt for opt in OPTIONS if opt.field)
+FIELDS = tuple(opt.field.name for opt in IMAGE_FIELDS)
+FLAGS = tuple(opt for opt in OPTIONS if opt.flag)
+
+CHECKPOINT_DEFAULTS = "lvlm_prune"
+"""A checkpoint's config.json may carry ``{"lvlm_prune": {"prune_layer": N}}``: the scout depth
+that suits that model, since a scout past the model's cliff layer ranks by attention that no
+longer reads the image (lvlm-prune-shapes declares 1). Server-wide and per-request values win."""
+CHECKPOINT_KWARGS = (PRUNE_LAYER,)
+"""What a checkpoint may declare: settings of the model, not the serving policy (how much to keep
+stays the operator's and the client's)."""
 
 
-class PruneOptionError(ValueError):
-    """A bad pruning option; the message names the kwarg and the allowed values."""
-
-    def __init__(self, kwarg: str, message: str) -> None:
-        super().__init__(message)
-        self.kwarg = kwarg
+# ---- the parsed options ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class PruneOptions:
-    keep_ratio: float = 1.0
-    method: str = "simignore"
-    merge: bool = False
-    query: str | tuple[str, ...] | None = None
-    """One query for every image, or one per image in prompt order; None: the prompt's text."""
-    seed: int | None = None
-    diagnostics_id: int | None = None
-    flow: bool = False
-    """Keep what the flow diagnostics pass needs (the kept rows) under ``diagnostics_id``."""
-    prune_layer: int = DEFAULT_PRUNE_LAYER
-    """``flow`` method: decoder layers the scout runs; it ranks by the last one's attention."""
+class _Methods:
+    """What ``PruneOptions`` (generated from ``PARSED``) does beyond holding the values."""
 
     @property
     def prunes(self) -> bool:
@@ -109,74 +453,45 @@ class PruneOptions:
         """Whether the request needs the selection at all (pruning, or diagnostics of it)."""
         return self.prunes or self.diagnostics_id is not None
 
+    @property
+    def scout_layers(self) -> int:
+        """Decoder layers the ``flow`` method's scout runs."""
+        return self.prune_layer if self.prune_layer is not None else DEFAULT_PRUNE_LAYER
+
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, object]) -> PruneOptions:
-        """Validate our kwargs out of merged ``mm_processor_kwargs`` (others are ignored)."""
-        opts = cls()
-        if (v := kwargs.get(KEEP_RATIO)) is not None:
-            try:
-                opts = dataclasses.replace(opts, keep_ratio=check_keep_ratio(v))
-            except ValueError as err:
-                raise PruneOptionError(KEEP_RATIO, str(err)) from None
-        if (v := kwargs.get(METHOD)) is not None:
-            if v not in PRUNE_METHODS:
-                raise PruneOptionError(
-                    METHOD, f"{METHOD} must be one of {list(PRUNE_METHODS)}, got {v!r}"
-                )
-            opts = dataclasses.replace(opts, method=v)
-        if (v := kwargs.get(MERGE)) is not None:
-            if not isinstance(v, bool):
-                raise PruneOptionError(MERGE, f"{MERGE} must be true or false, got {v!r}")
-            opts = dataclasses.replace(opts, merge=v)
-        if (v := kwargs.get(QUERY)) is not None:
-            if isinstance(v, (list, tuple)) and all(isinstance(q, str) for q in v):
-                v = tuple(v)
-            elif not isinstance(v, str):
-                raise PruneOptionError(
-                    QUERY,
-                    f"{QUERY} must be a string or a list of strings (one per image), got {v!r}",
-                )
-            opts = dataclasses.replace(opts, query=v)
-        if (v := kwargs.get(SEED)) is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or not -(2**63) <= v < 2**63:
-                raise PruneOptionError(SEED, f"{SEED} must be a 64-bit integer, got {v!r}")
-            opts = dataclasses.replace(opts, seed=v)
-        if (v := kwargs.get(DIAGNOSTICS)) is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**63:
-                raise PruneOptionError(
-                    DIAGNOSTICS, f"{DIAGNOSTICS} must be a positive 63-bit integer id, got {v!r}"
-                )
-            opts = dataclasses.replace(opts, diagnostics_id=v)
-        if (v := kwargs.get(FLOW)) is not None:
-            if not isinstance(v, bool):
-                raise PruneOptionError(FLOW, f"{FLOW} must be true or false, got {v!r}")
-            if v and opts.diagnostics_id is None:
-                raise PruneOptionError(
-                    FLOW, f"{FLOW} needs {DIAGNOSTICS}: the id its flow diagnostics are fetched by"
-                )
-            opts = dataclasses.replace(opts, flow=v)
-        if (v := kwargs.get(PRUNE_LAYER)) is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PRUNE_LAYER:
-                raise PruneOptionError(
-                    PRUNE_LAYER,
-                    f"{PRUNE_LAYER} must be an integer in [1, {MAX_PRUNE_LAYER}] (decoder layers "
-                    f"the flow method's scout runs), got {v!r}",
-                )
-            opts = dataclasses.replace(opts, prune_layer=v)
-        return opts
-
-    def check_layers(self, num_layers: int) -> None:
-        """``prune_layer`` against the served model's decoder layers (``flow`` method only).
+        """Validate our kwargs out of merged ``mm_processor_kwargs`` (others are ignored).
 
         Raises:
-            PruneOptionError: the scout would need more layers than the model has.
+            PruneOptionError: a value an option refuses, or a rule between options broken.
         """
-        if self.method == "flow" and self.prune_layer > num_layers:
-            raise PruneOptionError(
-                PRUNE_LAYER,
-                f"{PRUNE_LAYER} must be at most the model's {num_layers} decoder layers, got "
-                f"{self.prune_layer}",
-            )
+        values = {
+            opt.name: opt.parse(kwargs[opt.kwarg])
+            for opt in PARSED
+            if kwargs.get(opt.kwarg) is not None
+        }
+        opts = cls(**values)
+        check_flow_has_diagnostics(opts)
+        return opts
+
+    @classmethod
+    def from_hashed(cls, kwargs: Mapping[str, object]) -> PruneOptions:
+        """The options of kwargs ``hashed_kwargs`` wrote (normalised in the processor's
+        ``apply``): read, not checked again."""
+        return cls(
+            **{
+                opt.name: kwargs.get(opt.kwarg, opt.default)
+                for opt in PARSED
+                if opt.hashed is not None
+            }
+        )
+
+    def check_layers(self, num_layers: int) -> None:
+        """``prune_layer`` (or, for the ``flow`` method, its default) against the model's
+        decoder layers (``check_prune_layer``)."""
+        check_prune_layer(
+            self.scout_layers if self.method == "flow" else self.prune_layer, num_layers
+        )
 
     def queries_for(self, num_images: int) -> tuple[str, ...] | None:
         """The query of each image (None: the prompt's text, for every image).
@@ -186,34 +501,62 @@ class PruneOptions:
         """
         if self.query is None or isinstance(self.query, str):
             return None if self.query is None else (self.query,) * num_images
-        if len(self.query) != num_images:
-            raise PruneOptionError(
-                QUERY,
-                f"{QUERY} has {len(self.query)} queries for {num_images} image(s): give one "
-                "string for every image, or one string per image in prompt order",
-            )
+        check_query_count(self.query, num_images)
         return self.query
 
     def hashed_kwargs(self, query_ids: Sequence[Sequence[int]]) -> dict[str, object]:
         """The normalised kwargs that go into vLLM's multimodal hash: the options every image
         shares, and each image's query ids (``query_ids[i]`` for image i)."""
-        out: dict[str, object] = {KEEP_RATIO: self.keep_ratio, METHOD: self.method}
-        if self.merge:
-            out[MERGE] = True
+        out = {
+            opt.kwarg: getattr(self, opt.name)
+            for opt in PARSED
+            if opt.hashed is not None and opt.hashed(self)
+        }
         out[QUERY_IDS] = tuple(tuple(ids) for ids in query_ids)
-        if self.seed is not None:
-            out[SEED] = self.seed
-        if self.diagnostics_id is not None:
-            out[DIAGNOSTICS] = self.diagnostics_id
-        if self.flow:
-            out[FLOW] = True
-        if self.method == "flow":
-            out[PRUNE_LAYER] = self.prune_layer
         return out
 
     def seed_for(self, query_ids: Sequence[int]) -> int:
         """The ``random`` method's seed for an image: ``prune_seed``, else drawn from its query."""
         return self.seed if self.seed is not None else query_seed(query_ids)
+
+
+PruneOptions = dataclasses.make_dataclass(
+    "PruneOptions",
+    [(opt.name, object, dataclasses.field(default=opt.default)) for opt in PARSED],
+    bases=(_Methods,),
+    frozen=True,
+    namespace={"__doc__": "A request's pruning options, checked (one attribute per ``PARSED``)."},
+)
+PruneOptions.__module__ = __name__
+
+
+# ---- rules between options and the model ----------------------------------------------------
+
+
+def check_flow_has_diagnostics(opts: PruneOptions) -> None:
+    if opts.flow and opts.diagnostics_id is None:
+        raise PruneOptionError(
+            FLOW, f"{FLOW} needs {DIAGNOSTICS}: the id its flow diagnostics are fetched by"
+        )
+
+
+def check_query_count(query: Sequence[str], num_images: int, *, name: str = QUERY) -> None:
+    """A list of queries has one per image in prompt order."""
+    if len(query) != num_images:
+        raise PruneOptionError(
+            QUERY,
+            f"{name} has {len(query)} queries for {num_images} image(s): give one string for "
+            "every image, or one string per image in prompt order",
+        )
+
+
+def check_prune_layer(prune_layer: int | None, num_layers: int, *, name: str = PRUNE_LAYER) -> None:
+    """A scout cannot run more decoder layers than the model has (whatever the method)."""
+    if prune_layer is not None and prune_layer > num_layers:
+        raise PruneOptionError(
+            PRUNE_LAYER,
+            f"{name} must be at most the model's {num_layers} decoder layers, got {prune_layer}",
+        )
 
 
 def checkpoint_defaults(hf_config) -> dict[str, object]:
@@ -231,8 +574,7 @@ def checkpoint_defaults(hf_config) -> dict[str, object]:
             f"{list(CHECKPOINT_KWARGS)}, got {declared!r}",
         )
     try:
-        declared_opts = PruneOptions.from_kwargs(declared)
-        dataclasses.replace(declared_opts, method="flow").check_layers(
+        PruneOptions.from_kwargs(declared).check_layers(
             hf_config.get_text_config().num_hidden_layers
         )
     except PruneOptionError as err:
@@ -245,6 +587,51 @@ def checkpoint_defaults(hf_config) -> dict[str, object]:
 def default_prune_layer(hf_config) -> int:
     """The flow scout's depth when a request names none: the checkpoint's, else the default."""
     return checkpoint_defaults(hf_config).get(PRUNE_LAYER, DEFAULT_PRUNE_LAYER)
+
+
+# ---- per-image fields -----------------------------------------------------------------------
+
+
+def image_fields(opts: PruneOptions, images: Sequence[ImageInfo]) -> dict[str, object]:
+    """The per-image tensors of ``IMAGE_FIELDS`` for the processor's output."""
+    out: dict[str, object] = {}
+    for opt in IMAGE_FIELDS:
+        spec = opt.field
+        values = [spec.of(opts, image) if spec.of else getattr(opts, opt.name) for image in images]
+        if spec.ragged:
+            out[spec.name] = [torch.tensor(v, dtype=torch.int64) for v in values]
+        else:
+            kind = opt.kind or Kind("")
+            out[spec.name] = torch.tensor([kind.encode(v) for v in values], dtype=torch.int64)
+    return out
+
+
+def read_image_fields(kwargs: dict[str, object]) -> dict[str, list] | None:
+    """Pop ``IMAGE_FIELDS`` out of the model's kwargs, decoded per image (field name -> one value
+    per image; ragged fields: one int64 tensor per image). None when the images carry none
+    (processed without our processor)."""
+    raw = {opt.field.name: kwargs.pop(opt.field.name, None) for opt in IMAGE_FIELDS}
+    if raw[KEEP_FIELD] is None:
+        return None
+    out: dict[str, list] = {}
+    for opt in IMAGE_FIELDS:
+        field = raw[opt.field.name]
+        if opt.field.ragged:
+            # Batched fields of equal shape arrive stacked [B, T]; of different T, as a list.
+            out[opt.field.name] = [t.reshape(-1) for t in field]
+        else:
+            kind = opt.kind or Kind("")
+            out[opt.field.name] = [kind.decode(x) for x in _elements(field)]
+    return out
+
+
+def _elements(field) -> list[int]:
+    if isinstance(field, torch.Tensor):
+        return [int(x) for x in field.reshape(-1).tolist()]
+    return [int(torch.as_tensor(x).reshape(-1)[0]) for x in field]
+
+
+# ---- helpers of the processor ---------------------------------------------------------------
 
 
 def select_images(hashed: Mapping[str, object], indices: Sequence[int]) -> dict[str, object]:
@@ -263,3 +650,61 @@ def query_seed(query_ids: Sequence[int]) -> int:
 
 def without_own_kwargs(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in kwargs.items() if k not in OWN_KWARGS}
+
+
+# ---- the docs table -------------------------------------------------------------------------
+
+TABLE_START = "<!-- options-table:start -->"
+TABLE_END = "<!-- options-table:end -->"
+
+
+def markdown_table() -> str:
+    """The options table of docs/serving.md, generated from ``OPTIONS``."""
+
+    def code(text: str | None) -> str:
+        return f"`{text}`" if text else "—"
+
+    def default(opt: Option) -> str:
+        if opt.default_doc:
+            return opt.default_doc
+        return "—" if opt.default is None else f"`{json.dumps(opt.default)}`"
+
+    lines = [
+        "| `pruning` (server) | `mm_processor_kwargs` | `lvlm-prune serve` | values | default "
+        "| what it does |",
+        "|---|---|---|---|---|---|",
+    ]
+    for opt in OPTIONS:
+        kwarg = code(opt.kwarg)
+        if opt.kwarg and opt.who_sets == "server":
+            kwarg += " (set by the server)" if opt.kind is None else " (offline only)"
+        values = opt.kind.rule if opt.kind else "—"
+        if opt.api_kind:
+            values += f"; in `pruning`: {opt.api_kind.rule}"
+        cells = [code(opt.api), kwarg, code(opt.flag), values, default(opt), opt.doc]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def with_table(text: str) -> str:
+    """``text`` (a markdown document) with the table between its marker lines replaced."""
+    pattern = re.compile(re.escape(TABLE_START) + r"\n.*?" + re.escape(TABLE_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no {TABLE_START} ... {TABLE_END} lines")
+    return pattern.sub(lambda _: f"{TABLE_START}\n{markdown_table()}{TABLE_END}", text, count=1)
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--markdown"]:
+        sys.stdout.write(markdown_table())
+        return 0
+    if len(argv) == 2 and argv[0] == "--write":
+        path = Path(argv[1])
+        path.write_text(with_table(path.read_text()))
+        return 0
+    print("usage: python -m lvlm_prune.vllm_plugin.options (--markdown | --write DOC.md)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

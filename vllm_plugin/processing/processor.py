@@ -6,10 +6,10 @@ how many tokens an image has and which token ids are placeholders.
 
 The mixin decides K = keep_count(N, keep_ratio) per image, emits K placeholders instead of N, and
 hands the model each image's query token ids and the options as per-image fields
-(``options.FIELDS``). Each image is hashed with the options and its own query only, so
-vLLM's processor, encoder and prefix caches are keyed by that image's question: in a conversation,
-an image keeps its hash, its selection and its place in the prefix cache turn after turn. The
-worker half is ``vllm_plugin/worker/model.py``.
+(``options.image_fields``, from the options' declarations). Each image is hashed with the options
+and its own query only, so vLLM's processor, encoder and prefix caches are keyed by that image's
+question: in a conversation, an image keeps its hash, its selection and its place in the prefix
+cache turn after turn. The worker half is ``vllm_plugin/worker/model.py``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 
-import torch
 from transformers import BatchFeature
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalHashes, MultiModalInput
-from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import (
@@ -33,21 +31,10 @@ from vllm.multimodal.processing import (
 )
 from vllm.multimodal.processing.processor import MultiModalIsCached
 
-from lvlm_prune.kernels import PRUNE_METHODS, keep_count
+from lvlm_prune.kernels import keep_count
 
-from .. import options
-from ..options import (
-    DIAGNOSTICS_FIELD,
-    FIELDS,
-    FLOW_FIELD,
-    KEEP_FIELD,
-    LAYER_FIELD,
-    MERGE_FIELD,
-    METHOD_FIELD,
-    QUERY_FIELD,
-    SEED_FIELD,
-    PruneOptions,
-)
+from .. import options, vllm_internals
+from ..options import FIELDS, ImageInfo, PruneOptions
 from ..worker import flow
 from .accounting import LEDGER, RequestCounts
 
@@ -61,11 +48,16 @@ class PruneProcessorMixin:
     """
 
     def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
+        # The one parse of the request in this process. The hooks vLLM calls below (the HF
+        # processor's fields, prompt updates, hashes) get the normalised options that
+        # ``hashed_kwargs`` writes into ``hf_processor_mm_kwargs`` and read them back with
+        # ``PruneOptions.from_hashed``, unchecked.
         merged = {
             **self._checkpoint_defaults,
             **self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs),
         }
         opts = PruneOptions.from_kwargs(merged)
+        # prune_layer against the model's layers: in check_supported (options.check_prune_layer).
         flow.check_supported(opts, self.info.get_hf_config().get_text_config())
         self._check_options(opts)
         tag = merged.get(options.TAG)
@@ -142,9 +134,8 @@ class PruneProcessorMixin:
         )
         if per_image is None or "image" not in hashes:
             return hashes
-        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
         hashes["image"] = [
-            MultiModalHasher.hash_kwargs(algorithm, image=item_hash, **{options.QUERY_IDS: ids})
+            vllm_internals.rehash_image(self.info.ctx, item_hash, {options.QUERY_IDS: ids})
             for item_hash, ids in zip(hashes["image"], per_image, strict=True)
         ]
         return hashes
@@ -176,7 +167,7 @@ class PruneProcessorMixin:
         images = mm_items.get("image")
         if images is None or len(images) == 0:
             return processed
-        opts = PruneOptions.from_kwargs(hf_kwargs)
+        opts = PruneOptions.from_hashed(hf_kwargs)  # parsed in apply
         num = len(images)
         query_ids = hf_kwargs.get(options.QUERY_IDS) or [()] * num
         assert len(query_ids) == num, (len(query_ids), num)
@@ -184,18 +175,11 @@ class PruneProcessorMixin:
             keep_count(n, opts.keep_ratio) for n in self._image_token_counts(processed, mm_items)
         ]
         assert len(counts) == num, (len(counts), num)
-        processed[KEEP_FIELD] = torch.tensor(counts, dtype=torch.int64)
-        processed[QUERY_FIELD] = [torch.tensor(ids, dtype=torch.int64) for ids in query_ids]
-        processed[METHOD_FIELD] = torch.full((num,), PRUNE_METHODS.index(opts.method))
-        processed[MERGE_FIELD] = torch.full((num,), opts.merge, dtype=torch.bool)
-        processed[SEED_FIELD] = torch.tensor(
-            [opts.seed_for(ids) for ids in query_ids], dtype=torch.int64
+        processed.update(
+            options.image_fields(
+                opts, [ImageInfo(k, tuple(ids)) for k, ids in zip(counts, query_ids)]
+            )
         )
-        processed[DIAGNOSTICS_FIELD] = torch.full(
-            (num,), opts.diagnostics_id or 0, dtype=torch.int64
-        )
-        processed[FLOW_FIELD] = torch.full((num,), opts.flow, dtype=torch.bool)
-        processed[LAYER_FIELD] = torch.full((num,), opts.prune_layer, dtype=torch.int64)
         return processed
 
     def _get_mm_fields_config(
@@ -216,7 +200,7 @@ class PruneProcessorMixin:
         updates = super()._get_prompt_updates(
             mm_items, options.without_own_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
         )
-        ratio = PruneOptions.from_kwargs(hf_processor_mm_kwargs).keep_ratio
+        ratio = PruneOptions.from_hashed(hf_processor_mm_kwargs).keep_ratio  # parsed in apply
         if ratio >= 1.0:
             return updates
         return [

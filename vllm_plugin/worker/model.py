@@ -15,17 +15,17 @@ from collections.abc import Mapping
 import torch
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 
-from lvlm_prune.kernels import PRUNE_METHODS, Selection, select_tokens
+from lvlm_prune.kernels import Selection, select_tokens
 
 from ..options import (
     DIAGNOSTICS_FIELD,
-    FIELDS,
     FLOW_FIELD,
     KEEP_FIELD,
     MERGE_FIELD,
     METHOD_FIELD,
     QUERY_FIELD,
     SEED_FIELD,
+    read_image_fields,
 )
 from . import diagnostics
 
@@ -56,9 +56,9 @@ class PruneModelMixin:
         return []
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        fields = {name: kwargs.pop(name, None) for name in FIELDS}
+        fields = read_image_fields(kwargs)  # decoded per image, as the processor encoded them
         embeds = super().embed_multimodal(**kwargs)
-        if fields[KEEP_FIELD] is None or len(embeds) == 0:
+        if fields is None or len(embeds) == 0:
             return embeds
         images = list(embeds)  # [B, N, D] tensor or tuple of [N_b, D]
         selections = self._select_images(images, fields, kwargs)
@@ -69,19 +69,19 @@ class PruneModelMixin:
     def _select_images(
         self,
         images: list[torch.Tensor],
-        fields: Mapping[str, object],
+        fields: Mapping[str, list],
         kwargs: Mapping[str, object],
     ) -> list[Selection] | None:
         """The selection of every image, or None when no image prunes or reports."""
-        keep, diag_ids = per_image(fields[KEEP_FIELD]), per_image(fields[DIAGNOSTICS_FIELD])
+        keep, diag_ids = fields[KEEP_FIELD], fields[DIAGNOSTICS_FIELD]
         if all(k >= image.shape[0] for k, image in zip(keep, images)) and not any(diag_ids):
             return None
         # NOTE: with LoRA, embed_tokens is a wrapper whose indices belong to the current batch.
         embed_tokens = self.get_language_model().model.embed_tokens
         embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
         device = images[0].device
-        query_ids = per_image_tensors(fields[QUERY_FIELD])
-        methods = [PRUNE_METHODS[m] for m in per_image(fields[METHOD_FIELD])]
+        query_ids = fields[QUERY_FIELD]
+        methods = fields[METHOD_FIELD]
         # One embedding call (one all-reduce under tensor parallelism) for the whole batch.
         all_ids = torch.cat(list(query_ids)).to(device)
         if all_ids.numel():
@@ -96,13 +96,13 @@ class PruneModelMixin:
             queries,
             keep,
             methods=methods,
-            merge=[bool(m) for m in per_image(fields[MERGE_FIELD])],
-            seeds=per_image(fields[SEED_FIELD]),
+            merge=fields[MERGE_FIELD],
+            seeds=fields[SEED_FIELD],
             need_scores=any(diag_ids),
             scores=scores,
         )
         diagnostics.STORE.stop_timer(timer, num_images=len(images))
-        flows = per_image(fields[FLOW_FIELD]) if fields[FLOW_FIELD] is not None else []
+        flows = fields[FLOW_FIELD]
         grids = self._image_grids(images, kwargs) if any(diag_ids) else [None] * len(images)
         for b, (sel, diag_id, ids, image, query, grid) in enumerate(
             zip(selections, diag_ids, query_ids, images, queries, grids)
@@ -133,7 +133,7 @@ class PruneModelMixin:
         methods: list[str],
         keep: list[int],
         diag_ids: list[int],
-        fields: Mapping[str, object],
+        fields: Mapping[str, list],
     ) -> list[torch.Tensor | None]:
         """Per image, scores computed by the model itself (the ``flow`` method's scout), or None
         where ``select_tokens`` scores the image on its own. Families without a scout: all None
@@ -164,15 +164,3 @@ def refuse_unsupported(model_cls: type, vllm_config) -> None:
             "the engine without it, or serve the model unpruned with lvlm-prune's plugin left "
             "out (VLLM_PLUGINS naming the plugins to load, without lvlm_prune)."
         )
-
-
-def per_image(field) -> list[int]:
-    """A batched per-image scalar field as a list of ints."""
-    if isinstance(field, torch.Tensor):
-        return [int(x) for x in field.reshape(-1).tolist()]
-    return [int(torch.as_tensor(x).reshape(-1)[0]) for x in field]
-
-
-def per_image_tensors(field) -> list[torch.Tensor]:
-    # Batched fields of equal shape arrive stacked [B, T]; of different T, as a list of [T].
-    return [t.reshape(-1) for t in field]
