@@ -11,7 +11,6 @@ Prometheus. Loaded when ``VLLM_PLUGINS`` names ``lvlm_prune_api`` (``lvlm-prune 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from argparse import Namespace
@@ -19,7 +18,7 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from lvlm_prune import memory
-from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options
+from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options, vllm_internals
 from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
 from lvlm_prune.vllm_plugin.worker import flow
 
@@ -28,7 +27,10 @@ from .inspector import router as inspect_router
 from .media_limits import answer_oversized_images_with_400
 from .middleware import PruningMiddleware
 
-logger = logging.getLogger(__name__)
+# NOTE(vLLM 0.32): under vLLM's own logger, so its handler, level and --logging-config apply. The
+# root logger's level does not reach WARNING in the API server: importing vLLM's SageMaker routes
+# imports model_hosting_container_standards, which sets it to ERROR.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 POLL_SECONDS = 5.0
 RPC_TIMEOUT_SECONDS = 10.0
@@ -44,56 +46,25 @@ TRIM_IDLE_SECONDS = 1.0
 TRIM_MIN_INTERVAL_SECONDS = 10.0
 """At most one trim per this many seconds, however often traffic stops and starts."""
 
-# NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's
-# validate_request_mm_kwargs by name and call it on every request that can carry images
-# (tests/test_vllm_internals.py checks this list against vLLM's source).
-GATED_MODULES = ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")
-
 
 def allow_pruning_kwargs_per_request() -> None:
-    """Let the pruning options through vLLM's per-request ``mm_processor_kwargs`` gate.
+    """Let the pruning options through vLLM's per-request ``mm_processor_kwargs`` gate
+    (``vllm_internals.screen_per_request_mm_kwargs``).
 
-    vLLM refuses every per-request processor kwarg unless the server runs with
-    ``--trust-request-mm-kwargs``. Ours are validated and only ever shrink the work, so they pass
-    on every route; any other key still meets vLLM's own check, untouched, and so does
-    ``media_io_kwargs``. The server-set keys (request tag, diagnostics id, query ids) pass only
-    as our middleware issued them, trusted server or not, so a client cannot forge them.
+    Ours are validated and only ever shrink the work, so they pass on every route; any other key
+    still meets vLLM's own check, untouched. The server-set keys (request tag, diagnostics id,
+    query ids) pass only as our middleware issued them, trusted server or not, so a client
+    cannot forge them.
     """
-    missing = []
-    for name in GATED_MODULES:
-        module = importlib.import_module(name)
-        original = getattr(module, "validate_request_mm_kwargs", None)
-        if original is None:
-            missing.append(name)
-        elif not getattr(original, "_lvlm_prune", False):
-            module.validate_request_mm_kwargs = _gate_allowing_pruning(original)
-    if missing:
-        # Started anyway, every per-request pruning option would be refused with vLLM's 400.
-        import vllm
-
-        raise RuntimeError(
-            f"lvlm-prune cannot let its per-request options through vLLM {vllm.__version__}'s "
-            f"gate: {', '.join(missing)} has no validate_request_mm_kwargs (this lvlm-prune "
-            "supports vLLM 0.32.x)"
-        )
+    vllm_internals.screen_per_request_mm_kwargs(_screen_pruning_kwargs)
 
 
-def _gate_allowing_pruning(original):
-    def validate_request_mm_kwargs(
-        *, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs
-    ):
-        if mm_processor_kwargs:
-            _check_server_set_kwargs(mm_processor_kwargs)
-            if not trust_request_mm_kwargs:
-                mm_processor_kwargs = options.without_own_kwargs(mm_processor_kwargs) or None
-        return original(
-            mm_processor_kwargs=mm_processor_kwargs,
-            media_io_kwargs=media_io_kwargs,
-            trust_request_mm_kwargs=trust_request_mm_kwargs,
-        )
-
-    validate_request_mm_kwargs._lvlm_prune = True
-    return validate_request_mm_kwargs
+def _screen_pruning_kwargs(mm_processor_kwargs: dict, trusted: bool) -> dict | None:
+    _refuse_on_unpruned_model(mm_processor_kwargs)
+    _check_server_set_kwargs(mm_processor_kwargs)
+    if trusted:
+        return mm_processor_kwargs
+    return options.without_own_kwargs(mm_processor_kwargs) or None
 
 
 def _check_server_set_kwargs(kwargs: dict) -> None:
@@ -110,14 +81,101 @@ def _check_server_set_kwargs(kwargs: dict) -> None:
         )
 
 
-def serves_pruned_model(model_config) -> bool:
-    """Whether the engine serves one of our pruned model classes (``vllm_plugin.MODELS``: LLaVA,
-    Qwen2.5-VL); Pixtral-HF checkpoints share LLaVA's architecture name and are served unpruned."""
-    hf_config = model_config.hf_config
+def unpruned_reason(architecture: str, hf_config) -> str | None:
+    """Why lvlm-prune does not prune a model vLLM serves as ``architecture``; None when it does.
+
+    The one rule: our classes are registered under the architecture names in
+    ``vllm_plugin.MODELS``, except that Pixtral-HF checkpoints share LLaVA's name and vLLM serves
+    them with its own Pixtral vision tower, unpruned.
+    """
     vision = getattr(hf_config, "vision_config", None)
-    return bool(set(model_config.architectures or ()) & set(MODELS)) and (
-        getattr(vision, "model_type", None) != "pixtral"
-    )
+    if architecture not in MODELS:
+        what = architecture
+    elif getattr(vision, "model_type", None) == "pixtral":
+        what = f"{architecture} with a Pixtral vision tower (Pixtral-HF)"
+    else:
+        return None
+    return f"lvlm-prune does not prune {what} models (it prunes {', '.join(MODELS)})"
+
+
+def pruning_asked(kwargs, *, prefix: str, ours_only: bool = True) -> list[str]:
+    """The options in ``kwargs`` that need a pruned model, as ``prefix.name``.
+
+    Every option counts (a method, a query, diagnostics: the caller believes it is pruning),
+    except a no-op: None, false, or keep_ratio 1.0, which is exactly what a model served unpruned
+    does. ``ours_only``: ``mm_processor_kwargs``, where only our names are ours; else a
+    ``pruning`` object, all of whose fields are. Anything but an object asks, unless empty.
+    """
+    if not isinstance(kwargs, dict):
+        return [prefix] if kwargs else []
+    return [
+        f"{prefix}.{name}"
+        for name, value in kwargs.items()
+        if (name in options.OWN_KWARGS or not ours_only)
+        and value is not None
+        and value is not False
+        and not (name == options.KEEP_RATIO and type(value) in (int, float) and value == 1)
+    ]
+
+
+class UnprunedModelError(RuntimeError):
+    """The server-wide options ask for pruning a model lvlm-prune does not prune."""
+
+
+def check_server_wide_options(reason: str, mm_processor_kwargs) -> None:
+    """Refuse server-wide ``mm_processor_kwargs`` that ask for pruning a model ``reason``
+    (``unpruned_reason``) says is not pruned: every request would be answered unpruned.
+
+    Raises:
+        UnprunedModelError: naming the model's architecture, the supported ones and the options.
+    """
+    kwargs = mm_processor_kwargs or {}
+    asked = [a.split(".", 1)[1] for a in pruning_asked(kwargs, prefix="mm_processor_kwargs")]
+    if asked:
+        settings = ", ".join(f"{name}={kwargs[name]!r}" for name in asked)
+        raise UnprunedModelError(
+            f"{reason}, but the server-wide options ask for pruning: {settings}. Serve this "
+            "model without them (unpruned, as plain vLLM serves it) or serve a model lvlm-prune "
+            "prunes."
+        )
+
+
+class UnprunedModel:
+    """``app.state.lvlm_prune`` when the served model is not one lvlm-prune prunes: the
+    middleware refuses a request that asks for pruning (HTTP 400, ``refusal``) rather than answer
+    it unpruned, and passes every other request to vLLM untouched."""
+
+    prunes = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def pruning_asked(self, payload: dict) -> list[str]:
+        """The fields of a chat or completion request body that ask for pruning."""
+        return pruning_asked(
+            payload.get("pruning"), prefix="pruning", ours_only=False
+        ) + pruning_asked(payload.get("mm_processor_kwargs"), prefix="mm_processor_kwargs")
+
+    def refusal(self, asked: list[str]) -> str:
+        return (
+            f"{self.reason}: this server serves its model unpruned, so it refuses "
+            f"{', '.join(asked)}; send the request without pruning"
+        )
+
+
+_unpruned_model: UnprunedModel | None = None
+"""Set by ``init_state`` when the served model is not one lvlm-prune prunes."""
+
+
+def _refuse_on_unpruned_model(kwargs: dict) -> None:
+    """Our options on a route the middleware does not see (``/v1/responses``, ``/tokenize``)
+    meet the middleware's refusal here rather than being dropped unseen."""
+    from vllm.exceptions import VLLMValidationError
+
+    if _unpruned_model is not None and (
+        asked := pruning_asked(kwargs, prefix="mm_processor_kwargs")
+    ):
+        raise VLLMValidationError(_unpruned_model.refusal(asked), parameter=asked[0])
 
 
 class IdleTrimmer:
@@ -159,13 +217,20 @@ class IdleTrimmer:
             self._task = None
 
 
+def served_model_name(args: Namespace) -> str:
+    """The ``model_name`` label of our metrics: vLLM's own (the first served name)."""
+    names = getattr(args, "served_model_name", None)
+    return names[0] if names else args.model
+
+
 class ServerState:
     """What the middleware needs from the engine, on ``app.state.lvlm_prune``."""
 
+    prunes = True
+
     def __init__(self, engine_client, args: Namespace) -> None:
         self.engine_client = engine_client
-        names = getattr(args, "served_model_name", None)
-        self.model_name = names[0] if names else args.model
+        self.model_name = served_model_name(args)
         self.diagnostics_unavailable = None
         if WORKER_EXTENSION not in (getattr(args, "worker_extension_cls", "") or ""):
             self.diagnostics_unavailable = (
@@ -225,19 +290,10 @@ class ServerState:
         self, method: str, *, args: tuple = (), timeout: float | None = RPC_TIMEOUT_SECONDS
     ) -> list[list]:
         """A worker-extension RPC on every worker of every data-parallel engine behind this API
-        process; answers as ``[engine][worker]``.
-
-        NOTE(vLLM 0.32): ``AsyncLLM.collective_rpc`` goes through ``call_utility_async``, which
-        under the data-parallel load balancer (``DPLBAsyncMPClient``) runs the call on every
-        engine but returns engine 0's answers only (v1/engine/core_client.py): a pop there would
-        delete the other engines' entries unseen. ``call_utility_all_async`` returns one answer
-        per engine (one engine without data parallelism).
-        """
-        call_all = self._call_every_engine_core()
-        if call_all is None:  # an in-process engine client: one engine
-            return [await self.engine_client.collective_rpc(method, timeout=timeout, args=args)]
-        # EngineCore.collective_rpc(method, timeout, args, kwargs)
-        return await call_all("collective_rpc", method, timeout, tuple(args), None)
+        process; answers as ``[engine][worker]``."""
+        return await vllm_internals.collective_rpc_every_engine(
+            self.engine_client, method, args=args, timeout=timeout
+        )
 
     async def pop_diagnostics(self, diag_id: int | None) -> list[dict]:
         if diag_id is None:
@@ -257,16 +313,9 @@ class ServerState:
                     return result[diag_id]
         return []
 
-    def _call_every_engine_core(self):
-        """The engine client's ``call_utility_all_async`` (an ``EngineCore`` method on every
-        engine, one answer each), or None when the engine runs in this process."""
-        core = getattr(self.engine_client, "engine_core", None)
-        return getattr(core, "call_utility_all_async", None)
-
     async def trim_engines(self) -> None:
         """``lvlm_prune.memory.trim`` in every engine core process and every worker."""
-        if call_all := self._call_every_engine_core():  # register() added the method
-            await call_all("lvlm_prune_trim_memory")
+        await vllm_internals.trim_engine_cores(self.engine_client)
         if self.diagnostics_unavailable is None:  # the workers carry our extension
             await self.rpc_every_engine("lvlm_prune_trim_memory")
 
@@ -304,11 +353,26 @@ class PruningEndpointPlugin:
         if engine_client is None:  # the CPU-only render server has no engine
             return
         supervision.watch(engine_client)
-        if not serves_pruned_model(engine_client.model_config):
+        model_config = engine_client.model_config
+        model_name = served_model_name(args)
+        reason = unpruned_reason(model_config.architecture, model_config.hf_config)
+        metrics.MODEL_PRUNED.labels(model_name).set(reason is None)
+        if reason is not None:
+            # `lvlm-prune serve` refused this before the engine loaded (cli.py); `vllm serve`
+            # with our plugins, and what a checkpoint's config alone cannot tell (e.g.
+            # --model-impl transformers), end here.
+            multimodal = model_config.multimodal_config
+            check_server_wide_options(reason, getattr(multimodal, "mm_processor_kwargs", None))
             logger.warning(
-                "lvlm-prune: %s is not a model lvlm-prune prunes; API layer off", args.model
+                "lvlm-prune: %s is served unpruned: %s. Requests that ask for pruning are "
+                "refused with HTTP 400.",
+                model_name,
+                reason,
             )
+            global _unpruned_model
+            state.lvlm_prune = _unpruned_model = UnprunedModel(reason)
             return
+        logger.info("lvlm-prune: pruning %s (%s)", model_name, model_config.architecture)
         server = ServerState(engine_client, args)
         state.lvlm_prune = server
         if server.diagnostics_unavailable is None:
