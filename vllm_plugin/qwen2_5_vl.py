@@ -1,11 +1,11 @@
 """Qwen2.5-VL with question-aware image-token pruning, as subclasses of vLLM's own classes.
 
-The processor and the selection are every family's (``pruning.py``); Qwen2.5-VL supplies N per
-image from its own grid (dynamic resolution: N = rows x cols after the 2x2 merger) and adds
-M-RoPE: every token has a (t, h, w) position, an image's tokens sit on its grid of
-rows x cols (after the 2x2 merger), and the text after an image starts at the image's base
-position + max(rows, cols). A pruned image must keep those: each kept token its own original
-(t, h, w), the text after it the position it has without pruning.
+The processor and the selection are every family's (``processing/processor.py``,
+``worker/model.py``); Qwen2.5-VL supplies N per image from its own grid (dynamic resolution:
+N = rows x cols after the 2x2 merger) and adds M-RoPE: every token has a (t, h, w) position, an
+image's tokens sit on its grid of rows x cols (after the 2x2 merger), and the text after an image
+starts at the image's base position + max(rows, cols). A pruned image must keep those: each kept
+token its own original (t, h, w), the text after it the position it has without pruning.
 
 How the positions get there. The kept set is known only in the worker, inside
 ``embed_multimodal``; vLLM computes a request's positions earlier, when the worker first sees the
@@ -117,6 +117,7 @@ def pruned_mrope_positions(
     """
     order = sorted(range(len(mm_features)), key=lambda i: mm_features[i].mm_position.offset)
     widened: list[MultiModalFeatureSpec] = []
+    widened_tokens: list[int] = []
     keep_columns: list[torch.Tensor] = []
     shift = 0  # placeholders added so far by widening
     at = 0  # next prompt index not yet in keep_columns
@@ -125,7 +126,10 @@ def pruned_mrope_positions(
         offset, length = feature.mm_position.offset, feature.mm_position.length
         full = grids[i][0] * grids[i][1] * grids[i][2]
         keep_columns.append(torch.arange(at, offset + length) + shift)
+        widened_tokens += input_tokens[at : offset + length]
         if length < full:
+            # The stock function may read the ids (Qwen3-VL finds video frames by them).
+            widened_tokens += [input_tokens[offset]] * (full - length)
             # Only the first `length` columns stay; they take the base position below.
             widened_range = PlaceholderRange(offset=offset + shift, length=full)
             shift += full - length
@@ -136,7 +140,8 @@ def pruned_mrope_positions(
     keep_columns.append(torch.arange(at, len(input_tokens)) + shift)
     if shift == 0:
         return stock(input_tokens, list(mm_features))
-    positions, delta = stock(range(len(input_tokens) + shift), widened)
+    widened_tokens += input_tokens[at:]
+    positions, delta = stock(widened_tokens, widened)
     positions = positions[:, torch.cat(keep_columns)]
     for i in order:
         feature = mm_features[i]
@@ -150,7 +155,10 @@ def pruned_mrope_positions(
 # ---- processor ----------------------------------------------------------------------------------
 
 
-class Qwen2_5_VLPruneMultiModalProcessor(PruneProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class MRopePruneProcessorMixin(PruneProcessorMixin):
+    """The processor half for the Qwen-VL families (Qwen2.5-VL, Qwen3-VL): N from each image's
+    grid of merged patches."""
+
     def _placeholder_ids(self) -> set[int]:
         config = self.info.get_hf_config()
         return {config.image_token_id, config.video_token_id}
@@ -199,24 +207,27 @@ class Qwen2_5_VLPruneMultiModalProcessor(PruneProcessorMixin, Qwen2_5_VLMultiMod
             )
 
 
+class Qwen2_5_VLPruneMultiModalProcessor(MRopePruneProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
 # ---- model --------------------------------------------------------------------------------------
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    Qwen2_5_VLPruneMultiModalProcessor,
-    info=Qwen2_5_VLProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
-)
-class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForConditionalGeneration):
-    """``Qwen2_5_VLForConditionalGeneration`` whose images are pruned to K rows each, every kept
-    row at its original M-RoPE position (see the module's docstring for how)."""
+class MRopePruneModelMixin(PruneModelMixin):
+    """The model half for the Qwen-VL families: images pruned to K rows each, every kept row at
+    its original M-RoPE position (see the module's docstring for how)."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._carrier_width = self.config.text_config.hidden_size + POSITION_CHANNELS
+        self._carrier_width = self._image_row_width() + POSITION_CHANNELS
         # From embed_input_ids for the next forward: (rows of the flattened batch, [3, R]
         # offsets, tokens in the batch).
         self._pending_offsets: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def _image_row_width(self) -> int:
+        """Width of one image row as the stock ``embed_multimodal`` returns it."""
+        return self.config.text_config.hidden_size
 
     @classmethod
     def unsupported_engine_config(cls, vllm_config) -> list[str]:
@@ -357,3 +368,15 @@ class Qwen2_5_VLPruneForConditionalGeneration(PruneModelMixin, Qwen2_5_VLForCond
             # before every step, so nothing accumulates.
             positions[:, rows.to(positions.device)] += offsets.to(positions.device)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    Qwen2_5_VLPruneMultiModalProcessor,
+    info=Qwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class Qwen2_5_VLPruneForConditionalGeneration(
+    MRopePruneModelMixin, Qwen2_5_VLForConditionalGeneration
+):
+    """``Qwen2_5_VLForConditionalGeneration`` whose images are pruned to K rows each, every kept
+    row at its original M-RoPE position."""

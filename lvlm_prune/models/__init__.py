@@ -6,6 +6,8 @@
   ``bench`` keeps LLaVA-1.5-7B's LLM : vision prefill cost proportion, for speed).
 - ``qwen-tiny``, ``qwen-bench``: the same for Qwen2.5-VL (``qwen-bench`` keeps Qwen2.5-VL-7B's
   proportion).
+- ``qwen3-tiny``, ``qwen3-moe-tiny``, ``qwen3-bench``: the same for Qwen3-VL, dense and MoE
+  (``qwen3-bench`` keeps Qwen3-VL-8B's proportion).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ DEFAULT = "shapes"
 def names() -> list[str]:
     from lvlm_prune.models.tiny_llava import SPECS
     from lvlm_prune.models.tiny_qwen import QWEN_SPECS
+    from lvlm_prune.models.tiny_qwen3 import QWEN3_SPECS
 
-    return [DEFAULT, *SPECS, *QWEN_SPECS]
+    return [DEFAULT, *SPECS, *QWEN_SPECS, *QWEN3_SPECS]
 
 
 def resolve(name: str) -> tuple[str, str] | None:
@@ -28,9 +31,12 @@ def resolve(name: str) -> tuple[str, str] | None:
         return str(released_model_dir()), MODEL_NAME
     from lvlm_prune.models.tiny_llava import SPECS, build_tiny_llava
     from lvlm_prune.models.tiny_qwen import QWEN_SPECS, build_tiny_qwen
+    from lvlm_prune.models.tiny_qwen3 import QWEN3_SPECS, build_tiny_qwen3
 
     if name in SPECS:
         return str(build_tiny_llava(SPECS[name])), f"lvlm-prune-{name}"
     if name in QWEN_SPECS:
         return str(build_tiny_qwen(QWEN_SPECS[name])), f"lvlm-prune-{name}"
+    if name in QWEN3_SPECS:
+        return str(build_tiny_qwen3(QWEN3_SPECS[name])), f"lvlm-prune-{name}"
     return None
