@@ -139,12 +139,9 @@ def refuse_unpruned_model(args: argparse.Namespace) -> None:
     transformers``); this refuses only when no architecture the config names is one we prune, and
     leaves a checkpoint it cannot read to vLLM's own error.
     """
-    from .plugin import (
-        UnprunedModelError,
-        check_server_wide_options,
-        pruning_asked,
-        unpruned_reason,
-    )
+    from lvlm_prune.vllm_plugin.support import pruning_asked, unpruned_reason
+
+    from .plugin import UnprunedModelError, check_server_wide_options
 
     if not pruning_asked(args.mm_processor_kwargs or {}, prefix="mm_processor_kwargs"):
         return  # nothing to refuse: skip reading the config

@@ -18,8 +18,9 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from lvlm_prune import memory
-from lvlm_prune.vllm_plugin import MODELS, WORKER_EXTENSION, options, vllm_internals
+from lvlm_prune.vllm_plugin import WORKER_EXTENSION, options, vllm_internals
 from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
+from lvlm_prune.vllm_plugin.support import pruning_asked, unpruned_reason
 from lvlm_prune.vllm_plugin.worker import flow
 
 from . import metrics, supervision
@@ -79,43 +80,6 @@ def _check_server_set_kwargs(kwargs: dict) -> None:
             f"mm_processor_kwargs.{key} is set by the server, not by clients",
             parameter=f"mm_processor_kwargs.{key}",
         )
-
-
-def unpruned_reason(architecture: str, hf_config) -> str | None:
-    """Why lvlm-prune does not prune a model vLLM serves as ``architecture``; None when it does.
-
-    The one rule: our classes are registered under the architecture names in
-    ``vllm_plugin.MODELS``, except that Pixtral-HF checkpoints share LLaVA's name and vLLM serves
-    them with its own Pixtral vision tower, unpruned.
-    """
-    vision = getattr(hf_config, "vision_config", None)
-    if architecture not in MODELS:
-        what = architecture
-    elif getattr(vision, "model_type", None) == "pixtral":
-        what = f"{architecture} with a Pixtral vision tower (Pixtral-HF)"
-    else:
-        return None
-    return f"lvlm-prune does not prune {what} models (it prunes {', '.join(MODELS)})"
-
-
-def pruning_asked(kwargs, *, prefix: str, ours_only: bool = True) -> list[str]:
-    """The options in ``kwargs`` that need a pruned model, as ``prefix.name``.
-
-    Every option counts (a method, a query, diagnostics: the caller believes it is pruning),
-    except a no-op: None, false, or keep_ratio 1.0, which is exactly what a model served unpruned
-    does. ``ours_only``: ``mm_processor_kwargs``, where only our names are ours; else a
-    ``pruning`` object, all of whose fields are. Anything but an object asks, unless empty.
-    """
-    if not isinstance(kwargs, dict):
-        return [prefix] if kwargs else []
-    return [
-        f"{prefix}.{name}"
-        for name, value in kwargs.items()
-        if (name in options.OWN_KWARGS or not ours_only)
-        and value is not None
-        and value is not False
-        and not (name == options.KEEP_RATIO and type(value) in (int, float) and value == 1)
-    ]
 
 
 class UnprunedModelError(RuntimeError):

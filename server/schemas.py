@@ -37,7 +37,7 @@ def _checked(opt: options.Option):
         if value is None and default is None:
             return None
         try:
-            return opt.parse(value, name=opt.api, api=True)
+            return opt.parse(value, name=opt.api)
         except options.PruneOptionError as err:
             raise ValueError(str(err)) from None
 

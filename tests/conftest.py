@@ -18,6 +18,7 @@ import pytest
 
 from lvlm_prune.models.tiny_llava import build_tiny_llava
 from lvlm_prune.models.tiny_qwen import build_tiny_qwen
+from lvlm_prune.models.tiny_qwen3 import TINY_QWEN3_MOE, build_tiny_qwen3
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,26 @@ def tiny_model_dir() -> str:
 def qwen_model_dir() -> str:
     """The tiny random-weight Qwen2.5-VL (``tiny_qwen.TINY_QWEN``), built offline once."""
     return str(build_tiny_qwen())
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_dir() -> str:
+    """A tiny Qwen2-VL: an architecture lvlm-prune does not prune (``tests/tiny_qwen2_vl.py``)."""
+    from tiny_qwen2_vl import build_tiny_qwen2_vl
+
+    return str(build_tiny_qwen2_vl())
+
+
+@pytest.fixture(scope="session")
+def qwen3_model_dir() -> str:
+    """The tiny random-weight Qwen3-VL, dense (``tiny_qwen3.TINY_QWEN3``), built offline once."""
+    return str(build_tiny_qwen3())
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_model_dir() -> str:
+    """The tiny random-weight Qwen3-VL-MoE (``tiny_qwen3.TINY_QWEN3_MOE``), built offline once."""
+    return str(build_tiny_qwen3(TINY_QWEN3_MOE))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def _cases(pick):
 
 
 ENGINE_CASES = _cases(lambda opt: opt.kind if opt in options.PARSED else None)
-API_CASES = _cases(lambda opt: (opt.api_kind or opt.kind) if opt.api else None)
+API_CASES = _cases(lambda opt: opt.kind if opt.api else None)
 RAW_CASES = _cases(lambda opt: opt.kind if opt.kwarg and opt.who_sets == "client" else None)
 SERVER_SET = [opt for opt in options.OPTIONS if opt.kwarg and opt.who_sets == "server"]
 
@@ -126,7 +126,7 @@ def test_offline_engine_names_the_kwarg(llm, opt, value):
 @pytest.mark.parametrize("opt,value", API_CASES)
 def test_pruning_object_names_the_field(server, opt, value):
     error = http_error(server, pruning={opt.api: value})
-    rule = (opt.api_kind or opt.kind).rule
+    rule = opt.kind.rule
     assert error["param"] == f"pruning.{opt.api}", error
     assert f"{opt.api} must be {rule}, got " in error["message"], error
 

@@ -395,6 +395,48 @@ def test_engine_core_runs_our_utility_by_name():
     assert isinstance(utility(None), bool)  # it uses nothing of the engine core
 
 
+def test_hf_processor_call_refuses_pruning_kwargs_on_an_unpruned_model():
+    """Every multimodal processor reaches the HF processor through ``call_hf_processor`` with the
+    request's kwargs merged with the engine-wide ones; the wrap refuses our kwargs there when the
+    model is not one we prune, and otherwise is vLLM's own call."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaConfig, Qwen2VLConfig
+    from vllm.multimodal.processing.context import InputProcessingContext
+
+    vllm_internals.refuse_pruning_kwargs_on_unpruned_models()
+    call = InputProcessingContext.call_hf_processor
+    assert _params(call.__wrapped__) == ["self", "hf_processor", "data", "kwargs"]
+    _in_order(
+        inspect.getsource(call.__wrapped__),
+        ["merged_kwargs = self.get_merged_mm_kwargs(kwargs)", "hf_processor(**data, **allowed"],
+    )
+
+    def context(architecture: str, hf_config, engine_wide=None):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(architecture=architecture, hf_config=hf_config),
+            get_merged_mm_kwargs=lambda kwargs: {**(engine_wide or {}), **kwargs},
+            _postprocess_output=lambda output: output,
+        )
+
+    calls = []
+
+    def hf_processor(**kwargs):
+        calls.append(kwargs)
+        return {}
+
+    qwen2_vl = "Qwen2VLForConditionalGeneration"
+    with pytest.raises(ValueError, match=f"does not prune {qwen2_vl}.*keep_ratio"):
+        call(context(qwen2_vl, Qwen2VLConfig()), hf_processor, {}, {"keep_ratio": 0.25})
+    with pytest.raises(ValueError, match="prune_method"):  # engine-wide, merged in
+        call(context(qwen2_vl, Qwen2VLConfig(), {"prune_method": "uniform"}), hf_processor, {})
+    assert calls == []
+    # A no-op on an unpruned model, and anything on a pruned one, reach the HF processor.
+    call(context(qwen2_vl, Qwen2VLConfig()), hf_processor, {}, {"keep_ratio": 1.0})
+    call(context("LlavaForConditionalGeneration", LlavaConfig()), hf_processor, {}, {"x": 1})
+    assert len(calls) == 2
+
+
 def test_image_loader_turns_a_decompression_bomb_into_a_value_error(monkeypatch):
     from PIL import Image
     from vllm.multimodal.media.image import ImageMediaIO

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 # Our subclasses are registered under the stock architecture names, so a stock checkpoint
 # (e.g. llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct) uses them without flags.
-# The one list of what lvlm-prune prunes: the server reads it too (server/plugin.py
-# unpruned_reason) to refuse pruning, at start-up and per request, on any other architecture.
+# The one list of what lvlm-prune prunes: ``support.unpruned_reason`` reads it to refuse pruning on
+# any other architecture (at the server's start-up, per request, and in the offline engine).
 MODELS = {
     "LlavaForConditionalGeneration": "lvlm_prune.vllm_plugin.llava:LlavaPruneForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": (
@@ -42,4 +42,5 @@ def register() -> None:
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
     vllm_internals.add_engine_core_utilities()
+    vllm_internals.refuse_pruning_kwargs_on_unpruned_models()
     _registered = True

@@ -33,7 +33,8 @@ MAX_QUERY_TOKENS = 512
 """The relevance query is cut to its last this-many tokens: a query is [T, D] per image in the
 worker, and T must not be the client's to choose without bound."""
 MAX_QUERY_CHARS = 20_000
-"""The server's ``pruning.query`` strings are at most this long (raw kwargs are not capped)."""
+"""A query string is at most this long at every door: only its last ``MAX_QUERY_TOKENS`` tokens
+are used, and tokenising a longer one is work the client should not be able to ask for."""
 
 DEFAULT_PRUNE_LAYER = 2
 """Decoder layers the ``flow`` method's scout runs (see vllm_plugin/worker/flow.py), unless the
@@ -159,8 +160,10 @@ class Integer(Kind):
 class Queries(Kind):
     """One string for every image, or a list with one per image (normalised to a tuple)."""
 
-    rule: str = "a string or a list of strings (one per image)"
-    max_chars: int | None = None
+    rule: str = (
+        f"a string or a list of strings (one per image), each at most {MAX_QUERY_CHARS} characters"
+    )
+    max_chars: int | None = MAX_QUERY_CHARS
 
     def normalise(self, value):
         if isinstance(value, (list, tuple)) and all(isinstance(q, str) for q in value):
@@ -225,8 +228,6 @@ class Option:
     """Its key in ``mm_processor_kwargs`` (offline engine, raw kwargs over HTTP)."""
     api: str | None = None
     """Its key in the server's ``pruning`` object."""
-    api_kind: Kind | None = None
-    """The ``pruning`` object's own rule, where it differs from ``kind``."""
     who_sets: Literal["client", "server"] = "client"
     """Over HTTP: "server" means a client's own value is refused (vLLM's gate, server/plugin.py)."""
     hashed: Callable[[PruneOptions], bool] | None = None
@@ -238,17 +239,16 @@ class Option:
     default_doc: str | None = None
     """The default in words, for the docs table (else ``default``)."""
 
-    def parse(self, value: object, *, name: str | None = None, api: bool = False) -> object:
+    def parse(self, value: object, *, name: str | None = None) -> object:
         """The normalised value.
 
         Args:
             name: what the message calls the option (default: its kwarg).
-            api: the ``pruning`` object's rule (``api_kind``) where it has one.
 
         Raises:
             PruneOptionError: naming the option and stating the rule.
         """
-        kind = (self.api_kind if api else None) or self.kind
+        kind = self.kind
         try:
             return kind.normalise(value)
         except (TypeError, ValueError, OverflowError):
@@ -335,11 +335,6 @@ OPTIONS: tuple[Option, ...] = (
         f"order; the last {MAX_QUERY_TOKENS} tokens of each are used.",
         kwarg=QUERY,
         api="query",
-        api_kind=Queries(
-            f"a string or a list of strings (one per image), each at most {MAX_QUERY_CHARS} "
-            "characters",
-            max_chars=MAX_QUERY_CHARS,
-        ),
         default_doc="each image's own question (server); the prompt's text (offline)",
     ),
     Option(
@@ -679,8 +674,6 @@ def markdown_table() -> str:
         if opt.kwarg and opt.who_sets == "server":
             kwarg += " (set by the server)" if opt.kind is None else " (offline only)"
         values = opt.kind.rule if opt.kind else "—"
-        if opt.api_kind:
-            values += f"; in `pruning`: {opt.api_kind.rule}"
         cells = [code(opt.api), kwarg, code(opt.flag), values, default(opt), opt.doc]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"

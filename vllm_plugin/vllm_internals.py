@@ -22,6 +22,7 @@ processor decides each request's K and placeholders).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from argparse import Namespace
 from collections.abc import Callable, Mapping
@@ -96,6 +97,14 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "lvlm_prune.vllm_plugin.vllm_internals:refuse_images_raising",
         ("test_image_loader_turns_a_decompression_bomb_into_a_value_error",),
         "(self, data); vLLM's loader lets PIL's DecompressionBombError out, ours a ValueError",
+    ),
+    TouchPoint(
+        PATCH,
+        "vllm.multimodal.processing.context:InputProcessingContext.call_hf_processor",
+        "lvlm_prune.vllm_plugin.vllm_internals:refuse_pruning_kwargs_on_unpruned_models",
+        ("test_hf_processor_call_refuses_pruning_kwargs_on_an_unpruned_model",),
+        "(self, hf_processor, data, kwargs); every processor calls the HF processor through it "
+        "with the merged kwargs; ours refuses our kwargs for an unpruned architecture only",
     ),
     # ---- private reads done by this module ----------------------------------------------------
     TouchPoint(
@@ -324,6 +333,40 @@ def _trim_memory(self) -> bool:
     from lvlm_prune import memory
 
     return memory.trim()
+
+
+def refuse_pruning_kwargs_on_unpruned_models() -> None:
+    """Make vLLM's call of a model's HF processor refuse our kwargs (``ValueError``) when the
+    model is not one we prune (``support.unpruned_reason``), instead of the HF processor dropping
+    them unseen (``vllm_plugin.register()``, every process).
+
+    NOTE(vLLM 0.32): every multimodal processor reaches the HF processor through
+    ``InputProcessingContext.call_hf_processor``, with the request's kwargs merged with the
+    engine-wide ones: an engine-wide ``keep_ratio`` fails every request with an image (the
+    engine's start-up warm-up logs the error and goes on, so it cannot stop the engine; the
+    server refuses it before starting, ``server/cli.py``), a per-request one fails that request.
+    Our own processors strip our kwargs inside the callable they pass, so for a pruned model this
+    only reads its architecture.
+    """
+    from vllm.multimodal.processing.context import InputProcessingContext
+
+    original = InputProcessingContext.call_hf_processor
+    if getattr(original, "_lvlm_prune", False):
+        return
+
+    @functools.wraps(original)
+    def call_hf_processor(self, hf_processor, data, kwargs={}):  # noqa: B006 - vLLM's signature
+        from .support import pruning_asked, unpruned_reason
+
+        config = self.model_config
+        reason = unpruned_reason(config.architecture, config.hf_config)
+        if reason and (asked := pruning_asked(self.get_merged_mm_kwargs(kwargs), prefix="")):
+            names = ", ".join(a.lstrip(".") for a in asked)
+            raise ValueError(f"{reason}; refusing {names}: serve it without them (unpruned)")
+        return original(self, hf_processor, data, kwargs)
+
+    call_hf_processor._lvlm_prune = True
+    InputProcessingContext.call_hf_processor = call_hf_processor
 
 
 # NOTE(vLLM 0.32): the modules that import vllm.entrypoints.generate.base.protocol's

@@ -18,20 +18,16 @@ import openai
 import pytest
 import requests
 from helpers import data_url, make_image
-from tiny_qwen2_vl import ARCHITECTURE, build_tiny_qwen2_vl
+from tiny_qwen2_vl import ARCHITECTURE
 
-from lvlm_prune.server.plugin import UnprunedModel, unpruned_reason
+from lvlm_prune.server.plugin import UnprunedModel
 from lvlm_prune.vllm_plugin import MODELS
+from lvlm_prune.vllm_plugin.support import unpruned_reason
 from server_api.serving import API_KEY, free_port, serve
 
 SERVE = (sys.executable, "-m", "lvlm_prune.server.cli", "serve")
 MODEL = "qwen2-vl-tiny"
 IMAGE_SIDE = 224  # 8 x 8 tokens after the 2x2 merger
-
-
-@pytest.fixture(scope="session")
-def qwen2_vl_dir() -> str:
-    return str(build_tiny_qwen2_vl())
 
 
 @pytest.fixture(scope="module")
