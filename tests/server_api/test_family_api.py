@@ -1,97 +1,163 @@
-"""Qwen2.5-VL through the API: a real ``lvlm-prune serve qwen-tiny``.
+"""Every model family through the API: a real ``lvlm-prune serve`` per family, the real ``openai``
+client, ``pruning.diagnostics``. The HTTP part of the family suite (``tests/family/``); it lives
+here to share the API tests' server (LLaVA) instead of starting another.
 
-Dynamic resolution gives an image its own rows x cols of tokens; the diagnostics, the heatmap and
-the usage must follow that grid, not assume LLaVA's square one. The ``flow`` method and flow
-diagnostics rerun Llama-family layers and are refused for this model with a 400 naming the field.
+Each image's diagnostics, heatmap and counts must follow its own token grid (rows x cols), not
+assume LLaVA's square one; the selection must be the torch reference's for the user's question.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 
+import openai
 import pytest
-import requests
 import torch
-from helpers import data_url
+from family.families import FAMILIES, WITHOUT_FLOW
+from helpers import data_url, make_image
+from hf_reference import reference
 from PIL import Image
-from test_qwen2_5_vl import IMAGE_TOKEN_ID, PORTRAIT, make_image, reference_kept
 
-from server_api.serving import serve
+from lvlm_prune.kernels import keep_count
+from server_api.serving import API_KEY, serve
 
-MODEL = "lvlm-prune-qwen-tiny"
-QUESTION = "What is the color of the car on the street?"
-ROWS, COLS = PORTRAIT[1] // 28, PORTRAIT[0] // 28  # 10 x 6 = 60 tokens
+QUESTION = "What color is the car parked beside the tree?"
+HEATMAP_PX = 336  # the heatmap's longer side
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=str)
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def qwen_server(qwen_model_dir, tmp_path_factory):
-    args = ["qwen-tiny", "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"]
-    with serve(args, tmp_path_factory.mktemp("qwen-server")) as srv:
+def family_server(family, request, tmp_path_factory):
+    if family.serve_name == "tiny":
+        # The API tests' shared server (conftest.py) serves this family already.
+        yield request.getfixturevalue("server")
+        return
+    limits = {"image": 2, **family.engine_kwargs.get("limit_mm_per_prompt", {})}
+    args = [
+        *(family.serve_name, "--dtype", "float32", "--enforce-eager"),
+        *("--max-model-len", "2048", "--limit-mm-per-prompt", json.dumps(limits)),
+    ]
+    with serve(args, tmp_path_factory.mktemp(f"{family.name}-server")) as srv:
         yield srv
 
 
-def body(pruning=None, **over):
-    image = {"type": "image_url", "image_url": {"url": data_url(make_image(0))}}
-    out = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]}],
-        "max_tokens": 2,
-        "temperature": 0.0,
-        **over,
-    }
-    if pruning is not None:
-        out["pruning"] = pruning
-    return out
-
-
-def post(server, payload) -> requests.Response:
-    return requests.post(f"{server.url}/v1/chat/completions", json=payload, timeout=120)
-
-
-def test_diagnostics_follow_the_images_own_grid(qwen_server, qwen_model_dir):
-    from transformers import AutoTokenizer
-
-    stock = post(qwen_server, body(pruning={"keep_ratio": 1.0}))
-    pruned = post(qwen_server, body(pruning={"keep_ratio": 0.25, "diagnostics": True}))
-    assert stock.status_code == pruned.status_code == 200, pruned.text
-    k = round(ROWS * COLS * 0.25)
-    assert stock.json()["usage"]["prompt_tokens"] - pruned.json()["usage"]["prompt_tokens"] == (
-        ROWS * COLS - k
+@pytest.fixture(scope="module")
+def family_client(family_server):
+    return openai.OpenAI(
+        base_url=f"{family_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120
     )
-    info = pruned.json()["pruning"]
-    assert (info["image_tokens_before"], info["image_tokens_after"]) == (ROWS * COLS, k)
+
+
+@pytest.fixture(scope="module")
+def ref(family, request):
+    return reference(family.reference, request.getfixturevalue(family.model_dir_fixture))
+
+
+def chat(client, family, images, *, pruning=None, **extra_body):
+    """A chat completion for ``images`` ((seed, case) each) and QUESTION."""
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(make_image(seed, case.size))}}
+        for seed, case in images
+    ]
+    body = dict(extra_body)
+    if pruning is not None:
+        body["pruning"] = pruning
+    return client.chat.completions.create(
+        model=f"lvlm-prune-{family.serve_name}",
+        messages=[{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}],
+        max_tokens=2,
+        temperature=0.0,
+        extra_body=body or None,
+    )
+
+
+def pruning_of(response) -> dict:
+    return response.model_extra["pruning"]
+
+
+@pytest.mark.parametrize("seed,ratio", [(0, 0.25), (3, 0.5)])
+def test_diagnostics_follow_the_images_grid_and_match_the_reference(
+    family, family_client, ref, seed, ratio
+):
+    images = [(seed, family.images[0])]
+    case = family.images[0]
+    k = keep_count(case.tokens, ratio)
+    stock = chat(family_client, family, images, pruning={"keep_ratio": 1.0})
+    pruned = chat(family_client, family, images, pruning={"keep_ratio": ratio, "diagnostics": True})
+    # The counts are the prompt: usage moves by exactly the tokens pruned.
+    assert stock.usage.prompt_tokens - pruned.usage.prompt_tokens == case.tokens - k
+    info = pruning_of(pruned)
+    assert (info["image_tokens_before"], info["image_tokens_after"]) == (case.tokens, k)
     (image,) = info["per_image"]
-    assert image["grid"] == [ROWS, COLS]
-    assert len(image["scores"]) == ROWS and all(len(row) == COLS for row in image["scores"])
-    tokenizer = AutoTokenizer.from_pretrained(qwen_model_dir)
-    q_ids = tokenizer.encode(QUESTION, add_special_tokens=False)
-    assert IMAGE_TOKEN_ID not in q_ids
-    want = reference_kept(qwen_model_dir, make_image(0), q_ids, k)
-    assert image["kept_indices"] == want.tolist()
-    assert torch.tensor(image["scores"]).shape == (ROWS, COLS)
+    rows, cols = case.grid
+    assert image["grid"] == [rows, cols]
+    assert len(image["scores"]) == rows and all(len(row) == cols for row in image["scores"])
+    q_ids = ref.encode(QUESTION)
+    assert ref.image_token_id not in q_ids
+    scores = ref.scores(make_image(seed, case.size), q_ids)
+    torch.testing.assert_close(
+        torch.tensor(image["scores"]).flatten(), scores, atol=1e-4, rtol=1e-4
+    )
+    assert image["kept_indices"] == ref.kept(make_image(seed, case.size), q_ids, k).tolist()
+    assert image["method"] == "simignore" and "heatmap_png" not in image
+    top = image["top_query_tokens"]
+    assert 0 < len(top) <= 5
+    assert all(t["id"] in q_ids and t["votes"] > 0 for t in top)
+    assert [t["votes"] for t in top] == sorted((t["votes"] for t in top), reverse=True)
 
 
-def test_heatmap_has_the_images_aspect(qwen_server):
-    response = post(qwen_server, body(pruning={"keep_ratio": 0.25, "diagnostics": "heatmap"}))
-    assert response.status_code == 200, response.text
-    (image,) = response.json()["pruning"]["per_image"]
+def test_two_images_of_different_sizes_each_with_diagnostics(family, family_client, ref):
+    images = list(enumerate(family.images))
+    response = chat(
+        family_client, family, images, pruning={"keep_ratio": 0.25, "diagnostics": True}
+    )
+    info = pruning_of(response)
+    ks = [keep_count(case.tokens, 0.25) for _, case in images]
+    assert info["image_tokens_before"] == sum(case.tokens for _, case in images)
+    assert info["image_tokens_after"] == sum(ks)
+    q_ids = ref.encode(QUESTION)
+    for (seed, case), k, image in zip(images, ks, info["per_image"], strict=True):
+        assert image["grid"] == list(case.grid)
+        assert image["kept_indices"] == ref.kept(make_image(seed, case.size), q_ids, k).tolist()
+
+
+def test_heatmap_is_a_png_with_the_images_aspect(family, family_client):
+    case = family.images[0]
+    response = chat(
+        family_client, family, [(0, case)], pruning={"keep_ratio": 0.25, "diagnostics": "heatmap"}
+    )
+    (image,) = pruning_of(response)["per_image"]
     png = Image.open(io.BytesIO(base64.b64decode(image["heatmap_png"])))
-    assert png.size == (round(336 * COLS / ROWS), 336)  # portrait, as the image
+    rows, cols = case.grid
+    side = max(rows, cols)
+    assert png.format == "PNG"
+    assert png.size == (round(HEATMAP_PX * cols / side), round(HEATMAP_PX * rows / side))
+    assert len(image["kept_indices"]) == keep_count(case.tokens, 0.25)
 
 
+@pytest.mark.parametrize("family", WITHOUT_FLOW, indirect=True, ids=str)
 @pytest.mark.parametrize(
-    "payload,param",
+    "extra_body,param",
     [
-        (body(pruning={"keep_ratio": 0.25, "method": "flow"}), "pruning.method"),
-        (body(mm_processor_kwargs={"prune_method": "flow"}), "mm_processor_kwargs.prune_method"),
-        (body(pruning={"diagnostics": "flow"}), "pruning.diagnostics"),
+        ({"pruning": {"keep_ratio": 0.25, "method": "flow"}}, "pruning.method"),
+        ({"mm_processor_kwargs": {"prune_method": "flow"}}, "mm_processor_kwargs.prune_method"),
+        ({"pruning": {"diagnostics": "flow"}}, "pruning.diagnostics"),
     ],
     ids=["method", "raw-method", "diagnostics"],
 )
-def test_flow_is_refused_for_a_non_llama_language_model(qwen_server, payload, param):
-    response = post(qwen_server, payload)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == param and "information flow supports llama" in error["message"]
-    assert post(qwen_server, body(pruning={"keep_ratio": 0.25})).status_code == 200
+def test_flow_is_refused_where_the_family_has_none(family, family_client, extra_body, param):
+    """The flow method and flow diagnostics rerun Llama-family layers: a 400 naming the field."""
+    images = [(0, family.images[0])]
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(family_client, family, images, **extra_body)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param
+    assert "information flow supports llama" in err.value.body["message"]
+    response = chat(family_client, family, images, pruning={"keep_ratio": 0.25})
+    assert pruning_of(response)["image_tokens_after"] == keep_count(family.images[0].tokens, 0.25)
