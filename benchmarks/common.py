@@ -83,10 +83,17 @@ IMAGE_SIZE = (336, 336)
 """(width, height) of the benchmarks' images unless ``--image-size`` says otherwise: LLaVA-1.5's
 input. LLaVA resizes any image to it; Qwen2.5-VL gives (H/28)·(W/28) tokens at any size."""
 
+_QWEN3_VL = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 PROMPTS = {
     "llava": "USER: <image>\n{question} ASSISTANT:",
     "qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
+    # Qwen3-VL's template adds no default system message.
+    "qwen3_vl": _QWEN3_VL,
+    "qwen3_vl_moe": _QWEN3_VL,
 }
 """One image and a question in each family's chat format (what its chat template renders)."""
 

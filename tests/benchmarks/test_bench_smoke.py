@@ -99,19 +99,21 @@ def test_latency_rows_token_counts_and_ratios(smoke):
         assert (smoke["out"] / "latency-tiny.png").stat().st_size > 1000
 
 
-def test_latency_on_qwen_follows_the_image_size(tmp_path):
-    """Qwen2.5-VL's image tokens follow the image: 168 x 280 px is 6 x 10 = 60 tokens, and the
-    size names the result files so two resolutions never overwrite each other."""
-    cmd = [sys.executable, "-m", "lvlm_prune.benchmarks", "latency", "--model", "qwen-tiny"]
-    cmd += ["--smoke", "--image-size", "168x280", "--ratios", "1.0", "0.25", "--out", str(tmp_path)]
+@pytest.mark.parametrize(("model", "size"), [("qwen-tiny", "168x280"), ("qwen3-tiny", "192x320")])
+def test_latency_on_qwen_follows_the_image_size(tmp_path, model, size):
+    """Qwen's image tokens follow the image: 168 x 280 px is 6 x 10 = 60 tokens for Qwen2.5-VL
+    (28 px a token), 192 x 320 px the same for Qwen3-VL (32 px); the size names the result files
+    so two resolutions never overwrite each other."""
+    cmd = [sys.executable, "-m", "lvlm_prune.benchmarks", "latency", "--model", model]
+    cmd += ["--smoke", "--image-size", size, "--ratios", "1.0", "0.25", "--out", str(tmp_path)]
     proc = subprocess.run(
         cmd + ["--methods", "simignore"], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads((tmp_path / "latency-qwen-tiny-168x280.json").read_text())
+    result = json.loads((tmp_path / f"latency-{model}-{size}.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["stock"]["prompt_tokens"] - rows["simignore@0.25"]["prompt_tokens"] == 60 - 15
-    assert "168x280" in result["settings"]["image_per_request"]
+    assert size in result["settings"]["image_per_request"]
 
 
 @pytest.mark.parametrize("text", ["672", "672x", "x448", "axb", "20x448"])

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from helpers import data_url, make_image
 
-from lvlm_prune.server import inspect
+from lvlm_prune.server import inspector
 from server_api.serving import API_KEY, MODEL
 
 CHROMIUM = "/usr/bin/chromium"
@@ -73,7 +73,7 @@ def test_page_and_assets_load_with_or_without_an_api_key(tokens):
     from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
     app = FastAPI()
-    app.include_router(inspect.router)
+    app.include_router(inspector.router)
     app.get("/v1/models")(lambda: {"data": []})
     if tokens:
         app.add_middleware(AuthenticationMiddleware, tokens=tokens)
@@ -91,7 +91,7 @@ def test_page_and_assets_load_with_or_without_an_api_key(tokens):
 
 def test_static_route_serves_only_the_shipped_files():
     client = TestClient(FastAPI())
-    client.app.include_router(inspect.router)
+    client.app.include_router(inspector.router)
     for name in ("inspect.js", "inspect.css"):
         assert client.get(f"/inspect/static/{name}").status_code == 200
     for name in ("missing.js", "..%2Finspect.py", "__init__.py", ".hidden.js"):
@@ -100,7 +100,7 @@ def test_static_route_serves_only_the_shipped_files():
 
 def test_page_needs_nothing_from_outside():
     """Offline machines: no CDN, no font service, nothing but this server."""
-    for path in Path(inspect.STATIC_DIR).iterdir():
+    for path in Path(inspector.STATIC_DIR).iterdir():
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"https?://|//cdn|@import", text), path.name
 
