@@ -81,10 +81,7 @@ class TinyLlavaSpec:
         return (self.image_size // self.patch_size) ** 2
 
     def key(self) -> str:
-        payload = json.dumps(
-            {"spec": dataclasses.asdict(self), "builder": BUILDER_VERSION}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return spec_key(self, BUILDER_VERSION)
 
 
 TINY = TinyLlavaSpec()
@@ -112,6 +109,14 @@ def cache_root() -> Path:
 def build_tiny_llava(spec: TinyLlavaSpec = TINY, *, root: Path | None = None) -> Path:
     """Return the directory of the model for ``spec``, building it first if absent."""
     return build_cached(f"llava-{spec.key()}", lambda out: _write_model(spec, out), root=root)
+
+
+def spec_key(spec, builder_version: int) -> str:
+    """A model's cache key: its spec (a dataclass) and the version of the code that writes it."""
+    payload = json.dumps(
+        {"spec": dataclasses.asdict(spec), "builder": builder_version}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def build_cached(name: str, write: Callable[[Path], None], *, root: Path | None = None) -> Path:

@@ -13,11 +13,10 @@ its answers does.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-from .tiny_llava import _CORPUS, build_cached
+from .tiny_llava import _CORPUS, build_cached, spec_key
 
 # Bump when the files this module writes change in any way.
 BUILDER_VERSION = 1
@@ -117,10 +116,7 @@ class TinyQwenSpec:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to {head_dim // 2}")
 
     def key(self) -> str:
-        payload = json.dumps(
-            {"spec": dataclasses.asdict(self), "builder": BUILDER_VERSION}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return spec_key(self, BUILDER_VERSION)
 
 
 TINY_QWEN = TinyQwenSpec()
@@ -168,7 +164,8 @@ QWEN_SPECS = {"qwen-tiny": TINY_QWEN, "qwen-bench": QWEN_BENCH}
 
 def image_grid(spec: TinyQwenSpec, width: int, height: int) -> tuple[int, int]:
     """(rows, cols) of image tokens after the merger for an image the processor keeps at its
-    size (both sides multiples of 28, within min/max pixels)."""
+    size (both sides multiples of patch x merge: 28 px for Qwen2.5-VL, 32 for Qwen3-VL; within
+    min/max pixels). Any spec with those four fields (``tiny_qwen3`` uses it too)."""
     unit = spec.patch_size * spec.spatial_merge_size
     if width % unit or height % unit:
         raise ValueError(f"{width}x{height} is not a multiple of {unit} on both sides")

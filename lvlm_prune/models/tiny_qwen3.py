@@ -13,12 +13,18 @@ answers does.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-from .tiny_llava import build_cached
-from .tiny_qwen import IM_END_ID, IMAGE_TOKEN_ID, PAD_ID, SPECIAL_TOKENS, VIDEO_TOKEN_ID
+from .tiny_llava import build_cached, spec_key
+from .tiny_qwen import (
+    IM_END_ID,
+    IMAGE_TOKEN_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    VIDEO_TOKEN_ID,
+    image_grid,
+)
 from .tiny_qwen import _build_tokenizer as build_qwen_tokenizer
 
 # Bump when the files this module writes change in any way.
@@ -104,10 +110,7 @@ class TinyQwen3Spec:
         return f"Qwen3VL{moe}ForConditionalGeneration"
 
     def key(self) -> str:
-        payload = json.dumps(
-            {"spec": dataclasses.asdict(self), "builder": BUILDER_VERSION}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return spec_key(self, BUILDER_VERSION)
 
 
 TINY_QWEN3 = TinyQwen3Spec()
@@ -162,17 +165,6 @@ QWEN3_SPECS = {
     "qwen3-moe-tiny": TINY_QWEN3_MOE,
     "qwen3-bench": QWEN3_BENCH,
 }
-
-
-def image_grid(spec: TinyQwen3Spec, width: int, height: int) -> tuple[int, int]:
-    """(rows, cols) of image tokens after the merger for an image the processor keeps at its
-    size (both sides multiples of 32, within min/max pixels)."""
-    unit = spec.patch_size * spec.spatial_merge_size
-    if width % unit or height % unit:
-        raise ValueError(f"{width}x{height} is not a multiple of {unit} on both sides")
-    if not spec.min_pixels <= width * height <= spec.max_pixels:
-        raise ValueError(f"{width}x{height} is outside [min_pixels, max_pixels]")
-    return height // unit, width // unit
 
 
 def prefill_flops(spec: TinyQwen3Spec, width: int, height: int, text_tokens: int = 32):
