@@ -723,13 +723,82 @@ def test_what_the_flow_pass_reads_of_vllm():
     assert "prompt_token_ids" in MultiModalInput.__annotations__
     # The worker extension reaches the model through the worker it is mixed into.
     assert _params(Worker.get_model) == ["self"]
-    # The pass builds its input with vLLM's own merge of the kept rows into the prompt.
+    # The served forward merges the kept rows at the image positions (the pass places them so).
     assert _params(LlavaForConditionalGeneration.embed_input_ids) == [
         "self",
         "input_ids",
         "multimodal_embeddings",
         "is_multimodal",
     ]
+
+
+def test_qwen_decoder_layers_the_flow_pass_runs():
+    """The Qwen-VL families' language models (Qwen2; Qwen3, dense and MoE) have the Llama layer's
+    steps, with the q/k norms per head before the rotary embedding where the attention has them;
+    Qwen3-VL adds DeepStack level i to the hidden states right after decoder layer i."""
+    from vllm.model_executor.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer
+    from vllm.model_executor.models.qwen3 import Qwen3Attention, Qwen3DecoderLayer
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeAttention, Qwen3MoeDecoderLayer
+    from vllm.model_executor.models.qwen3_vl import Qwen3LLMModel
+    from vllm.model_executor.models.qwen3_vl_moe import Qwen3MoeLLMModel
+
+    from lvlm_prune.vllm_plugin.worker import flow
+
+    layer_steps = [
+        "self.input_layernorm(hidden_states, residual)",
+        "self.self_attn(",
+        "self.post_attention_layernorm(hidden_states, residual)",
+        "self.mlp(hidden_states)",
+    ]
+    for layer in (Qwen2DecoderLayer, Qwen3DecoderLayer, Qwen3MoeDecoderLayer):
+        _in_order(inspect.getsource(layer.forward), layer_steps)
+    for attention in (Qwen2Attention, Qwen3Attention, Qwen3MoeAttention):
+        source = inspect.getsource(attention.forward)
+        steps = ["self.qkv_proj(hidden_states)", "self.rotary_emb(positions, q, k)"]
+        if "q_norm" in source:
+            steps[1:1] = ["self.q_norm(", "self.k_norm("]
+        _in_order(source, [*steps, "self.attn(q, k, v)", "self.o_proj(attn_output)"])
+        init = inspect.getsource(attention.__init__)
+        for name in flow.ATTENTION_PARTS:
+            assert f"self.{name} =" in init, (attention.__name__, name)
+    for model in (Qwen3LLMModel, Qwen3MoeLLMModel):
+        _in_order(
+            inspect.getsource(model.forward),
+            [
+                "hidden_states, residual = layer(",
+                "layer_idx in range(",
+                "0, len(deepstack_input_embeds)",
+                'deepstack_input_embeds[f"deepstack_input_embeds_{layer_idx}"]',
+            ],
+        )
+
+
+def test_what_the_mrope_flow_pass_reads_of_vllm():
+    """``MRopePruneModelMixin.served_positions`` builds one-field feature specs for vLLM's
+    ``get_mrope_input_positions``; the pass embeds text with the language model's own
+    ``embed_input_ids`` and runs MoE layers in a forward context it creates."""
+    import torch
+    from vllm.forward_context import create_forward_context, override_forward_context
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+    from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+    from vllm.multimodal.inputs import (
+        MultiModalBatchedField,
+        MultiModalFieldElem,
+        MultiModalKwargsItem,
+    )
+
+    item = MultiModalKwargsItem(
+        {"image_grid_thw": MultiModalFieldElem(data=torch.ones(3), field=MultiModalBatchedField())}
+    )
+    assert torch.equal(item["image_grid_thw"].data, torch.ones(3))
+    assert _params(create_forward_context)[:2] == ["attn_metadata", "vllm_config"]
+    assert _params(override_forward_context) == ["forward_context"]
+    assert "get_forward_context()" in inspect.getsource(moe_runner.get_layer_from_name)
+    for lm in (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM):
+        assert _params(lm.embed_input_ids) == ["self", "input_ids"]
 
 
 # ---- Qwen2.5-VL: what the M-RoPE position mechanism relies on (vllm_plugin/qwen2_5_vl.py) -------

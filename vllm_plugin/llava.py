@@ -8,7 +8,6 @@ RoPE, so a shorter image run needs no position fix-up.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import torch
@@ -32,8 +31,6 @@ from .options import LAYER_FIELD
 from .processing.processor import PruneProcessorMixin
 from .worker import flow
 from .worker.model import PruneModelMixin
-
-logger = logging.getLogger(__name__)
 
 
 class LlavaPruneMultiModalProcessor(PruneProcessorMixin, LlavaMultiModalProcessor):
@@ -97,36 +94,13 @@ class LlavaPruneForConditionalGeneration(PruneModelMixin, LlavaForConditionalGen
         diag_ids: list[int],
         fields: Mapping[str, object],
     ) -> list[torch.Tensor | None]:
-        scores: list[torch.Tensor | None] = [None] * len(images)
-        # The flow scout runs for flow images that prune or report scores, and have a question.
-        scouted = [
-            b
-            for b, (m, q) in enumerate(zip(methods, queries))
-            if m == "flow" and q.shape[0] and (keep[b] < images[b].shape[0] or diag_ids[b])
-        ]
-        if not scouted:
-            return scores
-        bos = None
-        bos_id = getattr(self.config.text_config, "bos_token_id", None)
-        if bos_id is not None:
-            embed_tokens = self.language_model.model.embed_tokens
-            embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
-            bos = embed_tokens(torch.tensor([bos_id], device=images[0].device))[0]
-        layers = fields[LAYER_FIELD]
-        try:
-            found = flow.scout_scores(
-                self,
-                [images[b] for b in scouted],
-                [queries[b] for b in scouted],
-                [layers[b] for b in scouted],
-                bos=bos,
-            )
-        except flow.FlowUnavailable as err:
-            # The processor refuses what it can see; what only the worker sees (pipeline
-            # parallelism) must not stop the engine: the selection falls back to uniform
-            # and says so in its method. Every rank raises here, before any collective.
-            logger.warning("lvlm-prune: flow method unavailable, uniform instead: %s", err)
-            found = [None] * len(scouted)
-        for b, s in zip(scouted, found):
-            scores[b] = s
-        return scores
+        return flow.family_scout_scores(
+            self,
+            images,
+            queries,
+            methods,
+            keep,
+            diag_ids,
+            fields[LAYER_FIELD],
+            head_id=getattr(self.config.text_config, "bos_token_id", None),
+        )

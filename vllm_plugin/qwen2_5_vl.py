@@ -54,14 +54,21 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+from vllm.multimodal.inputs import (
+    MultiModalBatchedField,
+    MultiModalFeatureSpec,
+    MultiModalFieldElem,
+    MultiModalKwargsItem,
+    PlaceholderRange,
+)
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 
 from lvlm_prune.kernels import Selection
 
 from . import options
-from .options import PruneOptionError, PruneOptions
+from .options import LAYER_FIELD, PruneOptionError, PruneOptions
 from .processing.processor import PruneProcessorMixin
+from .worker import flow
 from .worker.model import PruneModelMixin
 
 POSITION_CHANNELS = 6
@@ -195,8 +202,6 @@ class MRopePruneProcessorMixin(PruneProcessorMixin):
         )
 
     def _check_options(self, opts: PruneOptions) -> None:
-        # The flow method and flow diagnostics are refused by flow.check_supported (they rerun
-        # Llama decoder layers with 1-D positions).
         evs = self.info.ctx.get_mm_config().video_pruning_rate
         if opts.active and evs:
             # vLLM's video pruning (EVS) rewrites every media row's positions in the runner.
@@ -224,6 +229,10 @@ class MRopePruneModelMixin(PruneModelMixin):
         # From embed_input_ids for the next forward: (rows of the flattened batch, [3, R]
         # offsets, tokens in the batch).
         self._pending_offsets: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # The flow pass and scout run vLLM's layers outside the runner (MoE needs the context).
+        self.flow_vllm_config = vllm_config
+        # Each image's (rows, cols), while _select_images runs, for the flow method's scout.
+        self._scout_grids: list[tuple[int, int]] | None = None
 
     def _image_row_width(self) -> int:
         """Width of one image row as the stock ``embed_multimodal`` returns it."""
@@ -306,6 +315,80 @@ class MRopePruneModelMixin(PruneModelMixin):
             thw_kept = grid_positions(thw[1] // merge, thw[2] // merge, sel.kept)
             out.append(torch.cat([sel.rows, encode_positions(thw_kept, sel.rows.dtype)], dim=1))
         return out
+
+    # ---- information flow (worker/flow.py): the served positions ----
+
+    def served_positions(
+        self,
+        prompt_ids: Sequence[int],
+        grids: Sequence[tuple[int, int]],
+        kept: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """[3, L] positions of a prompt as the served request had them: image i (in prompt order,
+        ``grids[i]`` rows x cols) with the K placeholders of its ``kept[i]`` tokens, through
+        ``get_mrope_input_positions`` (the unpruned layout's positions) and then each pruned
+        image's kept (t, h, w) added, as ``forward`` adds them."""
+        image_token = self.config.image_token_id
+        merge = self.config.vision_config.spatial_merge_size
+        ids = list(prompt_ids)
+        features, at = [], 0
+        for i, ((rows, cols), kept_i) in enumerate(zip(grids, kept, strict=True)):
+            at = ids.index(image_token, at)
+            thw = torch.tensor([1, rows * merge, cols * merge])
+            item = MultiModalKwargsItem(
+                {"image_grid_thw": MultiModalFieldElem(data=thw, field=MultiModalBatchedField())}
+            )
+            span = PlaceholderRange(offset=at, length=len(kept_i))
+            features.append(MultiModalFeatureSpec(item, "image", f"flow-{i}", span))
+            at += len(kept_i)
+        positions, _ = self.get_mrope_input_positions(ids, features)
+        positions = positions.to(torch.int64)
+        for feature, (rows, cols), kept_i in zip(features, grids, kept):
+            if len(kept_i) < rows * cols:
+                start, k = feature.mm_position.offset, len(kept_i)
+                thw = grid_positions(rows, cols, torch.as_tensor(list(kept_i)))
+                positions[:, start : start + k] += thw.T
+        return positions
+
+    def flow_inputs(self, prompt_ids: Sequence[int], entry: dict):
+        """The flow pass's (positions, after-layer hook): the served positions; no DeepStack."""
+        return self.served_positions(prompt_ids, entry["grids"], entry["kept"]), None
+
+    def _select_images(self, images, fields, kwargs):
+        self._scout_grids = self._image_grids(images, kwargs)
+        try:
+            return super()._select_images(images, fields, kwargs)
+        finally:
+            self._scout_grids = None
+
+    def _scout_scores(self, images, queries, methods, keep, diag_ids, fields):
+        """The flow method's scout over ``<|vision_start|>`` + image + question, at the positions
+        that sequence has as a prompt: the start token at 0, the image on its grid from base 1,
+        the question after it at 1 + max(rows, cols)."""
+        head_id = self.config.vision_start_token_id
+        grids = self._scout_grids
+
+        def inputs(b: int, length: int):
+            n = images[b].shape[0]
+            ids = [head_id] + [self.config.image_token_id] * n + [0] * (length - 1 - n)
+            positions = self.served_positions(ids, [grids[b]], [range(n)])
+            return positions.to(images[b].device), self._scout_deepstack(b)
+
+        return flow.family_scout_scores(
+            self,
+            images,
+            queries,
+            methods,
+            keep,
+            diag_ids,
+            fields[LAYER_FIELD],
+            head_id=head_id,
+            inputs=inputs,
+        )
+
+    def _scout_deepstack(self, b: int) -> list[torch.Tensor] | None:
+        """Image b's DeepStack levels for the scout (Qwen3-VL's mixin), None without."""
+        return None
 
     def embed_input_ids(
         self,

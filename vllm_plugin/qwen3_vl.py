@@ -12,7 +12,10 @@ the first decoder layers at the image's positions): width D x (1 + levels). So:
 - the kept rows are taken across the full width, so every level keeps exactly the main
   embedding's rows: vLLM's ``_compute_deepstack_embeds`` then splits the columns into per-level
   buffers row for row, and a level can never add one token's features to another token;
-- the position channels go after all of it, and are stripped before that split.
+- the position channels go after all of it, and are stripped before that split;
+- information flow (``worker/flow.py``) adds each level's kept rows after decoder layer i, as
+  vLLM's ``Qwen3LLMModel.forward`` does: the flow pass from the levels kept with the request's
+  rows, the scout from the image's.
 
 ``prune_merge`` is refused: the merge assigns each dropped row to its nearest kept row, and the
 DeepStack levels would have to follow the main embedding's assignment, which the merge kernel
@@ -43,8 +46,9 @@ from vllm.multimodal.parse import MultiModalDataItems
 from lvlm_prune.kernels import Selection
 
 from . import options
-from .options import PruneOptionError, PruneOptions
+from .options import DIAGNOSTICS_FIELD, FLOW_FIELD, PruneOptionError, PruneOptions
 from .qwen2_5_vl import MRopePruneModelMixin, MRopePruneProcessorMixin
+from .worker import diagnostics, flow
 
 # ---- processor ----------------------------------------------------------------------------------
 
@@ -80,6 +84,9 @@ class DeepStackPruneModelMixin(MRopePruneModelMixin):
     """Selection on the main embedding, kept rows across every DeepStack level (see the
     module's docstring)."""
 
+    _scout_levels: list[torch.Tensor] | None = None
+    """Each image's DeepStack columns, while ``_select_images`` runs (the flow method's scout)."""
+
     def _image_row_width(self) -> int:
         return self.visual_dim + self.multiscale_dim
 
@@ -92,7 +99,31 @@ class DeepStackPruneModelMixin(MRopePruneModelMixin):
         # The rows the language model reads as tokens; the DeepStack columns follow in
         # _pruned_embeddings.
         main = [image[:, : self.visual_dim].contiguous() for image in images]
-        return super()._select_images(main, fields, kwargs)
+        self._scout_levels = [image[:, self.visual_dim :] for image in images]
+        try:
+            selections = super()._select_images(main, fields, kwargs)
+        finally:
+            self._scout_levels = None
+        if selections is not None:
+            flows = fields[FLOW_FIELD]
+            for b, (sel, diag_id) in enumerate(zip(selections, fields[DIAGNOSTICS_FIELD])):
+                if diag_id and b < len(flows) and flows[b]:  # after put_flow's rows
+                    levels = images[b][sel.kept.to(images[b].device), self.visual_dim :]
+                    diagnostics.STORE.put_flow_levels(diag_id, levels)
+        return selections
+
+    def _scout_deepstack(self, b: int) -> list[torch.Tensor] | None:
+        return list(self._scout_levels[b].split(self.visual_dim, dim=1))
+
+    def flow_inputs(self, prompt_ids, entry: dict):
+        positions, _ = super().flow_inputs(prompt_ids, entry)
+        device = next(self.parameters()).device
+        ids = torch.as_tensor(list(prompt_ids), device=device)
+        at = (ids == self.config.image_token_id).nonzero().flatten()
+        if len(entry.get("levels", ())) != len(entry["rows"]):
+            raise flow.FlowUnavailable("the request's DeepStack rows were not kept")
+        levels = torch.cat(entry["levels"]).to(device).split(self.visual_dim, dim=1)
+        return positions, flow.deepstack_adder(at, levels)
 
     def _pruned_embeddings(
         self,

@@ -305,6 +305,36 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "the layer's and attention's steps and submodule names, in vLLM's order",
     ),
     TouchPoint(
+        COPIED,
+        "vllm.model_executor.models.qwen3:Qwen3Attention.forward",
+        "lvlm_prune.vllm_plugin.worker.flow:run_layers",
+        ("test_qwen_decoder_layers_the_flow_pass_runs",),
+        "Qwen2, Qwen3 and Qwen3-MoE layers have the Llama steps, q/k norms per head before the "
+        "rotary embedding; the attention parts the pass reads",
+    ),
+    TouchPoint(
+        COPIED,
+        "vllm.model_executor.models.qwen3_vl:Qwen3LLMModel.forward",
+        "lvlm_prune.vllm_plugin.worker.flow:deepstack_adder",
+        ("test_qwen_decoder_layers_the_flow_pass_runs",),
+        "DeepStack level i added to the hidden states right after decoder layer i (dense, MoE)",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.multimodal.inputs:MultiModalKwargsItem",
+        "lvlm_prune.vllm_plugin.qwen2_5_vl:MRopePruneModelMixin.served_positions",
+        ("test_what_the_mrope_flow_pass_reads_of_vllm",),
+        "a feature's data built from one MultiModalFieldElem(data, field=MultiModalBatchedField())",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.forward_context:create_forward_context",
+        "lvlm_prune.vllm_plugin.worker.flow:forward_context",
+        ("test_what_the_mrope_flow_pass_reads_of_vllm",),
+        "(attn_metadata, vllm_config) and override_forward_context: vLLM's MoE layers look "
+        "themselves up in the forward context; the language models' embed_input_ids(input_ids)",
+    ),
+    TouchPoint(
         PRIVATE_READ,
         "vllm.distributed:tensor_model_parallel_all_reduce",
         "lvlm_prune.vllm_plugin.worker.flow:scout_scores",

@@ -92,6 +92,7 @@ QWEN2_5_VL = Family(
     images=(ImageCase((168, 280), (10, 6)), ImageCase((224, 112), (4, 8))),
     large=ImageCase((672, 448), (16, 24)),
     positions="M-RoPE, original: each kept token at its own (t, h, w), text after as unpruned",
+    flow=True,
     engine_kwargs={"limit_mm_per_prompt": {"image": 2, "video": 0}},
 )
 
@@ -108,6 +109,7 @@ QWEN3_VL = Family(
     large=ImageCase((960, 448), (14, 30)),
     positions="M-RoPE (interleaved), original, as Qwen2.5-VL; every DeepStack level keeps the "
     "main embedding's rows",
+    flow=True,
     engine_kwargs={"limit_mm_per_prompt": {"image": 2, "video": 0}},
 )
 

@@ -139,7 +139,7 @@ def test_tp2_generates_as_tp1(family, tp1, tp2):
 def test_tp2_flow_diagnostics_equal_tp1(tp1, tp2):
     """Each rank holds half the heads; the ranks' sums, combined, are TP=1's numbers."""
     flow1, flow2 = tp1[103].flows, tp2[103].flows
-    assert len(flow2["layers"]) == len(flow1["layers"]) == 2
+    assert len(flow2["layers"]) == len(flow1["layers"]) > 0
     for a, b in zip(flow1["layers"], flow2["layers"]):
         assert abs(sum(b.values()) - 1) < 1e-4
         assert max(abs(a[part] - b[part]) for part in a) < FLOW_ATOL, (a, b)

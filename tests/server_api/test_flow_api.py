@@ -4,6 +4,7 @@ client: the ``flow`` object, its agreement with transformers, the bound on concu
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -13,10 +14,12 @@ import openai
 import pytest
 import requests
 import torch
+from family.families import QWEN3_VL_MOE
 from helpers import data_url, make_image
 
+from lvlm_prune.kernels import keep_count
 from lvlm_prune.server.plugin import MAX_FLOW_PASSES
-from server_api.serving import API_KEY, MODEL
+from server_api.serving import API_KEY, MODEL, serve
 
 N = 576
 LAYERS = 2  # the tiny model's decoder layers
@@ -234,3 +237,70 @@ def test_bad_flow_input_is_a_400_naming_the_field(server, client, case):
         assert error["param"] == param
     # The server keeps serving, with its flow slots intact.
     assert "flow" in chat(client, {"diagnostics": "flow"}).model_extra["pruning"]
+
+
+# ---- an M-RoPE family: Qwen3-VL-MoE (M-RoPE positions, q/k norms, DeepStack, MoE blocks) -------
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    args = [
+        *(QWEN3_VL_MOE.serve_name, "--dtype", "float32", "--enforce-eager"),
+        *("--max-model-len", "2048", "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0})),
+    ]
+    with serve(args, tmp_path_factory.mktemp("qwen3-moe-flow-server")) as srv:
+        yield srv
+
+
+def test_flow_on_a_qwen_server_matches_transformers(qwen_server, qwen3_moe_model_dir):
+    """``method: "flow"`` and ``diagnostics: "flow"`` on Qwen3-VL-MoE: 200 with a ``flow``
+    object; the scout kept what transformers' scout keeps, and the shares and maps are
+    transformers' over the prompt with those rows at their original M-RoPE positions."""
+    (case, _), k = QWEN3_VL_MOE.images, keep_count(QWEN3_VL_MOE.images[0].tokens, 0.25)
+    name = f"lvlm-prune-{QWEN3_VL_MOE.serve_name}"
+    image = make_image(0, case.size)
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}}]
+    body = {
+        "model": name,
+        "messages": [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}],
+        "max_tokens": 2,
+        "temperature": 0.0,
+        "pruning": {"keep_ratio": 0.25, "method": "flow", "prune_layer": 2, "diagnostics": "flow"},
+    }
+    response = requests.post(f"{qwen_server.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    pruning = response.json()["pruning"]
+    assert "flow_error" not in pruning
+    (entry,) = pruning["per_image"]
+    ref_model = fref.eager_reference(QWEN3_VL_MOE.reference, qwen3_moe_model_dir)
+    q_ids = ref_model.encode(QUESTION)
+    scores = fref.mrope_scout_scores(ref_model, image, q_ids, 2)
+    kept = fref.top_k(scores, k)
+    assert entry["method"] == "flow" and entry["kept_indices"] == kept.tolist()
+    served = torch.tensor([v for row in entry["scores"] for v in row])
+    assert float((served - scores).abs().max() / scores.abs().max()) < 1e-4
+
+    tokenized = requests.post(
+        f"{qwen_server.url}/tokenize",
+        json={
+            "model": name,
+            "messages": body["messages"],
+            "mm_processor_kwargs": {"keep_ratio": 0.25},
+        },
+        timeout=120,
+    )
+    ids = tokenized.json()["tokens"]
+    rows = [ref_model.pruned_rows(image, kept)]
+    positions = ref_model.positions(ids, [case.grid], [kept])
+    shares, maps = fref.mrope_prompt_flow(ref_model, ids, rows, positions)
+    flow = pruning["flow"]
+    assert len(flow["layers"]) == len(shares) == 3
+    for got, want in zip(flow["layers"], shares):
+        assert max(abs(a - b) for a, b in zip(got.values(), want)) < 1e-4
+    assert [m["layer"] for m in flow["image_map_layers"]] == [0, 1, 2]
+    for entry_map, (want,) in zip(flow["image_map_layers"], maps):
+        (grid,) = entry_map["per_image"]
+        assert len(grid) == case.grid[0] and all(len(row) == case.grid[1] for row in grid)
+        flat = [v for row in grid for v in row]
+        values = torch.tensor([flat[i] for i in kept.tolist()], dtype=torch.float64)
+        assert float((values - want).abs().max()) < 1e-4 * float(want.max())

@@ -58,17 +58,36 @@ class DiagnosticsStore:
         }
         self._entries.update(diag_id, lambda images: images.append(entry), create=list)
 
-    def put_flow(self, diag_id: int, sel: Selection, *, num_tokens: int) -> None:
+    def put_flow(
+        self,
+        diag_id: int,
+        sel: Selection,
+        *,
+        num_tokens: int,
+        grid: tuple[int, int] | None = None,
+    ) -> None:
         """Keep one image's rows as the LLM sees them, for the request's flow pass (appended in
-        prompt order, as ``put``)."""
+        prompt order, as ``put``); ``grid``: its tokens as (rows, cols) (M-RoPE positions and
+        the map's shape)."""
 
         def append(entry: dict) -> None:
             entry["rows"].append(sel.rows.detach().to("cpu", copy=True))
             entry["kept"].append(sel.kept.tolist())
             entry["num_tokens"].append(num_tokens)
+            entry["grids"].append(None if grid is None else tuple(grid))
 
         self._flow.update(
-            diag_id, append, create=lambda: {"rows": [], "kept": [], "num_tokens": []}
+            diag_id,
+            append,
+            create=lambda: {"rows": [], "kept": [], "num_tokens": [], "grids": []},
+        )
+
+    def put_flow_levels(self, diag_id: int, levels: torch.Tensor) -> None:
+        """Keep one image's DeepStack rows ([K, levels x D], the kept tokens' rows of every
+        level; Qwen3-VL), after its ``put_flow``, in the same order."""
+        self._flow.update(
+            diag_id,
+            lambda entry: entry.setdefault("levels", []).append(levels.detach().to("cpu")),
         )
 
     def pop_flow(self, diag_id: int) -> dict | None:

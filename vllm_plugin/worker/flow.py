@@ -1,9 +1,9 @@
 """Information flow through the served language model, from the served weights.
 
 Two uses of one piece of math, the decoder layers run eagerly with their own submodules (norms,
-``qkv_proj``, rotary embedding, ``o_proj``, MLP) and only vLLM's paged attention (``self.attn``,
-which needs the KV cache and a forward context) replaced by explicit causal softmax attention whose
-probabilities are read in float32:
+``qkv_proj``, the q/k norms where the attention has them (Qwen3), rotary embedding, ``o_proj``,
+MLP or MoE block) and only vLLM's paged attention (``self.attn``, which needs the KV cache) replaced
+by explicit causal softmax attention whose probabilities are read in float32:
 
 - **Flow diagnostics** (``flow_pass``): one pass over a request's actual LLM input (its prompt with
   the kept image rows in place) after the request is done. Per decoder layer l, with A_l the
@@ -21,19 +21,33 @@ probabilities are read in float32:
 Both run on every tensor-parallel rank (``o_proj`` and the MLP all-reduce inside). Heads are
 sharded, so each rank sums its own heads; ``combine_flow`` (diagnostics) or an all-reduce (scout)
 adds the ranks up and divides by the total number of heads.
+
+What differs between families comes from the model (LLaVA: none of it):
+
+- positions: 1-D from 0, or M-RoPE's [3, L] (Qwen2.5-VL, Qwen3-VL: each kept image token at its
+  original (t, h, w), the text after an image where it is unpruned), fed to the layer's own
+  ``rotary_emb``. The flow pass asks the model (``flow_inputs``), the scout's caller passes them;
+- DeepStack (Qwen3-VL): level i's rows of the kept image tokens added to the hidden states after
+  decoder layer i, at the image's positions, as vLLM's ``Qwen3LLMModel.forward`` adds them;
+- a forward context (``flow_vllm_config``): vLLM's MoE layers find themselves through it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-MODEL_TYPES = ("llama", "mistral")
-"""Language models whose vLLM decoder layers are ``LlamaDecoderLayer`` (or subclass it): the
-pass reruns that layer's steps (pinned in tests/test_vllm_internals.py)."""
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
+"""Language models whose vLLM decoder layers have ``LlamaDecoderLayer``'s steps (Llama, Mistral;
+Qwen2 and Qwen3, dense and MoE, as the Qwen-VL families serve them, with M-RoPE): the pass reruns
+those steps (pinned in tests/test_vllm_internals.py)."""
 
 MAP_LAYERS = (0, 1, 2)
 """Decoder layers whose image map flow diagnostics return (those the model has)."""
@@ -81,7 +95,7 @@ def check_supported(opts, text_config) -> None:
 
 def unsupported_model(text_config) -> str | None:
     """Why a flow pass or scout cannot run this language model, or None when it can: they rerun
-    Llama-family decoder layers with 1-D positions."""
+    Llama-style decoder layers (``MODEL_TYPES``)."""
     if text_config.model_type in MODEL_TYPES:
         return None
     return (
@@ -161,11 +175,16 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def _project(attn, positions: torch.Tensor, normed: torch.Tensor):
-    """``LlamaAttention.forward`` up to ``self.attn``: q, k, v as [H, L, d] (local heads)."""
+    """``LlamaAttention.forward`` (``Qwen3Attention.forward`` where the attention has q/k norms)
+    up to ``self.attn``: q, k, v as [H, L, d] (local heads). ``positions``: [L], or [3, L] for
+    M-RoPE (the layer's ``rotary_emb`` takes either)."""
     qkv, _ = attn.qkv_proj(normed)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions, q, k)
     length, d = normed.shape[0], attn.head_dim
+    if hasattr(attn, "q_norm"):  # per head, before the rotary embedding
+        q = attn.q_norm(q.reshape(length, -1, d)).reshape(q.shape)
+        k = attn.k_norm(k.reshape(length, -1, d)).reshape(k.shape)
+    q, k = attn.rotary_emb(positions, q, k)
     q = q.reshape(length, attn.num_heads, d).transpose(0, 1)
     k = k.reshape(length, attn.num_kv_heads, d).transpose(0, 1)
     v = v.reshape(length, attn.num_kv_heads, d).transpose(0, 1)
@@ -187,11 +206,28 @@ def _finish_layer(layer, q, k, v, residual):
     return layer.mlp(hidden), residual
 
 
-def run_layers(layers, embeds: torch.Tensor, visit) -> None:
-    """Run ``layers`` over one sequence ``embeds`` [L, D] from position 0, calling
-    ``visit(i, q, k)`` with each layer's queries and keys; stop after the last layer's visit
-    (its attention output and MLP are not needed)."""
-    positions = torch.arange(embeds.shape[0], device=embeds.device)
+AfterLayer = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def run_layers(
+    layers,
+    embeds: torch.Tensor,
+    visit,
+    *,
+    positions: torch.Tensor | None = None,
+    after_layer: AfterLayer | None = None,
+) -> None:
+    """Run ``layers`` over one sequence ``embeds`` [L, D], calling ``visit(i, q, k)`` with each
+    layer's queries and keys; stop after the last layer's visit (its attention output and MLP
+    are not needed).
+
+    Args:
+        positions: [L] or [3, L] (M-RoPE); None: 0 .. L - 1.
+        after_layer: ``after_layer(i, hidden)`` -> the hidden states layer i + 1 reads (DeepStack
+            adds its rows there); None: as they are.
+    """
+    if positions is None:
+        positions = torch.arange(embeds.shape[0], device=embeds.device)
     hidden, residual = embeds, None
     for i, layer in enumerate(layers):
         # vLLM's fused norm may write into its inputs: the first layer gets a copy.
@@ -204,6 +240,32 @@ def run_layers(layers, embeds: torch.Tensor, visit) -> None:
         visit(i, q, k)
         if i + 1 < len(layers):
             hidden, residual = _finish_layer(layer, q, k, v, residual)
+            if after_layer is not None:
+                hidden = after_layer(i, hidden)
+
+
+def deepstack_adder(at: torch.Tensor, levels: Sequence[torch.Tensor]) -> AfterLayer:
+    """DeepStack as ``Qwen3LLMModel.forward`` applies it: after decoder layer i < len(levels),
+    ``levels[i]`` ([len(at), D], the image tokens' rows of level i) added to the hidden states
+    at the sequence positions ``at``."""
+
+    def add(i: int, hidden: torch.Tensor) -> torch.Tensor:
+        if i >= len(levels):
+            return hidden
+        return hidden.index_add(0, at, levels[i].to(hidden.dtype))
+
+    return add
+
+
+def forward_context(model):
+    """vLLM's forward context for an eager pass outside the runner's, where the model needs one
+    (``model.flow_vllm_config``; vLLM's MoE layers look themselves up in it), else nothing."""
+    vllm_config = getattr(model, "flow_vllm_config", None)
+    if vllm_config is None:
+        return contextlib.nullcontext()
+    from vllm.forward_context import create_forward_context, override_forward_context
+
+    return override_forward_context(create_forward_context(None, vllm_config))
 
 
 # ---- flow diagnostics -----------------------------------------------------------------------
@@ -220,21 +282,23 @@ def flow_pass(
     """This rank's share of a request's flow diagnostics (heads summed over this rank's heads).
 
     Args:
-        model: the served LLaVA model (vLLM's, on this worker).
+        model: the served model (vLLM's, on this worker). A family whose language model needs
+            more than 1-D positions from 0 supplies ``flow_inputs(prompt_ids, entry)`` ->
+            (positions, ``after_layer`` or None) (``qwen2_5_vl.MRopePruneModelMixin``).
         prompt_ids: the request's prompt token ids as the engine ran them (K placeholders/image).
         entry: what ``embed_multimodal`` kept for the request (``DiagnosticsStore.put_flow``):
             ``rows`` (per image, the [K, D] rows the LLM saw, in prompt order), ``kept``,
-            ``num_tokens``.
+            ``num_tokens``, ``grids``, and DeepStack's ``levels`` where the model has them.
         map_layers: layers whose image map is returned (those the model has).
 
     Returns:
         ``{"heads", "total_heads", "layers": [[system, image, question] per layer],
         "image_map_layers": [{"layer", "per_image": [[K_i floats]]}], "kept", "num_tokens",
-        "seconds"}``; every attention number is a sum over this rank's heads.
+        "grids", "seconds"}``; every attention number is a sum over this rank's heads.
     """
     start = time.perf_counter()
     layers = decoder_layers(model)
-    image_token = model.config.image_token_index
+    image_token = model.config.image_token_id
     rows = entry["rows"]
     device = next(model.parameters()).device
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.int64, device=device)
@@ -245,7 +309,15 @@ def flow_pass(
             f"the prompt has {positions.numel()} image tokens, the kept rows "
             f"{sum(r.shape[0] for r in rows)}: not the input this request ran"
         )
-    embeds = model.embed_input_ids(ids, [r.to(device) for r in rows], is_multimodal=is_image)
+    # The text's embeddings with the kept rows in place (not the model's embed_input_ids: on
+    # Qwen3-VL that would also fill the DeepStack buffer the next forward reads).
+    embed = model.get_language_model().embed_input_ids
+    embeds = embed(ids.masked_fill(is_image, 0))
+    embeds[is_image] = torch.cat(rows).to(device=device, dtype=embeds.dtype)
+    inputs = getattr(model, "flow_inputs", None)
+    rope, after_layer = inputs(list(prompt_ids), entry) if inputs else (None, None)
+    if rope is not None:
+        rope = rope.to(device)
 
     length = ids.numel()
     first, last = int(positions[0]), int(positions[-1])
@@ -267,7 +339,8 @@ def flow_pass(
             paid = head_summed_attention(q, k, map_rows, scale=scale)[positions]
             maps.append({"layer": i, "per_image": [t.tolist() for t in torch.split(paid, split)]})
 
-    run_layers(layers, embeds, visit)
+    with forward_context(model):
+        run_layers(layers, embeds, visit, positions=rope, after_layer=after_layer)
     attn = layers[0].self_attn
     return {
         "heads": attn.num_heads,
@@ -276,6 +349,7 @@ def flow_pass(
         "image_map_layers": maps,
         "kept": entry["kept"],
         "num_tokens": entry["num_tokens"],
+        "grids": entry.get("grids"),
         "seconds": time.perf_counter() - start,
     }
 
@@ -287,7 +361,8 @@ def combine_flow(answers: Sequence[dict]) -> dict:
     Returns:
         ``{"layers": [{"system", "image", "question"}], "cliff_layer",
         "image_map_layers": [{"layer", "per_image": [grid]}]}``, a grid per image shaped as its
-        patch grid (a flat list when N is not square), ``None`` at dropped patches.
+        token grid (the rank's ``grids``; without one, a square; a flat list when N is not one),
+        ``None`` at dropped tokens.
 
     Raises:
         FlowUnavailable: a rank reported an error, or the ranks do not add up to every head.
@@ -309,9 +384,10 @@ def combine_flow(answers: Sequence[dict]) -> dict:
     maps = []
     for per_rank in zip(*(a["image_map_layers"] for a in answers)):
         grids = []
+        shapes = first.get("grids") or [None] * len(first["kept"])
         for i, per_image in enumerate(zip(*(m["per_image"] for m in per_rank))):
             values = [sum(v) / total for v in zip(*per_image)]
-            grids.append(patch_grid(values, first["kept"][i], first["num_tokens"][i]))
+            grids.append(patch_grid(values, first["kept"][i], first["num_tokens"][i], shapes[i]))
         maps.append({"layer": per_rank[0]["layer"], "per_image": grids})
     return {
         "layers": layers,
@@ -386,32 +462,39 @@ def scout_scores(
     queries: Sequence[torch.Tensor],
     prune_layers: Sequence[int],
     *,
-    bos: torch.Tensor | None,
+    head: torch.Tensor | None,
+    positions: Sequence[torch.Tensor | None] | None = None,
+    deepstack: Sequence[Sequence[torch.Tensor] | None] | None = None,
 ) -> list[torch.Tensor]:
     """Each image's flow scores, [N_b] float32: the attention its tokens receive from the question
-    tokens in decoder layer ``prune_layers[b] - 1`` of a pass over ``[BOS] + image + question``,
+    tokens in decoder layer ``prune_layers[b] - 1`` of a pass over ``[head] + image + question``,
     mean over all heads and question tokens.
 
     Every tensor-parallel rank must call this with the same inputs (the layers all-reduce inside,
     and the per-rank head sums are all-reduced here), so every rank ranks identically.
 
     Args:
-        model: the served LLaVA model.
-        images: per image [N_b, D] projector output.
+        model: the served model.
+        images: per image [N_b, D] projector output (the rows the LLM reads as tokens).
         queries: per image [T_b, D] question token embeddings, T_b >= 1.
         prune_layers: per image, how many decoder layers the scout runs (>= 1).
-        bos: [D] the BOS token's embedding, or None when the model has none.
+        head: [D] the embedding of the token the sequence starts with (LLaVA: BOS; the Qwen-VL
+            families: ``<|vision_start|>``), or None for none.
+        positions: per image the sequence's positions ([3, L_b] for M-RoPE), None: 1-D from 0.
+        deepstack: per image its DeepStack levels' rows ([N_b, D] each), None: none.
     """
     layers = decoder_layers(model)
     out: list[torch.Tensor] = []
-    for image, query, depth in zip(images, queries, prune_layers, strict=True):
+    for b, (image, query, depth) in enumerate(zip(images, queries, prune_layers, strict=True)):
         if not 1 <= depth <= len(layers):
             raise ValueError(f"prune_layer must be in [1, {len(layers)}], got {depth}")
-        head = [] if bos is None else [bos.reshape(1, -1).to(image.dtype)]
-        seq = torch.cat([*head, image, query.to(image.dtype)])
-        offset = len(head)
+        start = [] if head is None else [head.reshape(1, -1).to(image.dtype)]
+        seq = torch.cat([*start, image, query.to(image.dtype)])
+        offset = len(start)
         n = image.shape[0]
         rows = torch.arange(offset + n, seq.shape[0], device=seq.device)
+        levels = deepstack[b] if deepstack is not None else None
+        at = torch.arange(offset, offset + n, device=seq.device)
         found: list[torch.Tensor] = []
 
         def visit(i, q, k, depth=depth, rows=rows, offset=offset, n=n, found=found):
@@ -419,7 +502,14 @@ def scout_scores(
                 scale = layers[i].self_attn.scaling
                 found.append(head_summed_attention(q, k, rows, scale=scale)[offset : offset + n])
 
-        run_layers(layers[:depth], seq, visit)
+        with forward_context(model):
+            run_layers(
+                layers[:depth],
+                seq,
+                visit,
+                positions=None if positions is None else positions[b],
+                after_layer=None if levels is None else deepstack_adder(at, levels),
+            )
         out.append(found[0])
     if not out:
         return out
@@ -430,6 +520,67 @@ def scout_scores(
         summed = tensor_model_parallel_all_reduce(summed)
     summed = summed / layers[0].self_attn.total_num_heads
     return list(torch.split(summed, [image.shape[0] for image in images]))
+
+
+ScoutInputs = Callable[[int, int], tuple[torch.Tensor | None, Sequence[torch.Tensor] | None]]
+
+
+def family_scout_scores(
+    model,
+    images: Sequence[torch.Tensor],
+    queries: Sequence[torch.Tensor],
+    methods: Sequence[str],
+    keep: Sequence[int],
+    diag_ids: Sequence[int],
+    prune_layers: Sequence[int],
+    *,
+    head_id: int | None,
+    inputs: ScoutInputs | None = None,
+) -> list[torch.Tensor | None]:
+    """A family's ``_scout_scores`` (``worker.model.PruneModelMixin``): the scout's scores for
+    the flow images that prune or report scores and have a question, None for the others.
+
+    Args:
+        head_id: the token the scout's sequence starts with (``scout_scores``' ``head``).
+        inputs: ``inputs(b, length)`` -> (positions, DeepStack levels) of image b's sequence of
+            ``length`` tokens (``scout_scores``' per-image arguments); None: 1-D, no DeepStack.
+    """
+    scores: list[torch.Tensor | None] = [None] * len(images)
+    scouted = [
+        b
+        for b, (m, q) in enumerate(zip(methods, queries))
+        if m == "flow" and q.shape[0] and (keep[b] < images[b].shape[0] or diag_ids[b])
+    ]
+    if not scouted:
+        return scores
+    head = None
+    if head_id is not None:
+        embed_tokens = model.get_language_model().model.embed_tokens
+        embed_tokens = getattr(embed_tokens, "base_layer", embed_tokens)
+        head = embed_tokens(torch.tensor([head_id], device=images[0].device))[0]
+    extras = [(None, None)] * len(scouted)
+    if inputs is not None:
+        start = 0 if head is None else 1
+        extras = [inputs(b, start + images[b].shape[0] + queries[b].shape[0]) for b in scouted]
+    try:
+        found = scout_scores(
+            model,
+            [images[b] for b in scouted],
+            [queries[b] for b in scouted],
+            [prune_layers[b] for b in scouted],
+            head=head,
+            positions=[p for p, _ in extras],
+            deepstack=[d for _, d in extras],
+        )
+    except FlowUnavailable as err:
+        # The processor refuses what it can see; what only the worker sees (pipeline
+        # parallelism) must not stop the engine: the selection falls back to uniform and says
+        # so in its method. Every rank raises here, before any collective.
+        logger.warning("lvlm-prune: flow method unavailable, uniform instead: %s", err)
+        found = [None] * len(scouted)
+    for b, s in zip(scouted, found):
+        scores[b] = s
+    return scores
 
 
 def _tp_world_size() -> int:

@@ -112,7 +112,7 @@ class PruneModelMixin:
                     diag_id, sel, image=image, query=query, query_ids=ids, grid=grid
                 )
                 if b < len(flows) and flows[b]:
-                    diagnostics.STORE.put_flow(diag_id, sel, num_tokens=image.shape[0])
+                    diagnostics.STORE.put_flow(diag_id, sel, num_tokens=image.shape[0], grid=grid)
         return selections
 
     def _image_grids(
