@@ -149,6 +149,25 @@ def test_flow_method_through_the_api(client, tiny_model_dir):
     assert image["kept_indices"] == fref.top_k(scores, 144).tolist()
 
 
+def stalling_client(server) -> openai.OpenAI:
+    """A client whose sockets buffer a few KB at most: a stream it stops reading fills them, so
+    the server waits to send and the stream cannot end. Fixed buffers, because Linux grows a
+    loopback socket's receive buffer to tens of MB by default, which would hold a whole stream
+    and let it end unread (the test then depended on how fast the machine generated)."""
+    import socket
+
+    import httpx
+
+    transport = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=API_KEY,
+        max_retries=0,
+        timeout=120,
+        http_client=httpx.Client(transport=transport, timeout=120),
+    )
+
+
 def test_flow_passes_are_bounded_with_a_429(server, client):
     """Every flow slot held by a stream that is still generating: one more flow request is
     refused at once with an OpenAI-style 429 (the openai client's RateLimitError). The slots
@@ -156,11 +175,12 @@ def test_flow_passes_are_bounded_with_a_429(server, client):
     rejected_before = scrape(server, "lvlm_prune_flow_rejected_total")
     passes_before = scrape(server, "lvlm_prune_flow_seconds_count")
     held = []
+    staller = stalling_client(server)
     for _ in range(MAX_FLOW_PASSES):
         # A stream the client stops reading cannot end: ~1500 chunks of ~2 KB (20 top logprobs
-        # each) fill the socket buffers long before the last one, so the server waits to send
-        # and the stream's slot stays taken until the client reads on or drops it.
-        stream = client.chat.completions.create(
+        # each) fill the few KB of socket buffers long before the last one, so the server waits
+        # to send and the stream's slot stays taken until the client reads on or drops it.
+        stream = staller.chat.completions.create(
             model=MODEL,
             messages=messages(),
             max_tokens=1500,
