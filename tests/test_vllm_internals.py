@@ -861,6 +861,44 @@ def test_qwen_mrope_positions_read_only_offsets_modalities_and_grids():
     )
 
 
+def test_qwen3_deepstack_split_follows_the_rows_of_each_image():
+    """Qwen3-VL's embedding rows are [main | one slice per DeepStack level]; vLLM splits the
+    concatenated rows by columns (main, levels) and then by each image's row count, so keeping
+    whole rows keeps every level on its token."""
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as Qwen3
+
+    source = inspect.getsource(Qwen3._compute_deepstack_embeds)
+    _in_order(
+        source,
+        [
+            "visual_lens = [len(x) for x in multimodal_embeddings]",
+            "torch.cat(multimodal_embeddings, dim=0)",
+            "[self.visual_dim, self.multiscale_dim]",
+            "multimodal_embeddings_main, visual_lens, dim=0",
+            "multimodal_embeddings_multiscale, visual_lens, dim=0",
+        ],
+    )
+    assert "self.deepstack_num_level * inputs_embeds.size(1)" in source
+
+
+def test_qwen3_mrope_positions_read_grids_and_video_frames_by_token_id():
+    """Qwen3-VL's positions come from each item's grid at its offset (images), and video frames
+    are found by their token ids in the prompt: the widened copy ``pruned_mrope_positions`` runs
+    vLLM's code on must carry the prompt's real ids."""
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as Qwen3
+
+    assert "self._get_mrope_input_positions(" in inspect.getsource(Qwen3.get_mrope_input_positions)
+    _in_order(
+        inspect.getsource(Qwen3._iter_mm_grid_hw),
+        [
+            "sorted(mm_features, key=lambda f: f.mm_position.offset)",
+            'data["image_grid_thw"].data',
+            "yield offset, llm_grid_h, llm_grid_w, llm_grid_h * llm_grid_w",
+            "input_tokens.index(vision_start_token_id, offset)",
+        ],
+    )
+
+
 def test_feature_specs_we_widen():
 
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange

@@ -234,6 +234,22 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     # ---- Qwen2.5-VL's M-RoPE machinery (qwen2_5_vl.py relies on vLLM's runner) --------------
     TouchPoint(
         PRIVATE_READ,
+        f"{_VLLM_QWEN3}._compute_deepstack_embeds",
+        "lvlm_prune.vllm_plugin.qwen3_vl:DeepStackPruneModelMixin._pruned_embeddings",
+        ("test_qwen3_deepstack_split_follows_the_rows_of_each_image",),
+        "each image's rows [main | levels] split by columns [visual_dim, multiscale_dim] and by "
+        "rows per image: the levels of a kept row stay on its token",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        f"{_VLLM_QWEN3}._iter_mm_grid_hw",
+        "lvlm_prune.vllm_plugin.qwen2_5_vl:pruned_mrope_positions",
+        ("test_qwen3_mrope_positions_read_grids_and_video_frames_by_token_id",),
+        "images placed from the grid at their offset; video frames found by token id, so the "
+        "widened copy must carry the real prompt ids",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
         f"{_VLLM_QWEN}.iter_mm_grid_thw",
         f"{_QWEN}.get_mrope_input_positions",
         ("test_qwen_mrope_positions_read_only_offsets_modalities_and_grids",),
