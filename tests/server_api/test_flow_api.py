@@ -171,19 +171,21 @@ def stalling_client(server) -> openai.OpenAI:
 def test_flow_passes_are_bounded_with_a_429(server, client):
     """Every flow slot held by a stream that is still generating: one more flow request is
     refused at once with an OpenAI-style 429 (the openai client's RateLimitError). The slots
-    come back when a stream ends and when its client drops it."""
+    come back when their clients drop the streams, and a stream read to its end gets its flow."""
     rejected_before = scrape(server, "lvlm_prune_flow_rejected_total")
     passes_before = scrape(server, "lvlm_prune_flow_seconds_count")
     held = []
     staller = stalling_client(server)
     for _ in range(MAX_FLOW_PASSES):
-        # A stream the client stops reading cannot end: ~1500 chunks of ~2 KB (20 top logprobs
-        # each) fill the few KB of socket buffers long before the last one, so the server waits
-        # to send and the stream's slot stays taken until the client reads on or drops it.
+        # A stream the client stops reading cannot end: 3 x 1500 chunks of 1-2 KB (20 top
+        # logprobs each) are several times what the socket buffers hold (loopback's 64 KB
+        # segments give the server's send buffer ~1.3 MB), so the server waits to send and the
+        # stream's slot stays taken until the client reads on or drops it.
         stream = staller.chat.completions.create(
             model=MODEL,
             messages=messages(),
             max_tokens=1500,
+            n=3,
             logprobs=True,
             top_logprobs=20,
             stream=True,
@@ -203,13 +205,11 @@ def test_flow_passes_are_bounded_with_a_429(server, client):
     assert "flow passes" in err.body["message"]
     assert err.response.headers["retry-after"] == "1"
     assert scrape(server, "lvlm_prune_flow_rejected_total") - rejected_before == 1
-    # One stream read to its end gets its flow; the other is dropped mid-stream.
-    (finished, chunks), (dropped, _) = held
-    last = list(chunks)[-1]
-    assert len(last.model_extra["pruning"]["flow"]["layers"]) == LAYERS
-    dropped.close()
-    # Both slots come back (the drop as soon as the server sees the connection gone): then
-    # one more flow request than there are slots, one after the other.
+    for stream, _ in held:  # dropped mid-stream
+        stream.close()
+    # Both slots come back (as soon as the server sees the connections gone): then a stream
+    # read to its end gets its flow, and one more flow request than there are slots, one after
+    # the other.
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -218,6 +218,15 @@ def test_flow_passes_are_bounded_with_a_429(server, client):
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "a dropped stream kept its flow slot"
             time.sleep(0.5)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages(),
+        max_tokens=4,
+        stream=True,
+        extra_body={"pruning": {"keep_ratio": 0.25, "diagnostics": "flow"}},
+    )
+    last = list(stream)[-1]
+    assert len(last.model_extra["pruning"]["flow"]["layers"]) == LAYERS
     for _ in range(MAX_FLOW_PASSES + 1):
         assert "flow" in chat(client, {"diagnostics": "flow"}).model_extra["pruning"]
     passes = scrape(server, "lvlm_prune_flow_seconds_count") - passes_before
