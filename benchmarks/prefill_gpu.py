@@ -54,7 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> dict | None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -67,17 +66,7 @@ def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> d
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     counts = sorted(set(args.image_tokens), reverse=True)
 
-    config = LlamaConfig(**shape)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    # Built straight on the device in bf16: a 7B model in fp32 first would need 27 GB.
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = _random_llama(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     embeds = {
         k: torch.randn(
@@ -86,6 +75,51 @@ def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> d
         * 0.02
         for k in counts
     }
+    samples = _time_prefills(model, embeds, counts, warmup, repeats, cuda)
+    return {
+        "benchmark": NAME,
+        "model": "tiny-llama (smoke, CPU)"
+        if args.smoke
+        else "LLaVA-1.5-7B-shaped Llama (random, bf16)",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "timing": "CUDA events around one forward"
+        if cuda
+        else "perf_counter around one forward (CPU)",
+        "settings": {
+            "shape": shape,
+            "dtype": str(dtype),
+            "text_tokens": args.text_tokens,
+            "repeats": repeats,
+            "warmup": warmup,
+            "order": "round-robin, rotated each round",
+            "attention": "sdpa",
+            "logits_to_keep": 1,
+        },
+        "rows": _rows(samples, counts, args.text_tokens),
+    }
+
+
+def _random_llama(shape: dict, device, dtype):
+    """A random-weight Llama of ``shape``, built straight on ``device`` in ``dtype`` (a 7B model
+    in fp32 first would need 27 GB)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _time_prefills(model, embeds, counts, warmup: int, repeats: int, cuda: bool) -> dict:
+    """Seconds of one prefill per image-token count, round-robin, rotated each round."""
+    import torch
 
     def forward(k: int) -> float:
         if cuda:
@@ -109,42 +143,23 @@ def run(args: argparse.Namespace, llm=None, model_label: str | None = None) -> d
                 if round_ >= warmup:
                     samples[k].append(seconds)
     bar.close()
+    return samples
 
+
+def _rows(samples: dict, counts: list[int], text_tokens: int) -> list[dict]:
     full = max(counts)
-    rows = []
-    for k in counts:
-        s = common.summary(samples[k])
-        rows.append(
-            {
-                "image_tokens": k,
-                "prompt_tokens": k + args.text_tokens,
-                "token_bound": (k + args.text_tokens) / (full + args.text_tokens),
-                "prefill": s,
-            }
-        )
+    rows = [
+        {
+            "image_tokens": k,
+            "prompt_tokens": k + text_tokens,
+            "token_bound": (k + text_tokens) / (full + text_tokens),
+            "prefill": common.summary(samples[k]),
+        }
+        for k in counts
+    ]
     for row in rows:
         row["ratio"] = row["prefill"]["median"] / rows[0]["prefill"]["median"]
-    return {
-        "benchmark": NAME,
-        "model": "tiny-llama (smoke, CPU)"
-        if args.smoke
-        else "LLaVA-1.5-7B-shaped Llama (random, bf16)",
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "timing": "CUDA events around one forward"
-        if cuda
-        else "perf_counter around one forward (CPU)",
-        "settings": {
-            "shape": shape,
-            "dtype": str(dtype),
-            "text_tokens": args.text_tokens,
-            "repeats": repeats,
-            "warmup": warmup,
-            "order": "round-robin, rotated each round",
-            "attention": "sdpa",
-            "logits_to_keep": 1,
-        },
-        "rows": rows,
-    }
+    return rows
 
 
 def markdown(result: dict) -> str:
