@@ -44,29 +44,8 @@ def _write_model(out: Path) -> None:
             "spatial_merge_size": spec.spatial_merge_size,
             "temporal_patch_size": spec.temporal_patch_size,
         },
-        text_config={
-            "hidden_size": spec.text_hidden,
-            "intermediate_size": spec.text_intermediate,
-            "num_hidden_layers": spec.text_layers,
-            "num_attention_heads": spec.text_heads,
-            "num_key_value_heads": spec.text_kv_heads,
-            "vocab_size": spec.vocab_size,
-            "max_position_embeddings": spec.max_position_embeddings,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": list(spec.mrope_section),
-            },
-            "bos_token_id": None,
-            "eos_token_id": tiny_qwen.IM_END_ID,
-            "pad_token_id": tiny_qwen.PAD_ID,
-        },
-        image_token_id=tiny_qwen.IMAGE_TOKEN_ID,
-        video_token_id=tiny_qwen.VIDEO_TOKEN_ID,
-        vision_start_token_id=tiny_qwen.VISION_START_ID,
-        vision_end_token_id=tiny_qwen.VISION_END_ID,
-        tie_word_embeddings=False,
+        text_config=tiny_qwen.text_config(spec),
+        **tiny_qwen.special_token_ids(),
     )
     config.architectures = [ARCHITECTURE]
     torch.manual_seed(spec.seed)

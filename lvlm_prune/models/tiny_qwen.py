@@ -259,6 +259,39 @@ def make_qwen_processor(tokenizer, spec: TinyQwenSpec):
     )
 
 
+def text_config(spec: TinyQwenSpec) -> dict:
+    """The language model of a Qwen2-VL-style config (Qwen2.5-VL's and Qwen2-VL's alike)."""
+    return {
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": list(spec.mrope_section),
+        },
+        "bos_token_id": None,
+        "eos_token_id": IM_END_ID,
+        "pad_token_id": PAD_ID,
+    }
+
+
+def special_token_ids() -> dict:
+    """The config's media token ids (this tokenizer's), and untied embeddings."""
+    return {
+        "image_token_id": IMAGE_TOKEN_ID,
+        "video_token_id": VIDEO_TOKEN_ID,
+        "vision_start_token_id": VISION_START_ID,
+        "vision_end_token_id": VISION_END_ID,
+        "tie_word_embeddings": False,
+    }
+
+
 def _write_model(spec: TinyQwenSpec, out: Path) -> None:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -282,30 +315,8 @@ def _write_model(spec: TinyQwenSpec, out: Path) -> None:
             "out_hidden_size": spec.text_hidden,
             "tokens_per_second": 2,
         },
-        text_config={
-            "hidden_size": spec.text_hidden,
-            "intermediate_size": spec.text_intermediate,
-            "num_hidden_layers": spec.text_layers,
-            "num_attention_heads": spec.text_heads,
-            "num_key_value_heads": spec.text_kv_heads,
-            "vocab_size": spec.vocab_size,
-            "max_position_embeddings": spec.max_position_embeddings,
-            "rms_norm_eps": 1e-6,
-            "initializer_range": spec.text_init_std,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": list(spec.mrope_section),
-            },
-            "bos_token_id": None,
-            "eos_token_id": IM_END_ID,
-            "pad_token_id": PAD_ID,
-        },
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
+        text_config={**text_config(spec), "initializer_range": spec.text_init_std},
+        **special_token_ids(),
     )
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     torch.manual_seed(spec.seed)
