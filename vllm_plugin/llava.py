@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from transformers import BatchFeature
 from vllm.inputs import MultiModalInput
 from vllm.model_executor.models.llava import (
@@ -27,9 +26,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import BaseMultiModalProcessor
 
-from .options import LAYER_FIELD
 from .processing.processor import PruneProcessorMixin
-from .worker import flow
 from .worker.model import PruneModelMixin
 
 
@@ -84,23 +81,3 @@ def _build_processor(
 )
 class LlavaPruneForConditionalGeneration(PruneModelMixin, LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` whose image embeddings are pruned to K rows per image."""
-
-    def _scout_scores(
-        self,
-        images: list[torch.Tensor],
-        queries: list[torch.Tensor],
-        methods: list[str],
-        keep: list[int],
-        diag_ids: list[int],
-        fields: Mapping[str, object],
-    ) -> list[torch.Tensor | None]:
-        return flow.family_scout_scores(
-            self,
-            images,
-            queries,
-            methods,
-            keep,
-            diag_ids,
-            fields[LAYER_FIELD],
-            head_id=getattr(self.config.text_config, "bos_token_id", None),
-        )

@@ -66,9 +66,8 @@ from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from lvlm_prune.kernels import Selection
 
 from . import options
-from .options import LAYER_FIELD, PruneOptionError, PruneOptions
+from .options import PruneOptionError, PruneOptions
 from .processing.processor import PruneProcessorMixin
-from .worker import flow
 from .worker.model import PruneModelMixin
 
 POSITION_CHANNELS = 6
@@ -361,12 +360,14 @@ class MRopePruneModelMixin(PruneModelMixin):
         finally:
             self._scout_grids = None
 
-    def _scout_scores(self, images, queries, methods, keep, diag_ids, fields):
-        """The flow method's scout over ``<|vision_start|>`` + image + question, at the positions
-        that sequence has as a prompt: the start token at 0, the image on its grid from base 1,
-        the question after it at 1 + max(rows, cols)."""
-        head_id = self.config.vision_start_token_id
-        grids = self._scout_grids
+    def _scout_head_id(self) -> int:
+        return self.config.vision_start_token_id
+
+    def _scout_inputs(self, images):
+        """The scout's sequence is ``<|vision_start|>`` + image + question, at the positions it
+        has as a prompt: the start token at 0, the image on its grid from base 1, the question
+        after it at 1 + max(rows, cols)."""
+        head_id, grids = self._scout_head_id(), self._scout_grids
 
         def inputs(b: int, length: int):
             n = images[b].shape[0]
@@ -374,17 +375,7 @@ class MRopePruneModelMixin(PruneModelMixin):
             positions = self.served_positions(ids, [grids[b]], [range(n)])
             return positions.to(images[b].device), self._scout_deepstack(b)
 
-        return flow.family_scout_scores(
-            self,
-            images,
-            queries,
-            methods,
-            keep,
-            diag_ids,
-            fields[LAYER_FIELD],
-            head_id=head_id,
-            inputs=inputs,
-        )
+        return inputs
 
     def _scout_deepstack(self, b: int) -> list[torch.Tensor] | None:
         """Image b's DeepStack levels for the scout (Qwen3-VL's mixin), None without."""

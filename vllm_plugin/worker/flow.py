@@ -537,7 +537,7 @@ def family_scout_scores(
     head_id: int | None,
     inputs: ScoutInputs | None = None,
 ) -> list[torch.Tensor | None]:
-    """A family's ``_scout_scores`` (``worker.model.PruneModelMixin``): the scout's scores for
+    """``PruneModelMixin._scout_scores`` (``worker/model.py``): the scout's scores for
     the flow images that prune or report scores and have a question, None for the others.
 
     Args:

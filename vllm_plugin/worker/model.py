@@ -21,13 +21,14 @@ from ..options import (
     DIAGNOSTICS_FIELD,
     FLOW_FIELD,
     KEEP_FIELD,
+    LAYER_FIELD,
     MERGE_FIELD,
     METHOD_FIELD,
     QUERY_FIELD,
     SEED_FIELD,
     read_image_fields,
 )
-from . import diagnostics
+from . import diagnostics, flow
 
 
 class PruneModelMixin:
@@ -136,9 +137,31 @@ class PruneModelMixin:
         fields: Mapping[str, list],
     ) -> list[torch.Tensor | None]:
         """Per image, scores computed by the model itself (the ``flow`` method's scout), or None
-        where ``select_tokens`` scores the image on its own. Families without a scout: all None
-        (the processor refuses the ``flow`` method for them)."""
-        return [None] * len(images)
+        where ``select_tokens`` scores the image on its own. The scout runs the model's first
+        decoder layers over ``[head] + image + question`` (``flow.family_scout_scores``); a family
+        says how that sequence starts (``_scout_head_id``) and where its tokens sit
+        (``_scout_inputs``). On a language model the flow pass does not support, the processor
+        refuses the ``flow`` method, so no image asks for a scout."""
+        return flow.family_scout_scores(
+            self,
+            images,
+            queries,
+            methods,
+            keep,
+            diag_ids,
+            fields[LAYER_FIELD],
+            head_id=self._scout_head_id(),
+            inputs=self._scout_inputs(images),
+        )
+
+    def _scout_head_id(self) -> int | None:
+        """The token the scout's sequence starts with: the language model's BOS by default."""
+        return getattr(self.config.get_text_config(), "bos_token_id", None)
+
+    def _scout_inputs(self, images: list[torch.Tensor]) -> flow.ScoutInputs | None:
+        """Per image, the scout sequence's (positions, DeepStack levels); None: 1-D positions
+        0, 1, 2, ... and no DeepStack."""
+        return None
 
     def _pruned_embeddings(
         self,
