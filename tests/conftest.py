@@ -17,6 +17,7 @@ envs.use_triton_interpreter_without_cuda()
 import pytest
 
 from lvlm_prune.models.tiny_llava import build_tiny_llava
+from lvlm_prune.models.tiny_llava_next import TINY_ONEVISION, build_tiny_llava_next
 from lvlm_prune.models.tiny_qwen import build_tiny_qwen
 from lvlm_prune.models.tiny_qwen3 import TINY_QWEN3_MOE, build_tiny_qwen3
 
@@ -50,6 +51,19 @@ def qwen3_model_dir() -> str:
 def qwen3_moe_model_dir() -> str:
     """The tiny random-weight Qwen3-VL-MoE (``tiny_qwen3.TINY_QWEN3_MOE``), built offline once."""
     return str(build_tiny_qwen3(TINY_QWEN3_MOE))
+
+
+@pytest.fixture(scope="session")
+def llava_next_model_dir() -> str:
+    """The tiny random-weight LLaVA-NeXT (``tiny_llava_next.TINY_NEXT``), built offline once."""
+    return str(build_tiny_llava_next())
+
+
+@pytest.fixture(scope="session")
+def onevision_model_dir() -> str:
+    """The tiny random-weight LLaVA-OneVision (``tiny_llava_next.TINY_ONEVISION``), built offline
+    once."""
+    return str(build_tiny_llava_next(TINY_ONEVISION))
 
 
 @pytest.fixture

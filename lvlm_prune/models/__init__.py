@@ -8,6 +8,8 @@
   proportion).
 - ``qwen3-tiny``, ``qwen3-moe-tiny``, ``qwen3-bench``: the same for Qwen3-VL, dense and MoE
   (``qwen3-bench`` keeps Qwen3-VL-8B's proportion).
+- ``next-tiny``, ``next-bench``, ``onevision-tiny``, ``onevision-bench``: the same for LLaVA-NeXT
+  and LLaVA-OneVision (the bench ones keep the 7B models' token counts and proportion).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ DEFAULT = "shapes"
 
 def names() -> list[str]:
     from lvlm_prune.models.tiny_llava import SPECS
+    from lvlm_prune.models.tiny_llava_next import NEXT_SPECS
     from lvlm_prune.models.tiny_qwen import QWEN_SPECS
     from lvlm_prune.models.tiny_qwen3 import QWEN3_SPECS
 
-    return [DEFAULT, *SPECS, *QWEN_SPECS, *QWEN3_SPECS]
+    return [DEFAULT, *SPECS, *QWEN_SPECS, *QWEN3_SPECS, *NEXT_SPECS]
 
 
 def resolve(name: str) -> tuple[str, str] | None:
@@ -30,6 +33,7 @@ def resolve(name: str) -> tuple[str, str] | None:
 
         return str(released_model_dir()), MODEL_NAME
     from lvlm_prune.models.tiny_llava import SPECS, build_tiny_llava
+    from lvlm_prune.models.tiny_llava_next import NEXT_SPECS, build_tiny_llava_next
     from lvlm_prune.models.tiny_qwen import QWEN_SPECS, build_tiny_qwen
     from lvlm_prune.models.tiny_qwen3 import QWEN3_SPECS, build_tiny_qwen3
 
@@ -39,4 +43,6 @@ def resolve(name: str) -> tuple[str, str] | None:
         return str(build_tiny_qwen(QWEN_SPECS[name])), f"lvlm-prune-{name}"
     if name in QWEN3_SPECS:
         return str(build_tiny_qwen3(QWEN3_SPECS[name])), f"lvlm-prune-{name}"
+    if name in NEXT_SPECS:
+        return str(build_tiny_llava_next(NEXT_SPECS[name])), f"lvlm-prune-{name}"
     return None
