@@ -36,7 +36,7 @@ from lvlm_prune.vllm_plugin.worker.flow import FlowUnavailable
 
 from . import metrics
 from .heatmap import render_heatmap
-from .schemas import ImagePruning, PruningInfo, PruningRequest, QueryToken
+from .schemas import ImagePruning, ImageView, PruningInfo, PruningRequest, QueryToken
 
 logger = logging.getLogger(__name__)
 
@@ -471,12 +471,20 @@ class ResponseRewriter:
         image.kept_indices = entry["kept_indices"]
         scores = entry["scores"]
         grid = entry["grid"]  # the image's own rows x cols of tokens (Qwen2.5-VL: any aspect)
+        heat_scores, heat_kept = None, image.kept_indices
         if scores is not None and grid and grid[0] * grid[1] == len(scores):
             rows, cols = grid
             image.grid = [rows, cols]
             image.scores = [scores[r * cols : (r + 1) * cols] for r in range(rows)]
+            heat_scores = image.scores
         else:
             image.scores = scores
+        if entry.get("views"):
+            # AnyRes: flat scores over all N rows; the heatmap is the first view's (the base).
+            image.views = [ImageView(**view) for view in entry["views"]]
+            image.grid = grid
+            if scores is not None and grid:
+                heat_scores, heat_kept = _view_part(scores, image.kept_indices, entry["views"][0])
         votes = sorted(
             zip(entry["query_votes"], entry["query_ids"]), key=lambda vi: (-vi[0], vi[1])
         )
@@ -486,11 +494,18 @@ class ResponseRewriter:
             for v, tid in votes[:TOP_QUERY_TOKENS]
             if v > 0
         ]
-        if self.request.heatmap and image.grid and scores is not None:
+        if self.request.heatmap and heat_scores is not None:
             url = self.request.images[index] if index < len(self.request.images) else None
-            image.heatmap_png = render_heatmap(
-                image.scores, image.kept_indices, image=_decode_data_url(url)
-            )
+            image.heatmap_png = render_heatmap(heat_scores, heat_kept, image=_decode_data_url(url))
+
+
+def _view_part(scores: list, kept: list[int], view: dict) -> tuple[list[list[float]], list[int]]:
+    """One view's scores on its grid and its kept tokens, indexed within the view (a view
+    without newline rows: every row has a score)."""
+    rows, cols = view["grid"]
+    start = view["offset"]
+    part = [scores[start + r * cols : start + (r + 1) * cols] for r in range(rows)]
+    return part, [i - start for i in kept if start <= i < start + rows * cols]
 
 
 def _decode_data_url(url: str | None) -> Image.Image | None:

@@ -62,12 +62,28 @@ class QueryToken(BaseModel):
     """Kept image tokens for which this query token is the most similar one."""
 
 
+class ImageView(BaseModel):
+    """A part of an image's rows laid out on its own grid (LLaVA-NeXT: the base view, then the
+    crops), from ``offset`` in the image's rows."""
+
+    view: str
+    grid: list[int]
+    offset: int
+    newline: bool = False
+    """Each grid row is followed by one newline row (which does not compete)."""
+
+
 class ImagePruning(BaseModel):
     tokens_before: int
     tokens_after: int
     method: str | None = None
     grid: list[int] | None = None
-    scores: list[list[float]] | list[float] | None = None
+    """(rows, cols) of the image's tokens; AnyRes (LLaVA-NeXT): of its base view."""
+    scores: list[list[float]] | list[float | None] | None = None
+    """On ``grid`` when it holds all N tokens, else flat over the N rows (null: a row that did
+    not compete in the selection, AnyRes' newline rows)."""
+    views: list[ImageView] | None = None
+    """AnyRes: the parts of the image's rows, each on its own grid."""
     kept_indices: list[int] | None = None
     top_query_tokens: list[QueryToken] | None = None
     heatmap_png: str | None = None

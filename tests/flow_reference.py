@@ -21,17 +21,29 @@ def eager_model(model_dir: str):
 
 
 @torch.no_grad()
-def prompt_flow(model_dir: str, prompt_ids, image_rows: list[torch.Tensor], *, map_rows="question"):
+def prompt_flow(
+    model_dir: str, prompt_ids, image_rows: list[torch.Tensor], kept, *, map_rows="question"
+):
     """Per layer (system, image, question) shares of the last position's head-mean attention,
     and per layer the head- and row-mean attention of the positions after the last image token to
     each image token, split per image: ``(shares [layers][3], maps [layers][images] tensors)``
-    (``map_rows="last"``: the last position's row alone, for the negative control)."""
+    (``map_rows="last"``: the last position's row alone, for the negative control). The prompt
+    sits at LLaVA's original positions (each image's ``kept`` indices)."""
     model = eager_model(model_dir)
     ids = torch.as_tensor(list(prompt_ids))
     embeds = model.get_input_embeddings()(ids)
     image = ids == IMAGE_TOKEN_ID
     embeds[image] = torch.cat(image_rows)
-    out = model(inputs_embeds=embeds[None], output_attentions=True)
+    llava = ref.reference(ref.LlavaReference, model_dir)
+    kept = [list(map(int, k)) for k in kept]
+    positions = llava.positions(list(prompt_ids), [llava.grid(None)] * len(kept), kept)
+    # NOTE(transformers 5.19): gapped positions need the explicit mask (hf_reference.greedy).
+    out = model(
+        inputs_embeds=embeds[None],
+        position_ids=positions[None],
+        attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+        output_attentions=True,
+    )
     at = image.nonzero().flatten()
     first, last = int(at[0]), int(at[-1])
     system = torch.arange(len(ids)) < first

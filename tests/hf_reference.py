@@ -146,8 +146,9 @@ def _image_spans(prompt_ids, image_token_id: int, kept) -> list[int]:
 
 
 class LlavaReference(Reference):
-    """LLaVA-1.5: CLIP resizes every image to one square; 1-D RoPE. Kept rows take consecutive
-    positions (compact), as vLLM's runner gives a shorter prompt."""
+    """LLaVA-1.5: CLIP resizes every image to one square; 1-D RoPE. By default (``positions:
+    "original"``) kept token j of an image sits at its unpruned position, the text after the
+    image where it is unpruned; ``compact_positions`` is the per-request alternative."""
 
     @property
     def model_class(self):
@@ -173,7 +174,7 @@ class LlavaReference(Reference):
         return side, side
 
     def positions(self, prompt_ids, grids, kept) -> torch.Tensor:
-        return torch.arange(len(prompt_ids))
+        return self.original_positions(prompt_ids, grids, kept)
 
     def original_positions(self, prompt_ids, grids, kept) -> torch.Tensor:
         """1-D positions as in the unpruned prompt: kept token j of an image at +(kept[j] - j),
@@ -187,8 +188,35 @@ class LlavaReference(Reference):
             positions[start + k :] += n - k
         return positions
 
+    def rule_positions(self, prompt_ids, grids, kept) -> torch.Tensor:
+        """The original rule token by token: text one after another, an image at base b puts
+        kept token j at b + kept[j] and takes N positions."""
+        out, pos, i = [], 0, 0
+        for start, grid, kept_i in zip(
+            _image_spans(prompt_ids, self.image_token_id, kept), grids, kept
+        ):
+            out += range(pos, pos + start - i)
+            pos += start - i
+            out += [pos + int(j) for j in kept_i]
+            pos += grid[0] * grid[1]
+            i = start + len(kept_i)
+        out += range(pos, pos + len(prompt_ids) - i)
+        return torch.tensor(out)
+
+    def compact_positions(self, prompt_ids, grids, kept) -> torch.Tensor:
+        """``positions: "compact"``: vLLM's consecutive positions of the pruned prompt."""
+        return torch.arange(len(prompt_ids))
+
     def wrong_positions(self, prompt_ids, grids, kept) -> dict[str, torch.Tensor]:
-        return {"original": self.original_positions(prompt_ids, grids, kept)}
+        """Compact positions, and the kept tokens in place with the text after the image not
+        moved (at base + K, as compact)."""
+        text_compact = self.compact_positions(prompt_ids, grids, kept)
+        for start, kept_i in zip(_image_spans(prompt_ids, self.image_token_id, kept), kept):
+            text_compact[start : start + len(kept_i)] = start + torch.as_tensor(kept_i)
+        return {
+            "compact": self.compact_positions(prompt_ids, grids, kept),
+            "kept in place, text not moved": text_compact,
+        }
 
 
 def mrope_rule_positions(prompt_ids, image_token_id: int, grids, kept) -> torch.Tensor:
@@ -419,11 +447,116 @@ def pruned_rows(model_dir: str, image, kept: torch.Tensor, *, merge: bool = Fals
     return _llava(model_dir).pruned_rows(image, kept, merge=merge)
 
 
-def greedy(model_dir: str, prompt_ids, image_rows: list[torch.Tensor], max_tokens: int):
-    """LLaVA's greedy decode at its compact 1-D positions."""
+def greedy(model_dir: str, prompt_ids, image_rows: list[torch.Tensor], kept, max_tokens: int):
+    """LLaVA's greedy decode at its original 1-D positions (each image's ``kept`` indices)."""
     ref = _llava(model_dir)
-    return ref.greedy(prompt_ids, image_rows, torch.arange(len(prompt_ids)), max_tokens)
+    kept = [list(map(int, k)) for k in kept]
+    grids = [ref.grid(None)] * len(kept)
+    positions = ref.positions(prompt_ids, grids, kept)
+    return ref.greedy(prompt_ids, image_rows, positions, max_tokens)
 
 
 def stock_generate(model_dir: str, prompt: str, images, max_tokens: int):
     return _llava(model_dir).stock_generate(prompt, images, max_tokens)
+
+
+# ---- LLaVA-NeXT / LLaVA-OneVision (AnyRes) -----------------------------------------------------
+
+
+class AnyResReference(Reference):
+    """LLaVA-NeXT's AnyRes: an image is a base view (``grid`` is its square) and crops laid out
+    as one grid, each crop row closed by the ``image_newline`` vector; 1-D RoPE, compact
+    positions. ``image_features`` are all N rows in placeholder order, newlines included; only
+    the other rows compete in the selection (found here by value: the newline rows are that
+    parameter itself), and kept indices are told in all N rows."""
+
+    def _pixels(self, image):
+        return self.processor.image_processor(images=image, return_tensors="pt")
+
+    def _feature_kwargs(self) -> dict:
+        config = self.model.config
+        return {
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        }
+
+    @torch.no_grad()
+    def image_features(self, image) -> torch.Tensor:
+        pixels = self._pixels(image)
+        out = self.model.model.get_image_features(
+            pixel_values=pixels["pixel_values"].to(torch.float32),
+            image_sizes=pixels["image_sizes"],
+            **self._feature_kwargs(),
+        )
+        return out.pooler_output[0]
+
+    def newline_rows(self, image) -> torch.Tensor:
+        """[N] bool: the rows that are the ``image_newline`` parameter."""
+        return (self.image_features(image) == self.model.model.image_newline).all(dim=-1)
+
+    def prunable_rows(self, image) -> torch.Tensor:
+        return (~self.newline_rows(image)).nonzero().flatten()
+
+    def grid(self, image) -> Grid:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def scores(self, image, q_ids) -> torch.Tensor:
+        """Every row's score, NaN where the row does not compete (a newline)."""
+        return super().scores(image, q_ids).masked_fill(self.newline_rows(image), float("nan"))
+
+    def kept(self, image, q_ids, k: int, method: str = "simignore") -> torch.Tensor:
+        rows = self.prunable_rows(image)
+        if k >= len(self.newline_rows(image)):
+            return torch.arange(len(self.newline_rows(image)))  # unpruned: every row, as stock
+        if method == "uniform":
+            return rows[uniform_indices(len(rows), k)]
+        return rows[topk_select_ref(self.scores(image, q_ids)[rows], k)]
+
+    def pruned_rows(self, image, kept: torch.Tensor, *, merge: bool = False) -> torch.Tensor:
+        feats = self.image_features(image)
+        if not merge:
+            return feats[kept]
+        rows = self.prunable_rows(image)  # the merge folds the competing rows only
+        return merge_dropped_ref(feats[rows], torch.searchsorted(rows, kept))
+
+    def positions(self, prompt_ids, grids, kept) -> torch.Tensor:
+        return torch.arange(len(prompt_ids))
+
+    def wrong_positions(self, prompt_ids, grids, kept) -> dict[str, torch.Tensor]:
+        """Kept token j at its offset in the unpruned image (kept[j]), the text after it
+        continuing from the last kept token's."""
+        gapped = torch.arange(len(prompt_ids))
+        for start, kept_i in zip(_image_spans(prompt_ids, self.image_token_id, kept), kept):
+            k = len(kept_i)
+            gapped[start : start + k] += torch.as_tensor(kept_i) - torch.arange(k)
+            gapped[start + k :] += int(kept_i[-1]) + 1 - k
+        return {"gapped": gapped}
+
+
+class LlavaNextReference(AnyResReference):
+    @property
+    def model_class(self):
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+
+class LlavaOnevisionReference(AnyResReference):
+    """OneVision: AnyRes with the crops' grid shrunk to ``anyres_max_9``. One image per prompt
+    is patched in transformers (several are base views only); vLLM patches every image, so the
+    features here are each image's own, processed alone."""
+
+    @property
+    def model_class(self):
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
+
+    def placeholder_ids(self) -> set[int]:
+        return {self.image_token_id, int(self.model.config.video_token_id)}
+
+    def _feature_kwargs(self) -> dict:
+        aspect = {"vision_aspect_ratio": self.model.config.vision_aspect_ratio}
+        return {**super()._feature_kwargs(), **aspect}

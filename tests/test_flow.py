@@ -242,7 +242,7 @@ def test_flow_diagnostics_match_transformers_eager_attention(llm, tiny_model_dir
     kept = [ref.reference_kept(tiny_model_dir, make_image(s), q_ids, k) for s in images]
     assert [d["kept_indices"] for d in diags] == [x.tolist() for x in kept]
     rows = [ref.pruned_rows(tiny_model_dir, make_image(s), x) for s, x in zip(images, kept)]
-    shares, maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows)
+    shares, maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows, kept)
     assert_flow_matches(got, shares, maps, [x.tolist() for x in kept])
 
 
@@ -253,7 +253,7 @@ def test_flow_comparison_can_fail(llm, tiny_model_dir, monkeypatch):
     q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
     kept = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 144)
     rows = [ref.pruned_rows(tiny_model_dir, make_image(0), kept)]
-    shares, maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows)
+    shares, maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows, [kept])
     assert_flow_matches(good, shares, maps, [kept.tolist()])
 
     real = flow._project
@@ -275,7 +275,9 @@ def test_flow_comparison_can_fail(llm, tiny_model_dir, monkeypatch):
         assert_flow_matches(broken, shares, maps, [kept.tolist()])
     monkeypatch.undo()
 
-    _, last_row_maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows, map_rows="last")
+    _, last_row_maps = fref.prompt_flow(
+        tiny_model_dir, out.prompt_token_ids, rows, [kept], map_rows="last"
+    )
     with pytest.raises(AssertionError, match="map differs"):
         assert_flow_matches(good, shares, last_row_maps, [kept.tolist()])
 
@@ -301,7 +303,9 @@ def test_flow_method_keeps_what_an_independent_scout_keeps(llm, tiny_model_dir, 
     assert diag["method"] == "flow" and diag["kept_indices"] == kept.tolist()
     # The LLM ran on exactly those rows: greedy ids and logprobs as transformers'.
     rows = ref.pruned_rows(tiny_model_dir, make_image(0), kept)
-    ids, hf_lp = ref.greedy(tiny_model_dir, out.prompt_token_ids, [rows], SAMPLING.max_tokens)
+    ids, hf_lp = ref.greedy(
+        tiny_model_dir, out.prompt_token_ids, [rows], [kept], SAMPLING.max_tokens
+    )
     assert list(out.outputs[0].token_ids) == ids
     diff = max(
         abs(lp.logprob - float(hf_lp[step, token]))
@@ -326,7 +330,7 @@ def test_flow_method_with_two_images_and_flow_diagnostics(llm, tiny_model_dir):
     ]
     assert [d["kept_indices"] for d in diags] == [x.tolist() for x in kept]
     rows = [ref.pruned_rows(tiny_model_dir, make_image(s), x) for s, x in zip((0, 1), kept)]
-    shares, maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows)
+    shares, maps = fref.prompt_flow(tiny_model_dir, out.prompt_token_ids, rows, kept)
     assert_flow_matches(got, shares, maps, [x.tolist() for x in kept])
 
 

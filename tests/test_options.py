@@ -142,6 +142,7 @@ def test_schema_and_serve_flags_come_from_the_declarations():
         "keep_ratio",
         "method",
         "merge",
+        "positions",
         "diagnostics",
         "query",
         "requery",
@@ -156,9 +157,20 @@ def test_schema_and_serve_flags_come_from_the_declarations():
     }
     assert PruningRequest().mm_processor_kwargs() == {}  # the server's defaults apply
     assert PruningRequest(diagnostics="flow").mm_processor_kwargs() == {"prune_flow": True}
-    assert [opt.flag for opt in options.FLAGS] == ["--keep-ratio", "--prune-method"]
-    ours, rest = _own_parser().parse_known_args(["--keep-ratio", "0.5", "--prune-method", "random"])
-    assert vars(ours) == {"keep_ratio": 0.5, "prune_method": "random"} and rest == []
+    assert [opt.flag for opt in options.FLAGS] == [
+        "--keep-ratio",
+        "--prune-method",
+        "--prune-positions",
+    ]
+    ours, rest = _own_parser().parse_known_args(
+        ["--keep-ratio", "0.5", "--prune-method", "random", "--prune-positions", "compact"]
+    )
+    assert vars(ours) == {
+        "keep_ratio": 0.5,
+        "prune_method": "random",
+        "prune_positions": "compact",
+    }
+    assert rest == []
 
 
 def test_image_fields_round_trip():
@@ -175,7 +187,7 @@ def test_image_fields_round_trip():
             "prune_layer": 1,
         }
     )
-    images = [options.ImageInfo(3, (5, 6)), options.ImageInfo(4, ())]
+    images = [options.ImageInfo(3, (5, 6), 12), options.ImageInfo(4, (), 16)]
     kwargs = {**options.image_fields(opts, images), "pixel_values": 0}
     assert set(kwargs) == {*options.FIELDS, "pixel_values"}
     fields = options.read_image_fields(kwargs)
@@ -186,7 +198,26 @@ def test_image_fields_round_trip():
     assert fields[options.DIAGNOSTICS_FIELD] == [7, 7] and fields[options.LAYER_FIELD] == [1, 1]
     assert fields[options.SEED_FIELD] == [opts.seed_for((5, 6)), opts.seed_for(())]
     assert [t.tolist() for t in fields[options.QUERY_FIELD]] == [[5, 6], []]
+    assert fields[options.POSITION_SPAN_FIELD] == [12, 16]  # original: N
     assert options.read_image_fields({"pixel_values": 0}) is None
+
+
+def test_positions_span_n_or_k_and_are_hashed_only_when_tokens_are_dropped():
+    """The span is what ``get_mrope_input_positions`` reads of a (maybe prefix-cached) image:
+    kept on the CPU with the request; compact is K, original N."""
+    from lvlm_prune.vllm_plugin import options
+
+    images = [options.ImageInfo(3, (), 12)]
+    compact = PruneOptions.from_kwargs({"keep_ratio": 0.25, "prune_positions": "compact"})
+    fields = options.read_image_fields(options.image_fields(compact, images))
+    assert fields[options.POSITION_SPAN_FIELD] == [3]
+    assert options.POSITION_SPAN_FIELD in options.CPU_FIELDS
+    assert PruneOptions.from_kwargs({}).positions == "original"
+    assert compact.hashed_kwargs([[]])[options.POSITIONS] == "compact"
+    unpruned = PruneOptions.from_kwargs({"prune_positions": "compact"})
+    assert options.POSITIONS not in unpruned.hashed_kwargs([[]])
+    with pytest.raises(options.PruneOptionError, match="prune_positions must be"):
+        PruneOptions.from_kwargs({"prune_positions": "sideways"})
 
 
 def test_later_hooks_read_the_normalised_kwargs():

@@ -40,10 +40,12 @@ def generate(llm, req, sampling=SAMPLING):
     return llm.generate(req, sampling, use_tqdm=False)[0]
 
 
-def assert_matches_reference(model_dir, output, image_rows):
-    """Ids and logprobs equal transformers fed ``image_rows`` at LLaVA's compact positions."""
+def assert_matches_reference(model_dir, output, image_rows, kept):
+    """Ids and logprobs equal transformers fed ``image_rows`` (the rows of each image's ``kept``
+    indices) at LLaVA's original positions (the default ``positions``)."""
     llava = ref.reference(ref.LlavaReference, model_dir)
-    positions = llava.positions(output.prompt_token_ids, [], [])
+    grids = [(24, 24)] * len(kept)
+    positions = llava.positions(output.prompt_token_ids, grids, [k.tolist() for k in kept])
     ref.assert_matches(llava, output, image_rows, positions)
 
 
@@ -63,7 +65,7 @@ def test_prune_query_replaces_the_default_query(llm, tiny_model_dir):
     kept = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 144)
     assert diag["kept_indices"] == kept.tolist()
     assert_matches_reference(
-        tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, make_image(0), kept)]
+        tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, make_image(0), kept)], [kept]
     )
 
 
@@ -93,7 +95,7 @@ def test_merge_folds_dropped_rows_into_kept_rows(llm, tiny_model_dir):
     kept = ref.reference_kept(tiny_model_dir, make_image(0), q_ids, 144)
     merged = ref.pruned_rows(tiny_model_dir, make_image(0), kept, merge=True)
     assert not torch.allclose(merged, ref.pruned_rows(tiny_model_dir, make_image(0), kept))
-    assert_matches_reference(tiny_model_dir, out, [merged])
+    assert_matches_reference(tiny_model_dir, out, [merged], [kept])
 
 
 def test_each_image_is_selected_by_its_own_query(llm, tiny_model_dir):
@@ -120,6 +122,7 @@ def test_each_image_is_selected_by_its_own_query(llm, tiny_model_dir):
         tiny_model_dir,
         out,
         [ref.pruned_rows(tiny_model_dir, make_image(s), k) for s, k in zip((0, 1), kept)],
+        kept,
     )
     generate(
         llm, request(images=(0, 1), keep_ratio=0.25, prune_query=QUESTION, prune_diagnostics=42)
@@ -176,17 +179,14 @@ def test_a_later_image_with_another_question_leaves_the_earlier_image_cached(llm
     block = llm.llm_engine.vllm_config.cache_config.block_size
     assert second.num_cached_tokens >= len(first.prompt_token_ids) // block * block > 0
     assert sum(t == ref.IMAGE_TOKEN_ID for t in second.prompt_token_ids) == 2 * 144
-    rows = [
-        ref.pruned_rows(
-            tiny_model_dir,
-            image,
-            ref.reference_kept(
-                tiny_model_dir, image, tokenizer.encode(q, add_special_tokens=False), 144
-            ),
+    kept = [
+        ref.reference_kept(
+            tiny_model_dir, image, tokenizer.encode(q, add_special_tokens=False), 144
         )
         for image, q in ((image_a, QUESTION), (image_b, OTHER_QUESTION))
     ]
-    assert_matches_reference(tiny_model_dir, second, rows)
+    rows = [ref.pruned_rows(tiny_model_dir, image, k) for image, k in zip((image_a, image_b), kept)]
+    assert_matches_reference(tiny_model_dir, second, rows, kept)
 
 
 BAD_KWARGS = [

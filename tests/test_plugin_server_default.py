@@ -30,7 +30,7 @@ def test_server_default_prunes_and_chunked_prefill_matches_reference(llm, tiny_m
     q_ids = ref.query_ids(tiny_model_dir, out.prompt_token_ids)
     kept = ref.reference_kept(tiny_model_dir, ref_image(), q_ids, 144)
     assert_matches_reference(
-        tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, ref_image(), kept)]
+        tiny_model_dir, out, [ref.pruned_rows(tiny_model_dir, ref_image(), kept)], [kept]
     )
 
 

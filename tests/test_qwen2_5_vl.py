@@ -205,9 +205,17 @@ def test_supported_engine_configurations_pass():
         )
         == []
     )
-    # LLaVA's 1-D positions need none of this: pipeline parallelism stays allowed there.
-    pp2 = engine_config(parallel_config=ParallelConfig(pipeline_parallel_size=2))
+    # LLaVA's compact 1-D positions need none of this: pipeline parallelism stays allowed where
+    # its rope could not take vLLM's M-RoPE path; with original positions on, the carrier's
+    # limits are LLaVA's too (vllm_plugin/positions.py).
+    pp2 = engine_config(
+        parallel_config=ParallelConfig(pipeline_parallel_size=2),
+        model_config=types.SimpleNamespace(uses_mrope=False),
+    )
     assert Llava.unsupported_engine_config(pp2) == []
+    pp2.model_config.uses_mrope = True
+    (problem,) = Llava.unsupported_engine_config(pp2)
+    assert problem.startswith("pipeline parallelism")
 
 
 def test_the_engine_refuses_to_start_with_the_encoder_cuda_graph(qwen_model_dir):
@@ -224,6 +232,27 @@ def test_a_forward_on_part_of_the_batch_is_refused(llm):
         model.forward(None, torch.zeros(3, 4, dtype=torch.long), None, torch.zeros(4, hidden))
     assert model._pending_offsets is None
     assert generate(llm, request(keep_ratio=0.25)).prompt_token_ids.count(IMAGE_TOKEN_ID) == 15
+
+
+def test_positions_are_always_original_here(llm, qwen_model_dir):
+    """A request's ``prune_positions`` compact is refused by name; an engine-wide compact (the
+    1-D families' setting) is not applied: the same ids and logprobs as without it."""
+    with pytest.raises(ValueError, match="prune_positions 'compact' is not available"):
+        generate(llm, request(keep_ratio=0.25, prune_positions="compact"))
+    original = generate(llm, request(keep_ratio=0.25, prune_positions="original"))
+    engine = make_qwen_llm(
+        qwen_model_dir, dtype="bfloat16", mm_processor_kwargs={"prune_positions": "compact"}
+    )
+    try:
+        out = generate(engine, request(keep_ratio=0.25))
+    finally:
+        close_llm(engine)
+    assert out.prompt_token_ids == original.prompt_token_ids
+    assert out.outputs[0].token_ids == original.outputs[0].token_ids
+    for got, want in zip(out.outputs[0].logprobs, original.outputs[0].logprobs):
+        assert {t: lp.logprob for t, lp in got.items()} == pytest.approx(
+            {t: lp.logprob for t, lp in want.items()}, abs=1e-6
+        )
 
 
 def test_video_pruning_stays_off_and_image_pruning_is_refused_beside_it(llm, qwen_model_dir):

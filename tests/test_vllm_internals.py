@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import inspect
 import io
+import math
 import multiprocessing
 import re
 import sys
@@ -26,10 +27,19 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 import vllm
 from vllm.model_executor.models.llava import (
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
+)
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+)
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
 )
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
@@ -85,6 +95,16 @@ OVERRIDDEN = [
         ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"],
     ),
     (LlavaForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+    (
+        LlavaForConditionalGeneration,
+        "embed_input_ids",
+        ["self", "input_ids", "multimodal_embeddings", "is_multimodal"],
+    ),
+    (
+        LlavaForConditionalGeneration,
+        "forward",
+        ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "kwargs"],
+    ),
     (
         Qwen2_5_VLMultiModalProcessor,
         "_get_mm_fields_config",
@@ -144,6 +164,32 @@ OVERRIDDEN = [
         "forward",
         ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "kwargs"],
     ),
+]
+
+# LLaVA-NeXT / OneVision (vllm_plugin/llava_next.py).
+OVERRIDDEN += [
+    (
+        LlavaNextMultiModalProcessor,
+        "_get_mm_fields_config",
+        ["self", "hf_inputs", "hf_processor_mm_kwargs"],
+    ),
+    (
+        LlavaOnevisionMultiModalProcessor,
+        "_get_mm_fields_config",
+        ["self", "hf_inputs", "hf_processor_mm_kwargs"],
+    ),
+    (
+        LlavaOnevisionMultiModalProcessor,
+        "_get_prompt_updates",
+        ["self", "mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"],
+    ),
+    (
+        LlavaOnevisionMultiModalProcessor,
+        "_apply_hf_processor_main",
+        ["self", "mm_items", "hf_kwargs"],
+    ),
+    (LlavaNextForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+    (LlavaOnevisionForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
 ]
 
 
@@ -817,7 +863,7 @@ def test_our_model_classes_are_built_as_vllm_builds_models():
 
 def test_qwen_prompt_updates_count_tokens_from_the_grid():
     """N = grid_thw.prod() // merge**2, one ``PromptReplacement`` per modality with a callable
-    replacement (``pruning._shorten`` wraps it), the HF processor built from the request's
+    replacement (``_pruned_replacement`` wraps it), the HF processor built from the request's
     kwargs (why ours are stripped before the call)."""
     source = inspect.getsource(Qwen2_5_VLMultiModalProcessor._get_prompt_updates)
     _in_order(
@@ -858,6 +904,66 @@ def test_qwen_mrope_positions_read_only_offsets_modalities_and_grids():
             'data["image_grid_thw"].data',
             "yield offset, 1, h // spatial_merge_size, w // spatial_merge_size",
         ],
+    )
+
+
+def test_model_config_hook_switches_llava_to_the_mrope_path(tmp_path):
+    """Original positions for a 1-D family (``vllm_plugin/positions.py``): vLLM's per-architecture
+    hook runs when the ``ModelConfig`` is built and, for a plain rope, turns on ``uses_mrope`` in
+    vLLM's copy of the config only; vLLM then builds ``MRotaryEmbedding``, which with three equal
+    rows is 1-D RoPE; the scheduler keeps a prefix-cached item's ``keep_on_cpu`` fields."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PixtralVisionConfig
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding, get_rope
+    from vllm.model_executor.models import config as model_configs
+    from vllm.multimodal.utils import strip_covered_mm_data
+    from vllm.v1.core.sched.output import NewRequestData
+
+    from lvlm_prune.vllm_plugin import register
+
+    register()
+    _in_order(
+        inspect.getsource(ModelConfig.__post_init__),
+        ["self.hf_config = hf_config", "self._try_verify_and_update_model_config()"],
+    )
+    _in_order(
+        inspect.getsource(ModelConfig._try_verify_and_update_model_config),
+        ["MODELS_CONFIG_MAP.get(architecture, None)", "cls.verify_and_update_model_config(self)"],
+    )
+    hook = model_configs.MODELS_CONFIG_MAP["LlavaForConditionalGeneration"]
+    assert issubclass(hook, model_configs.VerifyAndUpdateConfig)
+
+    small = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    served = {}
+    for name, vision in (("llava", CLIPVisionConfig), ("pixtral", PixtralVisionConfig)):
+        folder = tmp_path / name
+        text = LlamaConfig(**small, vocab_size=320)
+        arch = ["LlavaForConditionalGeneration"]  # as a checkpoint's config.json names it
+        config = LlavaConfig(vision_config=vision(**small), text_config=text, architectures=arch)
+        config.save_pretrained(folder)
+        served[name] = ModelConfig(model=str(folder), skip_tokenizer_init=True)
+        on_disk = LlavaConfig.from_pretrained(folder).text_config.rope_parameters
+        assert "mrope_section" not in on_disk, "the checkpoint is not touched"
+    assert served["llava"].uses_mrope and not served["pixtral"].uses_mrope
+    params = served["llava"].hf_config.get_text_config().rope_parameters
+    assert sum(params["mrope_section"]) == 32 // 2  # head_dim 32: the rotary half
+
+    with set_current_vllm_config(VllmConfig()):
+        mrope = get_rope(32, 256, rope_parameters=params)
+        plain = {k: v for k, v in params.items() if "mrope" not in k}
+        plain = get_rope(32, 256, rope_parameters=plain)
+    assert isinstance(mrope, MRotaryEmbedding) and not isinstance(plain, MRotaryEmbedding)
+    positions = torch.tensor([0, 1, 2, 7, 30, 31, 200])
+    q, k = torch.randn(7, 64), torch.randn(7, 64)
+    q1, k1 = plain.forward_native(positions, q.clone(), k.clone())
+    q3, k3 = mrope.forward_native(positions.expand(3, -1), q.clone(), k.clone())
+    assert torch.equal(q1, q3) and torch.equal(k1, k3)
+
+    assert "uses_mrope=uses_mrope" in inspect.getsource(NewRequestData.from_request)
+    _in_order(
+        inspect.getsource(strip_covered_mm_data),
+        ["if uses_mrope:", "if elem.field.keep_on_cpu"],
     )
 
 
@@ -1063,3 +1169,98 @@ def test_transformers_reference_side():
         "pixel_values",
         "image_grid_thw",
     ]
+
+
+# ---- LLaVA-NeXT / OneVision (vllm_plugin/llava_next.py) -----------------------------------------
+
+
+def _anyres_contexts(tmp_path_factory) -> dict:
+    """vLLM's processing contexts of a small LLaVA-NeXT (CLIP 112 px / 14, llava-v1.6's
+    pinpoints scaled) and LLaVA-OneVision (SigLIP 104 px / 14, every grid up to 6 x 6)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaOnevisionConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from vllm.config import ModelConfig
+
+    small = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    next_grids = [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)]
+    ov_grids = [(r, c) for r in range(1, 7) for c in range(1, 7)]
+    configs = {
+        "next": LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**small, image_size=112, patch_size=14),
+            text_config=LlamaConfig(**small, vocab_size=320),
+            image_grid_pinpoints=[[112 * r, 112 * c] for r, c in next_grids],
+            architectures=["LlavaNextForConditionalGeneration"],
+        ),
+        "onevision": LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**small, image_size=104, patch_size=14),
+            text_config=Qwen2Config(**small, vocab_size=320),
+            image_grid_pinpoints=[[104 * r, 104 * c] for r, c in ov_grids],
+            vision_feature_select_strategy="full",
+            architectures=["LlavaOnevisionForConditionalGeneration"],
+        ),
+    }
+    contexts = {}
+    for name, config in configs.items():
+        folder = tmp_path_factory.mktemp(name)
+        config.save_pretrained(folder)
+        model_config = ModelConfig(model=str(folder), skip_tokenizer_init=True)
+        contexts[name] = InputProcessingContext(model_config=model_config, tokenizer=object())
+    return contexts
+
+
+def test_anyres_rows_are_laid_out_as_our_layout_says(tmp_path_factory):
+    """vLLM's merge puts the base view's rows first, then the crops' rows each closed by the
+    ``image_newline`` row (OneVision: the crops shrunk to anyres_max_9), at the rows
+    ``llava_next.anyres_layout`` computes from the image's size; vLLM's token count N is that
+    layout's; its model reads each image's ``image_sizes``."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    from vllm.model_executor.models.llava_next import LlavaNextProcessingInfo
+    from vllm.model_executor.models.llava_onevision import LlavaOnevisionProcessingInfo
+
+    from lvlm_prune.vllm_plugin.llava_next import ONEVISION_MAX_CROPS, anyres_layout
+
+    contexts = _anyres_contexts(tmp_path_factory)
+    cases = {
+        "next": (LlavaNextProcessingInfo, LlavaNextForConditionalGeneration, None),
+        "onevision": (
+            LlavaOnevisionProcessingInfo,
+            LlavaOnevisionForConditionalGeneration,
+            ONEVISION_MAX_CROPS,
+        ),
+    }
+    sizes = [(112, 112), (300, 120), (120, 300), (208, 208), (600, 400), (97, 333), (1000, 90)]
+    for name, (info_class, model_class, max_crops) in cases.items():
+        info = info_class(contexts[name])
+        config = info.get_hf_config()
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        newline = torch.randn(8)
+        model = SimpleNamespace(config=config, image_newline=newline)
+        for width, height in sizes:
+            layout = anyres_layout(config, height, width, max_crops=max_crops)
+            count = info.get_num_image_tokens(image_width=width, image_height=height)
+            assert count == layout.tokens, (name, width, height)
+            crops = math.prod(
+                get_anyres_image_grid_shape(
+                    (height, width), config.image_grid_pinpoints, config.vision_config.image_size
+                )
+            )
+            patches = torch.randn(1 + crops, side * side, 8)
+            extra = {"image_newline": newline} if max_crops else {}
+            merged = model_class._merge_image_patch_embeddings(
+                model, torch.tensor([height, width]), patches, strategy="spatial_unpad", **extra
+            )
+            assert merged.shape[0] == layout.tokens, (name, width, height)
+            assert torch.equal(merged[: side * side], patches[0])
+            is_newline = (merged == newline).all(dim=-1)
+            assert is_newline.nonzero().flatten().tolist() == layout.newline_rows.tolist()
+            assert torch.equal(layout.content_rows, (~is_newline).nonzero().flatten())
+        source = inspect.getsource(model_class._process_image_input)
+        assert 'image_input.get("image_sizes")' in source and "image_sizes[i]" in source

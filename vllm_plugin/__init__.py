@@ -1,8 +1,10 @@
 """The joint with vLLM: a ``vllm.general_plugins`` entry point and per-family subclasses.
 
 ``register()`` runs in every vLLM process (API server, engine core, workers). It registers lazy
-``"module:Class"`` strings and gives ``EngineCore`` one utility method (the memory trim; every
-patch of vLLM is in ``vllm_internals``), so it imports no CUDA state, and it is idempotent.
+``"module:Class"`` strings, gives ``EngineCore`` one utility method (the memory trim) and our
+classes vLLM's per-architecture config hook (``update_model_config``: original positions for
+the 1-D RoPE families; every patch of vLLM is in ``vllm_internals``), so it imports no CUDA
+state, and it is idempotent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ MODELS = {
     ),
     "Qwen3VLMoeForConditionalGeneration": (
         "lvlm_prune.vllm_plugin.qwen3_vl:Qwen3VLMoePruneForConditionalGeneration"
+    ),
+    "LlavaNextForConditionalGeneration": (
+        "lvlm_prune.vllm_plugin.llava_next:LlavaNextPruneForConditionalGeneration"
+    ),
+    "LlavaOnevisionForConditionalGeneration": (
+        "lvlm_prune.vllm_plugin.llava_next:LlavaOnevisionPruneForConditionalGeneration"
     ),
 }
 
@@ -42,5 +50,6 @@ def register() -> None:
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
     vllm_internals.add_engine_core_utilities()
+    vllm_internals.add_model_config_hooks()
     vllm_internals.refuse_pruning_kwargs_on_unpruned_models()
     _registered = True

@@ -2,8 +2,13 @@
 
 The pruning itself is the shared mixins' (``processing/processor.py``, ``worker/model.py``); LLaVA
 supplies N per image (one fixed size: CLIP resizes every image) and the ``flow`` method's scout,
-which reruns the first decoder layers of its Llama language model (``flow.py``). LLaVA uses 1-D
-RoPE, so a shorter image run needs no position fix-up.
+which reruns the first decoder layers of its Llama language model (``flow.py``).
+
+Positions: LLaVA's language model uses 1-D RoPE. By default (``positions: "original"``) each
+kept token sits at its unpruned position and the text after the image, and decoding, where they
+are unpruned; ``"compact"`` gives the kept tokens consecutive positions (vLLM's own for the
+shorter prompt). Both come from ``positions.py``'s two mixins, which run LLaVA through vLLM's
+M-RoPE position hook with three identical rows (1-D RoPE exactly; the module says why and how).
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import BaseMultiModalProcessor
 
-from .processing.processor import PruneProcessorMixin
-from .worker.model import PruneModelMixin
+from .positions import OriginalPositionsModelMixin, OriginalPositionsProcessorMixin
 
 
-class LlavaPruneMultiModalProcessor(PruneProcessorMixin, LlavaMultiModalProcessor):
+class LlavaPruneMultiModalProcessor(OriginalPositionsProcessorMixin, LlavaMultiModalProcessor):
     def _placeholder_ids(self) -> set[int]:
         return {self.info.get_hf_config().image_token_index}
 
@@ -79,5 +83,8 @@ def _build_processor(
     info=_build_llava_or_pixtral_hf_info,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class LlavaPruneForConditionalGeneration(PruneModelMixin, LlavaForConditionalGeneration):
-    """``LlavaForConditionalGeneration`` whose image embeddings are pruned to K rows per image."""
+class LlavaPruneForConditionalGeneration(
+    OriginalPositionsModelMixin, LlavaForConditionalGeneration
+):
+    """``LlavaForConditionalGeneration`` whose image embeddings are pruned to K rows per image,
+    each kept row at its original position unless the request asks for compact ones."""

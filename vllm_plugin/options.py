@@ -189,6 +189,8 @@ class ImageInfo(NamedTuple):
     keep: int
     """K, the image's kept token count."""
     query_ids: tuple[int, ...]
+    tokens: int = 0
+    """N, the image's token count before pruning."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +203,11 @@ class ImageField:
     """The image's value; None: the option's value."""
     ragged: bool = False
     """One int64 tensor per image (token ids) rather than one int64 element per image."""
+    integer: bool = False
+    """The value is an int stored as is, not in the option's own encoding (a count)."""
+    keep_on_cpu: bool = False
+    """Kept with the request when the scheduler strips a prefix-cached image's data: a field
+    ``get_mrope_input_positions`` reads (vLLM keeps only such fields for M-RoPE models)."""
 
 
 def _always(opts) -> bool:
@@ -273,6 +280,7 @@ FLOW = "prune_flow"
 PRUNE_LAYER = "prune_layer"
 TAG = "prune_tag"
 QUERY_IDS = "prune_query_ids"
+POSITIONS = "prune_positions"
 
 KEEP_FIELD = "prune_keep"
 QUERY_FIELD = "prune_query_ids"
@@ -282,6 +290,11 @@ SEED_FIELD = "prune_seed"
 DIAGNOSTICS_FIELD = "prune_diagnostics_id"
 FLOW_FIELD = "prune_flow"
 LAYER_FIELD = "prune_layer"
+POSITION_SPAN_FIELD = "prune_position_span"
+"""Positions an image's tokens span in the prompt: N under original positions, K under compact
+(``vllm_plugin/positions.py``)."""
+
+POSITION_RULES = ("original", "compact")
 
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -318,6 +331,27 @@ OPTIONS: tuple[Option, ...] = (
         api="merge",
         hashed=_when_set("merge"),
         field=ImageField(MERGE_FIELD),
+    ),
+    Option(
+        "positions",
+        Choice('"original" or "compact"', choices=POSITION_RULES),
+        "original",
+        "1-D RoPE families (LLaVA): `original` puts each kept token at its unpruned position and "
+        "the text after the image where it is unpruned; `compact` gives the kept tokens "
+        "consecutive positions. M-RoPE families (Qwen) are always original: a request's "
+        "`compact` is refused there, the server-wide value applies to 1-D families only.",
+        kwarg=POSITIONS,
+        api="positions",
+        # Positions move the KV of every later token; with nothing dropped both rules agree.
+        hashed=lambda opts: opts.prunes,
+        field=ImageField(
+            POSITION_SPAN_FIELD,
+            of=lambda opts, image: image.tokens if opts.positions == "original" else image.keep,
+            integer=True,
+            keep_on_cpu=True,
+        ),
+        flag="--prune-positions",
+        default_doc='`"original"` (or the server\'s)',
     ),
     Option(
         "diagnostics",
@@ -422,6 +456,7 @@ OWN_KWARGS = frozenset(BY_KWARG)
 """Everything of ours that must never reach the HF processor."""
 IMAGE_FIELDS = tuple(opt for opt in OPTIONS if opt.field)
 FIELDS = tuple(opt.field.name for opt in IMAGE_FIELDS)
+CPU_FIELDS = frozenset(opt.field.name for opt in IMAGE_FIELDS if opt.field.keep_on_cpu)
 FLAGS = tuple(opt for opt in OPTIONS if opt.flag)
 
 CHECKPOINT_DEFAULTS = "lvlm_prune"
@@ -596,7 +631,7 @@ def image_fields(opts: PruneOptions, images: Sequence[ImageInfo]) -> dict[str, o
         if spec.ragged:
             out[spec.name] = [torch.tensor(v, dtype=torch.int64) for v in values]
         else:
-            kind = opt.kind or Kind("")
+            kind = opt.kind if opt.kind and not spec.integer else Kind("")
             out[spec.name] = torch.tensor([kind.encode(v) for v in values], dtype=torch.int64)
     return out
 
@@ -615,7 +650,7 @@ def read_image_fields(kwargs: dict[str, object]) -> dict[str, list] | None:
             # Batched fields of equal shape arrive stacked [B, T]; of different T, as a list.
             out[opt.field.name] = [t.reshape(-1) for t in field]
         else:
-            kind = opt.kind or Kind("")
+            kind = opt.kind if opt.kind and not opt.field.integer else Kind("")
             out[opt.field.name] = [kind.decode(x) for x in _elements(field)]
     return out
 

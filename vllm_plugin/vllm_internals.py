@@ -231,6 +231,39 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "Qwen2.5-VL inherits vLLM's declaration (video EVS), LLaVA has none; the runner turns it "
         "on only with video pruning (this module's docstring says why we declare nothing)",
     ),
+    # ---- original positions for 1-D RoPE families (positions.py) ----------------------------
+    TouchPoint(
+        PATCH,
+        "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
+        "lvlm_prune.vllm_plugin.vllm_internals:add_model_config_hooks",
+        ("test_model_config_hook_switches_llava_to_the_mrope_path",),
+        "ModelConfig.__post_init__ runs MODELS_CONFIG_MAP[architecture]"
+        ".verify_and_update_model_config(model_config) before uses_mrope is read; our entry "
+        "keeps vLLM's own hook",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.transformers_utils.config:uses_mrope",
+        "lvlm_prune.vllm_plugin.positions:switch_on_original_positions",
+        ("test_model_config_hook_switches_llava_to_the_mrope_path",),
+        "mrope_section in the text config's rope_parameters turns on uses_mrope, and get_rope "
+        "builds MRotaryEmbedding for it (rope_type default); three equal rows give 1-D RoPE",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.multimodal.utils:strip_covered_mm_data",
+        "lvlm_prune.vllm_plugin.positions:position_span",
+        ("test_model_config_hook_switches_llava_to_the_mrope_path",),
+        "a prefix-cached item of an M-RoPE model keeps its keep_on_cpu fields (our span)",
+    ),
+    _override(
+        "vllm.model_executor.models.llava:LlavaForConditionalGeneration.embed_input_ids",
+        "lvlm_prune.vllm_plugin.positions:PositionCarrierMixin.embed_input_ids",
+    ),
+    _override(
+        "vllm.model_executor.models.llava:LlavaForConditionalGeneration.forward",
+        "lvlm_prune.vllm_plugin.positions:PositionCarrierMixin.forward",
+    ),
     # ---- Qwen2.5-VL's M-RoPE machinery (qwen2_5_vl.py relies on vLLM's runner) --------------
     TouchPoint(
         PRIVATE_READ,
@@ -357,10 +390,97 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         ("test_what_the_flow_pass_reads_of_vllm",),
         "the TP collectives, Worker.get_model, MultiModalInput.prompt_token_ids, embed_input_ids",
     ),
+    # ---- LLaVA-NeXT / OneVision (llava_next.py) -----------------------------------------------
+    *(
+        _override(f"vllm.model_executor.models.{module}.{name}", f"{_PROCESSOR}.{name}")
+        for module, name in (
+            ("llava_next:LlavaNextMultiModalProcessor", "_get_mm_fields_config"),
+            ("llava_onevision:LlavaOnevisionMultiModalProcessor", "_get_mm_fields_config"),
+            ("llava_onevision:LlavaOnevisionMultiModalProcessor", "_get_prompt_updates"),
+        )
+    ),
+    _override(
+        "vllm.model_executor.models.llava_onevision:LlavaOnevisionMultiModalProcessor."
+        "_apply_hf_processor_main",
+        "lvlm_prune.vllm_plugin.llava_next:_OnevisionProcessorWithoutOwnKwargs."
+        "_apply_hf_processor_main",
+    ),
+    *(
+        _override(
+            f"vllm.model_executor.models.{name}.embed_multimodal", f"{_MODEL}.embed_multimodal"
+        )
+        for name in (
+            "llava_next:LlavaNextForConditionalGeneration",
+            "llava_onevision:LlavaOnevisionForConditionalGeneration",
+        )
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration."
+        "_merge_image_patch_embeddings",
+        "lvlm_prune.vllm_plugin.llava_next:anyres_layout",
+        ("test_anyres_rows_are_laid_out_as_our_layout_says",),
+        "per image: the base view's rows, then the crops' rows each closed by image_newline "
+        "(OneVision: shrunk to anyres_max_9), from the image's size; embed_multimodal reads "
+        "image_sizes [B, 2] (height, width)",
+    ),
+    TouchPoint(
+        PRIVATE_READ,
+        "vllm.model_executor.models.llava_next:LlavaNextProcessingInfo.get_num_image_tokens",
+        "lvlm_prune.vllm_plugin.llava_next:AnyResPruneProcessorMixin._budget_tokens",
+        ("test_anyres_rows_are_laid_out_as_our_layout_says",),
+        "N = the layout's rows, for NeXT's and OneVision's counts; the prompt updates replace "
+        "each <image> with N image tokens",
+    ),
 )
 
 
 # ---- patches ----------------------------------------------------------------------------------
+
+
+def add_model_config_hooks() -> None:
+    """Let our model classes adjust vLLM's in-memory model config when it is built
+    (``vllm_plugin.register()``, every process, before any engine config exists).
+
+    NOTE(vLLM 0.32): ``ModelConfig.__post_init__`` calls ``verify_and_update_model_config`` of
+    ``MODELS_CONFIG_MAP[architecture]`` (``model_executor/models/config.py``), vLLM's own
+    per-architecture hook, once, after the checkpoint's config is read and before anything reads
+    ``uses_mrope``. For each architecture in ``MODELS`` the entry becomes a subclass of vLLM's own
+    (or of ``VerifyAndUpdateConfig``) that runs vLLM's hook, then our class's
+    ``update_model_config(model_config)`` where it has one (``positions.py``: original positions
+    for the 1-D RoPE families switch on vLLM's M-RoPE path). The checkpoint is not touched.
+    """
+    from vllm.model_executor.models import config as model_configs
+
+    from . import MODELS
+
+    for arch, target in MODELS.items():
+        stock = model_configs.MODELS_CONFIG_MAP.get(arch)
+        if getattr(stock, "_lvlm_prune", False):
+            continue
+        model_configs.MODELS_CONFIG_MAP[arch] = _model_config_hook(
+            target, stock or model_configs.VerifyAndUpdateConfig
+        )
+
+
+def _model_config_hook(target: str, base: type) -> type:
+    def verify_and_update_model_config(model_config) -> None:
+        base.verify_and_update_model_config(model_config)
+        module, _, name = target.partition(":")
+        update = getattr(
+            getattr(importlib.import_module(module), name), "update_model_config", None
+        )
+        if update is not None:
+            update(model_config)
+
+    return type(
+        f"LvlmPrune{base.__name__}",
+        (base,),
+        {
+            "_lvlm_prune": True,
+            "verify_and_update_model_config": staticmethod(verify_and_update_model_config),
+        },
+    )
 
 
 def add_engine_core_utilities() -> None:

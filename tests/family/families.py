@@ -11,6 +11,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import hf_reference
+import torch
+
+from lvlm_prune.kernels import keep_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,11 +21,30 @@ class ImageCase:
     """An image size the family's processor handles, and the token grid it must give."""
 
     size: tuple[int, int]  # (width, height) px
-    grid: tuple[int, int]  # (rows, cols) of image tokens
+    grid: tuple[int, int]  # (rows, cols) of image tokens (AnyRes: of the base view)
+    crops: tuple[int, int] | None = None
+    """AnyRes (LLaVA-NeXT): (rows, cols) of the crops' features after the base view, each row
+    closed by a newline token that does not compete in the selection."""
 
     @property
     def tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """N, the image's placeholders unpruned."""
+        crops = 0 if self.crops is None else self.crops[0] * (self.crops[1] + 1)
+        return self.grid[0] * self.grid[1] + crops
+
+    @property
+    def competing(self) -> torch.Tensor:
+        """The rows that compete in the selection (all but AnyRes' newline rows), ascending."""
+        rows = torch.ones(self.tokens, dtype=torch.bool)
+        if self.crops is not None:
+            base, (crop_rows, cols) = self.grid[0] * self.grid[1], self.crops
+            rows[base + cols :: cols + 1] = False
+            assert int((~rows).sum()) == crop_rows
+        return rows.nonzero().flatten()
+
+    def keep(self, ratio: float) -> int:
+        """K at ``ratio``: every row unpruned, else keep_count of the competing rows."""
+        return self.tokens if ratio >= 1.0 else keep_count(len(self.competing), ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +70,9 @@ class Family:
     """Whether the ``flow`` method and flow diagnostics are served (else refused by name)."""
     engine_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
     """Engine options beyond ``helpers.make_llm``'s."""
+    prefix_ratio: float = 0.25
+    """The keep ratio of the prefix-cache test on ``large``: its prompt must fill a 128-token
+    block (LLaVA-NeXT's largest tiny image does at 0.5, not at 0.25)."""
 
     def __str__(self) -> str:
         return self.name
@@ -75,7 +100,8 @@ LLAVA = Family(
     # CLIP resizes and crops every image to 336 px: two different images, one grid.
     images=(ImageCase((336, 336), (24, 24)), ImageCase((448, 336), (24, 24))),
     large=ImageCase((336, 336), (24, 24)),
-    positions="1-D RoPE, compact: kept rows take consecutive positions",
+    positions="1-D RoPE, original by default: each kept token at its unpruned position, the "
+    "text after the image where it is unpruned (compact per request: tests/test_llava_positions.py)",
     flow=True,
 )
 
@@ -122,6 +148,45 @@ QWEN3_VL_MOE = dataclasses.replace(
     reference=hf_reference.Qwen3VLMoeReference,
 )
 
-FAMILIES = [LLAVA, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE]
+
+def onevision_prompt(question: str, images: int) -> str:
+    return f"<|im_start|>user {'<image>' * images}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# The tiny AnyRes models (lvlm_prune.models.tiny_llava_next): a wide and a tall image, whose crop
+# grids are not square and are transposes of each other's, so a transposed layout fails.
+LLAVA_NEXT = Family(
+    name="llava_next",
+    arch="LlavaNextForConditionalGeneration",
+    model_dir_fixture="llava_next_model_dir",
+    serve_name="next-tiny",
+    reference=hf_reference.LlavaNextReference,
+    prompt=llava_prompt,
+    # 112 px CLIP / 14: an 8 x 8 base view; 300 x 120 px takes 1 x 3 crops, 8 x 20 unpadded.
+    images=(ImageCase((300, 120), (8, 8), (8, 20)), ImageCase((120, 300), (8, 8), (20, 8))),
+    large=ImageCase((208, 208), (8, 8), (16, 16)),
+    positions="1-D RoPE, compact: kept rows take consecutive positions; newline rows dropped "
+    "when pruned",
+    flow=True,
+    prefix_ratio=0.5,
+)
+
+LLAVA_ONEVISION = Family(
+    name="llava_onevision",
+    arch="LlavaOnevisionForConditionalGeneration",
+    model_dir_fixture="onevision_model_dir",
+    serve_name="onevision-tiny",
+    reference=hf_reference.LlavaOnevisionReference,
+    prompt=onevision_prompt,
+    # 104 px SigLIP / 14: a 7 x 7 base view; the large one's 21 x 29 crop features are shrunk
+    # to 17 x 24 (anyres_max_9).
+    images=(ImageCase((300, 120), (7, 7), (8, 21)), ImageCase((120, 300), (7, 7), (21, 8))),
+    large=ImageCase((420, 300), (7, 7), (17, 24)),
+    positions="1-D RoPE, compact, as LLaVA-NeXT's",
+    # flow.MODEL_TYPES has no plain Qwen2 language model: flow refused by name.
+    engine_kwargs={"limit_mm_per_prompt": {"image": 2, "video": 0}},
+)
+
+FAMILIES = [LLAVA, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, LLAVA_NEXT, LLAVA_ONEVISION]
 WITH_FLOW = [f for f in FAMILIES if f.flow]
 WITHOUT_FLOW = [f for f in FAMILIES if not f.flow]

@@ -10,7 +10,6 @@ from helpers import PositionsSeen, close_llm, make_llm
 from hf_reference import reference
 
 from family.suite import FamilyEngine
-from lvlm_prune.kernels import keep_count
 
 CHUNK = 8
 
@@ -31,7 +30,7 @@ def test_chunked_prefill_splits_an_image_and_keeps_every_position(engine):
     """8-token chunks: the pruned image's rows span several chunks; each chunk's rows are the
     right ones at their own positions, so the whole prompt sees the reference's positions, ids
     and logprobs."""
-    k = keep_count(engine.family.images[0].tokens, 0.25)
+    k = engine.family.images[0].keep(0.25)
     assert k > CHUNK, "the image must span chunks"
     seen = PositionsSeen(engine.llm)
     try:

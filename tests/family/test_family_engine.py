@@ -15,7 +15,6 @@ from hf_reference import LOGPROB_ATOL, max_logprob_diff, max_logprob_diff_betwee
 
 from family.families import WITHOUT_FLOW
 from family.suite import OTHER_QUESTION, QUESTION, SAMPLING, FamilyEngine
-from lvlm_prune.kernels import keep_count
 from lvlm_prune.kernels.selection import uniform_indices
 
 
@@ -61,7 +60,7 @@ def test_pruned_prompt_takes_the_references_rows_at_the_references_positions(eng
     """N - K tokens shorter; the kept indices, the positions the language model receives (prompt
     and decode), ids and logprobs all equal the reference's."""
     case = engine.family.images[0]
-    k = keep_count(case.tokens, ratio)
+    k = case.keep(ratio)
     full = engine.generate(engine.request())
     diag_id = engine.diagnostics_id()
     seen = PositionsSeen(engine.llm)
@@ -89,7 +88,7 @@ def test_pruned_prompt_takes_the_references_rows_at_the_references_positions(eng
 
 def test_other_rows_or_the_right_rows_out_of_order_miss_the_tolerance(engine):
     """Negative control of the comparison itself."""
-    k = keep_count(engine.family.images[0].tokens, 0.25)
+    k = engine.family.images[0].keep(0.25)
     out = engine.generate(engine.request(keep_ratio=0.25))
     want = engine.expected(out, k=k)
     uniform = engine.expected(out, k=k, method="uniform")
@@ -102,7 +101,7 @@ def test_other_rows_or_the_right_rows_out_of_order_miss_the_tolerance(engine):
 def test_wrong_positions_miss_the_tolerance(engine):
     """Negative control of the position rule: the right rows at the positions of another
     plausible rule (``Reference.wrong_positions``) miss the tolerance."""
-    k = keep_count(engine.family.images[0].tokens, 0.25)
+    k = engine.family.images[0].keep(0.25)
     out = engine.generate(engine.request(keep_ratio=0.25))
     want = engine.expected(out, k=k)
     wrong = engine.ref.wrong_positions(out.prompt_token_ids, want.grids, want.kept)
@@ -116,7 +115,7 @@ def test_wrong_positions_miss_the_tolerance(engine):
 
 def test_two_images_of_different_sizes_each_pruned_by_its_own_k(engine):
     images = list(zip((10, 11), engine.family.images))  # seeds no other test sends
-    ks = [keep_count(case.tokens, 0.25) for _, case in images]
+    ks = [case.keep(0.25) for _, case in images]
     full = engine.generate(engine.request(images=images))
     seen = PositionsSeen(engine.llm)
     try:
@@ -152,16 +151,16 @@ def test_a_batch_mixing_pruned_and_unpruned_requests(engine):
         seen.close()
     assert seen.calls[0].shape[-1] == sum(len(o.prompt_token_ids) for o in outs), "one step"
     for out, (images, _, ratio) in zip(outs, cases):
-        ks = [keep_count(case.tokens, ratio) for _, case in images]
+        ks = [case.keep(ratio) for _, case in images]
         engine.assert_matches(out, engine.expected(out, images, k=ks))
 
 
 def test_prefix_cache_never_hands_one_question_the_other_questions_selection(engine):
-    images = [(0, engine.family.large)]
-    k = keep_count(engine.family.large.tokens, 0.25)
+    images, ratio = [(0, engine.family.large)], engine.family.prefix_ratio
+    k = engine.family.large.keep(ratio)
     outs = {}
     for question in (QUESTION, OTHER_QUESTION, QUESTION):
-        req = engine.request(question, images, keep_ratio=0.25)
+        req = engine.request(question, images, keep_ratio=ratio)
         outs.setdefault(question, []).append(engine.generate(req))
     kept = {}
     for question, (out, *_) in outs.items():
@@ -180,7 +179,7 @@ def test_a_prefix_hit_inside_an_image_leaves_the_rest_of_it_at_its_positions(eng
     before from the prefix cache and computes the rest, starting inside the image (whose
     encoder runs again and must select the same rows), every row at its own position."""
     images = [(2, engine.family.large)]
-    k = keep_count(engine.family.large.tokens, 0.5)
+    k = engine.family.large.keep(0.5)
     first = engine.generate(engine.request(images=images, keep_ratio=0.5))
     seen = PositionsSeen(engine.llm)
     try:
@@ -207,9 +206,7 @@ def test_request_counts_per_image_for_the_server(engine):
     for _ in range(2):
         LEDGER.expect(tag)
         engine.generate(engine.request(images=images, keep_ratio=0.25, prune_tag=tag))
-        assert LEDGER.pop(tag).per_image == [
-            (case.tokens, keep_count(case.tokens, 0.25)) for _, case in images
-        ]
+        assert LEDGER.pop(tag).per_image == [(case.tokens, case.keep(0.25)) for _, case in images]
 
 
 def test_diagnostics_scores_and_kept_match_the_reference(engine):
@@ -221,21 +218,23 @@ def test_diagnostics_scores_and_kept_match_the_reference(engine):
     assert diag["query_ids"] == q_ids
     assert diag["num_tokens"] == case.tokens
     assert diag["grid"] == list(case.grid)
-    scores = engine.ref.scores(make_image(0, case.size), q_ids)
-    torch.testing.assert_close(torch.tensor(diag["scores"]), scores, atol=1e-5, rtol=1e-5)
-    want = engine.expected(out, k=keep_count(case.tokens, 0.5))
+    scores = engine.ref.scores(make_image(0, case.size), q_ids)  # NaN: rows that do not compete
+    got = torch.tensor([float("nan") if s is None else s for s in diag["scores"]])
+    torch.testing.assert_close(got, scores, atol=1e-5, rtol=1e-5, equal_nan=True)
+    want = engine.expected(out, k=case.keep(0.5))
     assert diag["kept_indices"] == want.kept[0].tolist()
 
 
 def test_uniform_method(engine):
     case = engine.family.images[0]
-    k = keep_count(case.tokens, 0.25)
+    k = case.keep(0.25)
     diag_id = engine.diagnostics_id()
     out = engine.generate(
         engine.request(keep_ratio=0.25, prune_method="uniform", prune_diagnostics=diag_id)
     )
     (diag,) = pop_diagnostics(engine.llm, diag_id)
-    assert diag["kept_indices"] == uniform_indices(case.tokens, k).tolist()
+    competing = case.competing
+    assert diag["kept_indices"] == competing[uniform_indices(len(competing), k)].tolist()
     assert diag["method"] == "uniform"
     engine.assert_matches(out, engine.expected(out, k=k, method="uniform"))
 
@@ -246,4 +245,4 @@ def test_flow_is_refused_with_a_clear_error_and_the_engine_keeps_serving(engine)
     with pytest.raises(ValueError, match="prune_method: information flow supports llama"):
         engine.generate(engine.request(keep_ratio=0.25, prune_method="flow"))
     out = engine.generate(engine.request(keep_ratio=0.25))
-    assert engine.image_token_count(out) == keep_count(engine.family.images[0].tokens, 0.25)
+    assert engine.image_token_count(out) == engine.family.images[0].keep(0.25)

@@ -61,6 +61,29 @@ def test_server_default_and_per_request_ratio(client):
     assert pruning_of(full)["image_tokens_after"] == N
 
 
+def test_positions_original_by_default_and_compact_on_request(client):
+    """Same kept rows, same prompt length; the positions alone move the logprobs."""
+
+    def first_logprob(pruning):
+        response = client.chat.completions.create(
+            model=MODEL,
+            messages=messages(),
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            extra_body={"pruning": pruning},
+        )
+        assert pruning_of(response)["image_tokens_after"] == 144
+        return response.usage.prompt_tokens, response.choices[0].logprobs.content[0].logprob
+
+    quarter = {"keep_ratio": 0.25, "method": "uniform"}
+    tokens, default = first_logprob(quarter)
+    assert first_logprob({**quarter, "positions": "original"}) == (tokens, default)
+    compact_tokens, compact = first_logprob({**quarter, "positions": "compact"})
+    assert compact_tokens == tokens
+    assert abs(compact - default) > 2e-3
+
+
 def test_raw_mm_processor_kwargs_still_work(client):
     response = chat(client, mm_processor_kwargs={"keep_ratio": 0.25})
     assert pruning_of(response)["image_tokens_after"] == 144
@@ -146,6 +169,7 @@ BAD = {
     "keep_ratio 1.5": (good_body(pruning={"keep_ratio": 1.5}), "pruning.keep_ratio"),
     "keep_ratio abc": (good_body(pruning={"keep_ratio": "abc"}), "pruning.keep_ratio"),
     "unknown method": (good_body(pruning={"method": "best"}), "pruning.method"),
+    "unknown positions": (good_body(pruning={"positions": "sideways"}), "pruning.positions"),
     "diagnostics wrong type": (good_body(pruning={"diagnostics": "yes"}), "pruning.diagnostics"),
     "diagnostics number": (good_body(pruning={"diagnostics": 5}), "pruning.diagnostics"),
     "unknown pruning key": (good_body(pruning={"keep": 0.5}), "pruning.keep"),

@@ -20,7 +20,6 @@ from helpers import data_url, make_image
 from hf_reference import reference
 from PIL import Image
 
-from lvlm_prune.kernels import keep_count
 from server_api.serving import API_KEY, serve
 
 QUESTION = "What color is the car parked beside the tree?"
@@ -87,7 +86,7 @@ def test_diagnostics_follow_the_images_grid_and_match_the_reference(
 ):
     images = [(seed, family.images[0])]
     case = family.images[0]
-    k = keep_count(case.tokens, ratio)
+    k = case.keep(ratio)
     stock = chat(family_client, family, images, pruning={"keep_ratio": 1.0})
     pruned = chat(family_client, family, images, pruning={"keep_ratio": ratio, "diagnostics": True})
     # The counts are the prompt: usage moves by exactly the tokens pruned.
@@ -97,13 +96,18 @@ def test_diagnostics_follow_the_images_grid_and_match_the_reference(
     (image,) = info["per_image"]
     rows, cols = case.grid
     assert image["grid"] == [rows, cols]
-    assert len(image["scores"]) == rows and all(len(row) == cols for row in image["scores"])
+    if case.crops is None:
+        assert len(image["scores"]) == rows and all(len(row) == cols for row in image["scores"])
+        got = torch.tensor(image["scores"]).flatten()
+    else:  # AnyRes: the grid is the base view's; scores flat over all N rows, null: newline
+        base = rows * cols
+        assert [v["offset"] for v in image["views"]] == [0, base]
+        assert [v["grid"] for v in image["views"]] == [[rows, cols], list(case.crops)]
+        got = torch.tensor([float("nan") if s is None else s for s in image["scores"]])
     q_ids = ref.encode(QUESTION)
     assert ref.image_token_id not in q_ids
     scores = ref.scores(make_image(seed, case.size), q_ids)
-    torch.testing.assert_close(
-        torch.tensor(image["scores"]).flatten(), scores, atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(got, scores, atol=1e-4, rtol=1e-4, equal_nan=True)
     assert image["kept_indices"] == ref.kept(make_image(seed, case.size), q_ids, k).tolist()
     assert image["method"] == "simignore" and "heatmap_png" not in image
     top = image["top_query_tokens"]
@@ -118,7 +122,7 @@ def test_two_images_of_different_sizes_each_with_diagnostics(family, family_clie
         family_client, family, images, pruning={"keep_ratio": 0.25, "diagnostics": True}
     )
     info = pruning_of(response)
-    ks = [keep_count(case.tokens, 0.25) for _, case in images]
+    ks = [case.keep(0.25) for _, case in images]
     assert info["image_tokens_before"] == sum(case.tokens for _, case in images)
     assert info["image_tokens_after"] == sum(ks)
     q_ids = ref.encode(QUESTION)
@@ -138,7 +142,7 @@ def test_heatmap_is_a_png_with_the_images_aspect(family, family_client):
     side = max(rows, cols)
     assert png.format == "PNG"
     assert png.size == (round(HEATMAP_PX * cols / side), round(HEATMAP_PX * rows / side))
-    assert len(image["kept_indices"]) == keep_count(case.tokens, 0.25)
+    assert len(image["kept_indices"]) == case.keep(0.25)
 
 
 @pytest.mark.parametrize("family", WITHOUT_FLOW, indirect=True, ids=str)
@@ -160,4 +164,4 @@ def test_flow_is_refused_where_the_family_has_none(family, family_client, extra_
     assert err.value.body["param"] == param
     assert "information flow supports llama" in err.value.body["message"]
     response = chat(family_client, family, images, pruning={"keep_ratio": 0.25})
-    assert pruning_of(response)["image_tokens_after"] == keep_count(family.images[0].tokens, 0.25)
+    assert pruning_of(response)["image_tokens_after"] == family.images[0].keep(0.25)

@@ -106,7 +106,7 @@ def test_flow_through_the_openai_client_matches_transformers(
     ids = prompt_ids(server, 0.25, images)
     assert len(ids) == response.usage.prompt_tokens
     rows = [ref.pruned_rows(tiny_model_dir, make_image(s), k) for s, k in zip(images, kept)]
-    shares, maps = fref.prompt_flow(tiny_model_dir, ids, rows)
+    shares, maps = fref.prompt_flow(tiny_model_dir, ids, rows, kept)
     for got, want in zip(flow["layers"], shares):
         assert [got["system"], got["image"], got["question"]] == pytest.approx(want, abs=1e-4)
     for entry in flow["image_map_layers"]:

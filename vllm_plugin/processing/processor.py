@@ -4,7 +4,8 @@ A family's module (``vllm_plugin/llava.py``, ``vllm_plugin/qwen2_5_vl.py``) subc
 processor with :class:`PruneProcessorMixin` first and supplies only what differs between families:
 how many tokens an image has and which token ids are placeholders.
 
-The mixin decides K = keep_count(N, keep_ratio) per image, emits K placeholders instead of N, and
+The mixin decides K = keep_count(N, keep_ratio) per image (of the N tokens that compete: LLaVA-NeXT
+leaves its newline rows out), emits K placeholders instead of N, and
 hands the model each image's query token ids and the options as per-image fields
 (``options.image_fields``, from the options' declarations). Each image is hashed with the options
 and its own query only, so vLLM's processor, encoder and prefix caches are keyed by that image's
@@ -34,7 +35,7 @@ from vllm.multimodal.processing.processor import MultiModalIsCached
 from lvlm_prune.kernels import keep_count
 
 from .. import options, vllm_internals
-from ..options import FIELDS, ImageInfo, PruneOptions
+from ..options import CPU_FIELDS, FIELDS, ImageInfo, PruneOptions
 from ..worker import flow
 from .accounting import LEDGER, RequestCounts
 
@@ -171,22 +172,25 @@ class PruneProcessorMixin:
         num = len(images)
         query_ids = hf_kwargs.get(options.QUERY_IDS) or [()] * num
         assert len(query_ids) == num, (len(query_ids), num)
-        counts = [
-            keep_count(n, opts.keep_ratio) for n in self._image_token_counts(processed, mm_items)
+        tokens = self._image_token_counts(processed, mm_items)
+        assert len(tokens) == num, (len(tokens), num)
+        images = [
+            ImageInfo(self._kept_count(mm_items, i, n, opts.keep_ratio), tuple(ids), n)
+            for i, (n, ids) in enumerate(zip(tokens, query_ids))
         ]
-        assert len(counts) == num, (len(counts), num)
-        processed.update(
-            options.image_fields(
-                opts, [ImageInfo(k, tuple(ids)) for k, ids in zip(counts, query_ids)]
-            )
-        )
+        processed.update(options.image_fields(opts, images))
         return processed
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        config.update({name: MultiModalFieldConfig.batched("image") for name in FIELDS})
+        config.update(
+            {
+                name: MultiModalFieldConfig.batched("image", keep_on_cpu=name in CPU_FIELDS)
+                for name in FIELDS
+            }
+        )
         return config
 
     def _get_prompt_updates(
@@ -204,8 +208,38 @@ class PruneProcessorMixin:
         if ratio >= 1.0:
             return updates
         return [
-            _shorten(update, ratio) if update.modality == "image" else update for update in updates
+            self._pruned_replacement(update, mm_items, ratio)
+            if update.modality == "image"
+            else update
+            for update in updates
         ]
+
+    def _kept_count(
+        self, mm_items: MultiModalDataItems, item_idx: int, num_tokens: int, ratio: float
+    ) -> int:
+        """K of image ``item_idx`` (N tokens): all N unpruned (newline rows included), else
+        ``keep_count`` of the tokens the budget is taken from (``_budget_tokens``). The one
+        rule, for the placeholders and for the K the model receives."""
+        if ratio >= 1.0:
+            return num_tokens
+        return keep_count(self._budget_tokens(mm_items, item_idx, num_tokens), ratio)
+
+    def _pruned_replacement(
+        self, update: PromptReplacement, mm_items: MultiModalDataItems, ratio: float
+    ) -> PromptReplacement:
+        """vLLM's replacement for an image with K placeholders instead of N: its first K
+        tokens. Right when the replacement is N placeholders; a family whose replacement wraps
+        them in text (``<img>`` ... ``</img>``) overrides this to shorten the placeholders and
+        keep the wrapper."""
+        stock = update.replacement
+
+        def replacement(item_idx: int):
+            tokens = stock(item_idx) if callable(stock) else stock
+            return tokens[: self._kept_count(mm_items, item_idx, len(tokens), ratio)]
+
+        return PromptReplacement(
+            modality=update.modality, target=update.target, replacement=replacement
+        )
 
     @functools.cached_property
     def _checkpoint_defaults(self) -> dict[str, object]:
@@ -236,18 +270,10 @@ class PruneProcessorMixin:
         processor-cache hit, where the HF processor did not run)."""
         raise NotImplementedError
 
+    def _budget_tokens(self, mm_items: MultiModalDataItems, item_idx: int, num_tokens: int) -> int:
+        """How many of image ``item_idx``'s N tokens compete in the selection: the count K is
+        taken from. All N by default; LLaVA-NeXT leaves its newline rows out."""
+        return num_tokens
+
     def _check_options(self, opts: PruneOptions) -> None:
         """Refuse what this family cannot run (``PruneOptionError``, naming the kwarg)."""
-
-
-def _shorten(update: PromptReplacement, ratio: float) -> PromptReplacement:
-    """The same replacement with K = keep_count(N, ratio) placeholders instead of N."""
-    stock = update.replacement
-
-    def replacement(item_idx: int):
-        tokens = stock(item_idx) if callable(stock) else stock
-        return tokens[: keep_count(len(tokens), ratio)]
-
-    return PromptReplacement(
-        modality=update.modality, target=update.target, replacement=replacement
-    )

@@ -44,18 +44,26 @@ class DiagnosticsStore:
         query: torch.Tensor,
         query_ids: torch.Tensor,
         grid: tuple[int, int] | None = None,
+        views: list[dict] | None = None,
     ) -> None:
         """Append one image's selection under the request's diagnostics id; ``grid`` is the
-        image's tokens as (rows, cols), for the heatmap."""
+        image's tokens as (rows, cols), for the heatmap; ``views`` the parts of an image laid
+        out in several grids (LLaVA-NeXT's base view and crops), offsets into its rows. A row
+        that did not compete in the selection has no score (NaN here, None in the entry)."""
+        scores = None
+        if sel.scores is not None:
+            scores = [None if s != s else s for s in sel.scores.float().cpu().tolist()]
         entry = {
             "num_tokens": int(image.shape[0]),
             "grid": None if grid is None else list(grid),
             "kept_indices": sel.kept.tolist(),
-            "scores": None if sel.scores is None else sel.scores.float().cpu().tolist(),
+            "scores": scores,
             "method": sel.method,
             "query_ids": query_ids.tolist(),
             "query_votes": query_votes(image, query, sel.kept),
         }
+        if views is not None:
+            entry["views"] = views
         self._entries.update(diag_id, lambda images: images.append(entry), create=list)
 
     def put_flow(
@@ -89,6 +97,11 @@ class DiagnosticsStore:
             diag_id,
             lambda entry: entry.setdefault("levels", []).append(levels.detach().to("cpu")),
         )
+
+    def put_flow_span(self, diag_id: int, span: int) -> None:
+        """Keep the positions one image spans (1-D families, ``positions.py``), after its
+        ``put_flow``, in the same order."""
+        self._flow.update(diag_id, lambda entry: entry.setdefault("spans", []).append(span))
 
     def pop_flow(self, diag_id: int) -> dict | None:
         return self._flow.pop(diag_id)

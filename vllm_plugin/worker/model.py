@@ -4,11 +4,13 @@ A family's module subclasses vLLM's model class with :class:`PruneModelMixin` fi
 runs the stock vision encoder, then keeps K rows per image with ``select_tokens`` (K was decided by
 the processor half, ``vllm_plugin/processing/processor.py``, and arrives as a per-image field), and
 records diagnostics in the worker's store. A family may supply its own scout scores (the ``flow``
-method), image grids and the embeddings handed back to vLLM (Qwen2.5-VL: M-RoPE offsets).
+method), image grids, the rows that compete in the selection (LLaVA-NeXT: not its newline rows)
+and the embeddings handed back to vLLM (Qwen2.5-VL: M-RoPE offsets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -91,9 +93,19 @@ class PruneModelMixin:
         else:
             queries = [image.new_empty((0, image.shape[1])) for image in images]
         timer = diagnostics.STORE.start_timer(device)
-        scores = self._scout_scores(images, queries, methods, keep, diag_ids, fields)
+        # Unpruned images keep every row (LLaVA-NeXT's newline rows too); the others select
+        # among the rows that compete, and the kept indices come back in the image's own rows.
+        prunable = [
+            None if k >= image.shape[0] else rows
+            for k, image, rows in zip(keep, images, self._prunable_rows(images, kwargs))
+        ]
+        competing = [
+            image if rows is None else image[rows.to(image.device)]
+            for image, rows in zip(images, prunable)
+        ]
+        scores = self._scout_scores(competing, queries, methods, keep, diag_ids, fields)
         selections = select_tokens(
-            images,
+            competing,
             queries,
             keep,
             methods=methods,
@@ -102,15 +114,20 @@ class PruneModelMixin:
             need_scores=any(diag_ids),
             scores=scores,
         )
+        selections = [
+            sel if rows is None else in_image_rows(sel, rows, image.shape[0])
+            for sel, rows, image in zip(selections, prunable, images)
+        ]
         diagnostics.STORE.stop_timer(timer, num_images=len(images))
         flows = fields[FLOW_FIELD]
         grids = self._image_grids(images, kwargs) if any(diag_ids) else [None] * len(images)
-        for b, (sel, diag_id, ids, image, query, grid) in enumerate(
-            zip(selections, diag_ids, query_ids, images, queries, grids)
+        views = self._image_views(images, kwargs) if any(diag_ids) else [None] * len(images)
+        for b, (sel, diag_id, ids, image, query, grid, view) in enumerate(
+            zip(selections, diag_ids, query_ids, images, queries, grids, views)
         ):
             if diag_id:
                 diagnostics.STORE.put(
-                    diag_id, sel, image=image, query=query, query_ids=ids, grid=grid
+                    diag_id, sel, image=image, query=query, query_ids=ids, grid=grid, views=view
                 )
                 if b < len(flows) and flows[b]:
                     diagnostics.STORE.put_flow(diag_id, sel, num_tokens=image.shape[0], grid=grid)
@@ -126,6 +143,22 @@ class PruneModelMixin:
             side = math.isqrt(image.shape[0])
             grids.append((side, side) if side * side == image.shape[0] else None)
         return grids
+
+    def _prunable_rows(
+        self, images: list[torch.Tensor], kwargs: Mapping[str, object]
+    ) -> list[torch.Tensor | None]:
+        """Per image, the indices of the rows that compete in the selection (int64, ascending),
+        None: all of them. Rows left out are dropped when the image prunes and kept when it
+        does not (LLaVA-NeXT's newline rows); K was taken from the competing count."""
+        return [None] * len(images)
+
+    def _image_views(
+        self, images: list[torch.Tensor], kwargs: Mapping[str, object]
+    ) -> list[list[dict] | None]:
+        """Per image, its views for the diagnostics (``{"view", "grid", "offset"}`` each, offsets
+        into the image's rows; LLaVA-NeXT: the base view and the crops), None: one view, the
+        ``grid``."""
+        return [None] * len(images)
 
     def _scout_scores(
         self,
@@ -171,6 +204,17 @@ class PruneModelMixin:
     ) -> MultiModalEmbeddings:
         """What goes back to vLLM for each image: its K kept rows."""
         return [sel.rows for sel in selections]
+
+
+def in_image_rows(sel: Selection, rows: torch.Tensor, num_tokens: int) -> Selection:
+    """A selection made among ``rows`` of an image of ``num_tokens`` rows, told in the image's
+    own rows: the kept indices mapped back, the scores of the rows that did not compete NaN."""
+    rows = rows.to(sel.kept.device)
+    scores = sel.scores
+    if scores is not None:
+        full = scores.new_full((num_tokens,), float("nan"))
+        scores = full.index_copy_(0, rows.to(scores.device), scores)
+    return dataclasses.replace(sel, kept=rows[sel.kept], scores=scores)
 
 
 def refuse_unsupported(model_cls: type, vllm_config) -> None:
