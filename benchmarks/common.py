@@ -56,26 +56,36 @@ class Setting:
 
 @dataclasses.dataclass(frozen=True)
 class Config(Setting):
-    """One pruning setting of an in-process benchmark: keep ratio and method."""
+    """One pruning setting of an in-process benchmark: keep ratio, method and, where a run
+    compares them, the kept tokens' position rule (None: the engine's default)."""
 
     method: str = "simignore"
+    positions: str | None = None
 
     @property
     def name(self) -> str:
-        return "stock" if self.stock else f"{self.method}@{self.keep_ratio:g}"
+        if self.stock:
+            return "stock"
+        rule = f" [{self.positions}]" if self.positions else ""
+        return f"{self.method}@{self.keep_ratio:g}{rule}"
 
     def mm_kwargs(self) -> dict:
         if self.stock:
             return {"keep_ratio": 1.0}
-        return {"keep_ratio": self.keep_ratio, "prune_method": self.method}
+        kwargs = {"keep_ratio": self.keep_ratio, "prune_method": self.method}
+        if self.positions is not None:
+            kwargs["prune_positions"] = self.positions
+        return kwargs
 
 
-def configs_for(ratios: Sequence[float], methods: Sequence[str]) -> list[Config]:
-    """Stock first, then every (ratio, method) below 1.0."""
+def configs_for(
+    ratios: Sequence[float], methods: Sequence[str], positions: Sequence[str | None] = (None,)
+) -> list[Config]:
+    """Stock first, then every (ratio, method, position rule) below 1.0."""
     out = [Config(1.0)]
     for ratio in ratios:
         if ratio < 1.0:
-            out.extend(Config(ratio, method) for method in methods)
+            out.extend(Config(ratio, method, rule) for method in methods for rule in positions)
     return out
 
 
@@ -94,6 +104,9 @@ PROMPTS = {
     # Qwen3-VL's template adds no default system message.
     "qwen3_vl": _QWEN3_VL,
     "qwen3_vl_moe": _QWEN3_VL,
+    # llava-v1.6-vicuna's format, as the built-in NeXT models' template renders it.
+    "llava_next": "USER: <image>\n{question} ASSISTANT:",
+    "llava_onevision": "<|im_start|>user <image>\n{question}<|im_end|>\n<|im_start|>assistant\n",
 }
 """One image and a question in each family's chat format (what its chat template renders)."""
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from lvlm_prune.kernels import PRUNE_METHODS
 
 from . import common
-from .benchmark import Benchmark, Context
+from .benchmark import Benchmark, Context, model_stem
 
 NAME = "fidelity"
 LETTERS = "ABCDEFGH"
@@ -84,6 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="ShapesVQA model: seed of the question draw (default: a fresh one, recorded)",
+    )
+    parser.add_argument(
+        "--positions",
+        nargs="+",
+        choices=("original", "compact"),
+        default=None,
+        help="ShapesVQA model: run every pruned setting with each of these kept-token position "
+        "rules (prune_positions) side by side; results in fidelity-MODEL-positions (default: the "
+        "engine's default rule only)",
     )
 
 
@@ -351,13 +360,16 @@ class ShapesConfig:
     method: str | None = None  # None: stock
     merge: bool = False
     prune_layer: int | None = None  # flow: the scout's depth (None: the model's default)
+    positions: str | None = None  # the kept tokens' positions (None: the engine's default)
 
     @property
     def spec(self) -> str:
-        """The method as ``--methods`` names it (``simignore+merge``, ``flow/2``, ...)."""
+        """The method as ``--methods`` names it (``simignore+merge``, ``flow/2``, ...), and the
+        position rule where ``--positions`` set one (``simignore [compact]``)."""
         merge = "+merge" if self.merge else ""
         layer = f"/{self.prune_layer}" if self.prune_layer is not None else ""
-        return f"{self.method}{merge}{layer}"
+        positions = f" [{self.positions}]" if self.positions else ""
+        return f"{self.method}{merge}{layer}{positions}"
 
     @property
     def name(self) -> str:
@@ -377,12 +389,14 @@ class ShapesConfig:
         }
         if self.prune_layer is not None:
             kwargs["prune_layer"] = self.prune_layer
+        if self.positions is not None:
+            kwargs["prune_positions"] = self.positions
         if diag_id is not None:
             kwargs["prune_diagnostics"] = diag_id
         return kwargs
 
 
-def shapes_configs(ratios, methods) -> list[ShapesConfig]:
+def shapes_configs(ratios, methods, positions=(None,)) -> list[ShapesConfig]:
     out = [ShapesConfig(1.0)]
     for ratio in ratios:
         if ratio >= 1.0:
@@ -396,7 +410,10 @@ def shapes_configs(ratios, methods) -> list[ShapesConfig]:
                 or (layer and (base != "flow" or not layer.isdigit()))
             ):
                 raise SystemExit(f"unknown method {method!r}: use one of {list(SHAPES_METHODS)}")
-            out.append(ShapesConfig(ratio, base, merge == "merge", int(layer) if layer else None))
+            out.extend(
+                ShapesConfig(ratio, base, merge == "merge", int(layer) if layer else None, rule)
+                for rule in positions
+            )
     return out
 
 
@@ -410,7 +427,9 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
     items = scenes.sample(seed, n, per_type=True)
     images = [scene.image() for scene, _ in items]
     patches = [scene.object_patches() for scene, _ in items]
-    configs = shapes_configs(args.ratios or SHAPES_RATIOS, args.methods or SHAPES_METHODS)
+    configs = shapes_configs(
+        args.ratios or SHAPES_RATIOS, args.methods or SHAPES_METHODS, args.positions or (None,)
+    )
     # The control: every question asked about the next item's image (another scene).
     runs = [(c.name, c, images) for c in configs]
     runs.append(("mismatched image", ShapesConfig(1.0), images[1:] + images[:1]))
@@ -502,6 +521,7 @@ def _shapes_rows(runs, items, patches, predictions: dict, kept: dict) -> list[di
             "method": config.method,
             "merge": config.merge,
             "spec": config.spec if config.method else None,
+            "positions": config.positions,
             "n": n,
             **_proportion("accuracy", correct),
             **_proportion("agreement_with_stock", agree),
@@ -564,7 +584,7 @@ def shapes_headline(result: dict) -> list[str]:
     lines = []
     specs = {r["spec"] for r in result["rows"] if r["method"]}
     order = {spec: i for i, spec in enumerate(SHAPES_METHODS)}
-    for label in sorted(specs, key=lambda s: (order.get(s, len(order)), s)):
+    for label in sorted(specs, key=lambda s: (order.get(s.split(" [")[0], len(order)), s)):
         parts = []
         for ratio in (0.11, 0.05):
             row = rows.get(f"{label}@{ratio:g}")
@@ -682,4 +702,9 @@ def plot(result: dict, plt):
     return fig
 
 
-BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)
+def stem(args: argparse.Namespace, ctx: Context) -> str:
+    """``fidelity-MODEL``, ``-positions`` when ``--positions`` compares position rules."""
+    return model_stem(args, ctx) + ("-positions" if args.positions else "")
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot, stem=stem)

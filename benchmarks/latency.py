@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from . import common
-from .benchmark import Benchmark, Context
+from .benchmark import Benchmark, Context, model_stem
 
 NAME = "latency"
 
@@ -26,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=list(common.RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
     parser.add_argument(
+        "--positions",
+        nargs="+",
+        choices=("original", "compact"),
+        default=None,
+        help="run every pruned setting with each of these kept-token position rules "
+        "(prune_positions) side by side; results in latency-MODEL-positions (default: the "
+        "engine's default rule only)",
+    )
+    parser.add_argument(
         "--quiet-below",
         type=float,
         default=0.1,
@@ -35,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> dict:
-    configs = common.configs_for(args.ratios, args.methods)
+    configs = common.configs_for(args.ratios, args.methods, args.positions or (None,))
     samples = _measure(ctx, args, configs)
     return {
         "benchmark": NAME,
@@ -44,6 +53,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             **{k: getattr(args, k) for k in ("repeats", "warmup", "max_tokens")},
             "ratios": args.ratios,
             "methods": args.methods,
+            "positions": args.positions,
             "prefix_caching": False,
             "image_per_request": "fresh random {}x{} image (seeded by round and position)".format(
                 *args.image_size
@@ -106,6 +116,7 @@ def _rows(samples: dict, configs, quiet_below: float) -> list[dict]:
                 "config": config.name,
                 "keep_ratio": config.keep_ratio,
                 "method": None if config.stock else config.method,
+                "positions": config.positions,
                 "prompt_tokens": tokens,
                 "token_bound": tokens / stock_tokens,
                 "ttft": common.summary(s["ttft"]),
@@ -208,10 +219,15 @@ def plot(result: dict, plt):
     stock = rows[0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "ttft", "TTFT"), (axes[1], "e2e", "end-to-end")):
-        for method, marker in (("simignore", "o"), ("uniform", "s"), ("random", "^")):
-            pts = [stock] + [r for r in rows if r["method"] == method]
-            if len(pts) < 2:
+        markers = {"simignore": "o", "uniform": "s", "random": "^"}
+        series = sorted({(r["method"], r.get("positions") or "") for r in rows[1:]})
+        for method, rule in series:
+            if method not in markers:
                 continue
+            pts = [stock] + [
+                r for r in rows[1:] if (r["method"], r.get("positions") or "") == (method, rule)
+            ]
+            label = f"{method} [{rule}]" if rule else method
             xs = [r["keep_ratio"] for r in pts]
             med = [r[key]["median"] * 1e3 for r in pts]
             err = [
@@ -219,9 +235,19 @@ def plot(result: dict, plt):
                 [r[key]["max"] * 1e3 - m for m, r in zip(med, pts)],
             ]
             ax.errorbar(
-                xs, med, yerr=err, marker=marker, capsize=3, label=f"{method} (median, min–max)"
+                xs,
+                med,
+                yerr=err,
+                marker=markers[method],
+                capsize=3,
+                label=f"{label} (median, min–max)",
             )
-        bound = [stock] + [r for r in rows if r["method"] == "simignore"]
+        first_rule = next((rule for method, rule in series if method == "simignore"), "")
+        bound = [stock] + [
+            r
+            for r in rows[1:]
+            if (r["method"], r.get("positions") or "") == ("simignore", first_rule)
+        ]
         ax.plot(
             [r["keep_ratio"] for r in bound],
             [stock[key]["median"] * 1e3 * r["token_bound"] for r in bound],
@@ -238,4 +264,9 @@ def plot(result: dict, plt):
     return fig
 
 
-BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot)
+def stem(args: argparse.Namespace, ctx: Context) -> str:
+    """``latency-MODEL[-WxH]``, ``-positions`` when ``--positions`` compares position rules."""
+    return model_stem(args, ctx) + ("-positions" if args.positions else "")
+
+
+BENCHMARK = Benchmark(NAME, __doc__, add_arguments, run, markdown, plot, stem=stem)

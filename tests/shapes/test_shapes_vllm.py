@@ -75,17 +75,31 @@ def test_fidelity_harness_on_the_trained_model(llm, seed, tmp_path):
     from lvlm_prune.benchmarks import fidelity
 
     args = argparse.Namespace(
-        items=24, smoke=True, seed=seed, ratios=[1.0, 0.11], methods=["simignore", "uniform"]
+        items=24,
+        smoke=True,
+        seed=seed,
+        ratios=[1.0, 0.11],
+        methods=["simignore", "uniform"],
+        positions=["original", "compact"],
     )
     result = fidelity.run_shapes(args, llm, "shapes")
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == [
         "stock",
-        "simignore@0.11",
-        "uniform@0.11",
+        "simignore [original]@0.11",
+        "simignore [compact]@0.11",
+        "uniform [original]@0.11",
+        "uniform [compact]@0.11",
         "mismatched image",
         "stock (repeat)",
     ]
+    for method in ("simignore", "uniform"):
+        # The rule moves positions only; the selection is the same.
+        assert rows[f"{method} [original]@0.11"]["object_hit_rate"] == pytest.approx(
+            rows[f"{method} [compact]@0.11"]["object_hit_rate"]
+        )
+    rows["simignore@0.11"] = rows["simignore [original]@0.11"]
+    rows["uniform@0.11"] = rows["uniform [original]@0.11"]
     assert rows["stock (repeat)"]["predictions"] == rows["stock"]["predictions"]
     assert rows["simignore@0.11"]["kept_tokens"] == 64
     # 64 of 576 evenly spaced tokens hold about 11 % of an object; simignore finds the object.
