@@ -18,6 +18,7 @@
     flowSupported: null, // false once the server refused diagnostics "flow"
     result: null, // {pruned, unpruned, images}
     shown: 0, // index of the image drawn in the panels
+    part: 0, // AnyRes (LLaVA-NeXT, OneVision): index of the view drawn (base view, crops)
     grid: null,
     hover: -1,
   };
@@ -262,36 +263,76 @@
 
   // ---- the panels --------------------------------------------------------------------------
 
-  function gridOf(per) {
+  // The panels' grid for one image: its scores on its token grid, or, for an AnyRes image, on one
+  // of its views (the base view, or the crops, whose rows each end with a newline token that has
+  // no score). Ranks count every token of the image that competed in the selection.
+  function gridOf(per, part) {
     if (!per || !per.scores || !per.scores.length) return null;
     let rows;
     let cols;
     let flat;
-    if (Array.isArray(per.scores[0])) {
+    let index = (i) => i; // the view's cell i -> the image's own row index
+    const view = per.views && per.views[part];
+    const all = Array.isArray(per.scores[0]) ? per.scores.flat() : per.scores;
+    if (view) {
+      [rows, cols] = view.grid;
+      const stride = cols + (view.newline ? 1 : 0);
+      index = (i) => view.offset + Math.floor(i / cols) * stride + (i % cols);
+      flat = Array.from({ length: rows * cols }, (_, i) => all[index(i)]);
+    } else if (Array.isArray(per.scores[0])) {
       rows = per.scores.length;
       cols = per.scores[0].length;
-      flat = per.scores.flat();
+      flat = all;
     } else {
-      flat = per.scores;
+      flat = all;
       const side = Math.round(Math.sqrt(flat.length));
       [rows, cols] = per.grid || (side * side === flat.length ? [side, side] : [1, flat.length]);
     }
-    const order = flat.map((_, i) => i).sort((a, b) => flat[b] - flat[a] || a - b);
-    const rank = new Int32Array(flat.length);
-    order.forEach((index, r) => { rank[index] = r + 1; });
+    const scored = (v) => v !== null && v !== undefined;
+    const imageOrder = all.map((_, i) => i).filter((i) => scored(all[i]))
+      .sort((a, b) => all[b] - all[a] || a - b);
+    const imageRank = new Map(imageOrder.map((i, r) => [i, r + 1]));
+    const cells = flat.map((_, i) => i).filter((i) => scored(flat[i]));
+    const order = cells.sort((a, b) => flat[b] - flat[a] || a - b);
+    const rank = new Int32Array(flat.length); // within this grid, for the curve
+    order.forEach((i, r) => { rank[i] = r + 1; });
+    const imageRankOf = (i) => imageRank.get(index(i)) || 0; // within the image, for a patch
     let min = Infinity;
     let max = -Infinity;
     for (const v of flat) {
+      if (!scored(v)) continue;
       min = Math.min(min, v);
       max = Math.max(max, v);
     }
+    const keptRows = new Set(per.kept_indices || []);
+    const kept = new Set(flat.map((_, i) => i).filter((i) => keptRows.has(index(i))));
     return {
-      rows, cols, flat, order, rank, min, max,
-      kept: new Set(per.kept_indices || []),
-      K: per.tokens_after,
-      N: per.tokens_before,
+      rows, cols, flat, order, rank, imageRankOf, min, max, kept,
+      K: view ? kept.size : per.tokens_after,
+      N: view ? order.length : per.tokens_before,
+      ranked: view ? imageOrder.length : per.tokens_before, // what a rank is out of
       onImage: rows > 1,
+      view: view ? view.view : null,
+      squash: Boolean(per.views), // AnyRes views cover the whole image, resized to the tower
     };
+  }
+
+  function renderViewPicker(per) {
+    const picker = $("view-picker");
+    picker.replaceChildren();
+    const views = per.views || [];
+    picker.hidden = views.length < 2;
+    views.forEach((view, i) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = `${view.view === "base" ? "Base view" : "Crops"} ${view.grid[0]}×${view.grid[1]}`;
+      b.setAttribute("aria-pressed", String(i === state.part));
+      b.addEventListener("click", () => {
+        state.part = i;
+        renderDetails();
+      });
+      picker.append(b);
+    });
   }
 
   function renderDetails() {
@@ -314,12 +355,15 @@
       b.setAttribute("aria-pressed", String(i === state.shown));
       b.addEventListener("click", () => {
         state.shown = i;
+        state.part = 0;
         renderDetails();
       });
       picker.append(b);
     });
     const per = perImage[state.shown];
-    state.grid = gridOf(per);
+    if (!per.views || state.part >= per.views.length) state.part = 0;
+    renderViewPicker(per);
+    state.grid = gridOf(per, state.part);
     state.hover = -1;
     drawMap();
     drawCurve(state.grid, p.keep_ratio);
@@ -335,11 +379,16 @@
     return STOPS[lo].map((c, k) => Math.round(c * (1 - f) + STOPS[lo + 1][k] * f));
   }
 
-  // The picture as LLaVA-1.5's processor feeds it: shortest edge resized, centre square.
-  function drawPicture(ctx, img, size) {
+  // The picture as the processor feeds it: LLaVA-1.5's shortest edge resized and centre square;
+  // an AnyRes view (squash) the whole image resized to the square.
+  function drawPicture(ctx, img, size, squash = false) {
     ctx.fillStyle = "#222";
     ctx.fillRect(0, 0, size, size);
     if (!img) return;
+    if (squash) {
+      ctx.drawImage(img, 0, 0, size, size);
+      return;
+    }
     const side = Math.min(img.naturalWidth, img.naturalHeight);
     const sx = (img.naturalWidth - side) / 2;
     const sy = (img.naturalHeight - side) / 2;
@@ -373,13 +422,14 @@
     const view = document.querySelector("input[name=view]:checked").value;
     $("map-title").textContent = view === "mask" ? "Kept / dropped patches" : "Relevance heatmap";
     $("colour-key").hidden = view === "mask";
-    drawPicture(ctx, currentImage(), size);
+    drawPicture(ctx, currentImage(), size, g && g.squash);
     if (!g || !g.onImage) return;
     const span = g.max - g.min || 1;
     if (view === "mask") {
       overlay(ctx, g.rows, g.cols, size, (i) => (g.kept.has(i) ? [0, 0, 0, 0] : [25, 27, 33, 200]));
     } else {
-      overlay(ctx, g.rows, g.cols, size, (i) => [...colour((g.flat[i] - g.min) / span), 160]);
+      overlay(ctx, g.rows, g.cols, size, (i) => (g.flat[i] === null || g.flat[i] === undefined
+        ? [25, 27, 33, 200] : [...colour((g.flat[i] - g.min) / span), 160]));
     }
     if (state.hover >= 0) {
       const pw = size / g.cols;
@@ -397,8 +447,9 @@
     const r = Math.floor(i / g.cols);
     const c = i % g.cols;
     const fate = g.kept.has(i) ? "kept" : "dropped";
-    return `Patch row ${r}, column ${c}: score ${g.flat[i].toFixed(4)}, rank ${g.rank[i]} of ${g.N},`
-      + ` ${fate}`;
+    const where = g.view ? `${g.view === "base" ? "Base view" : "Crops"}, patch` : "Patch";
+    return `${where} row ${r}, column ${c}: score ${g.flat[i].toFixed(4)}, rank ${g.imageRankOf(i)} of`
+      + ` ${g.ranked}, ${fate}`;
   }
 
   function onHover(event) {
@@ -457,7 +508,7 @@
     if (!g) return;
     const box = { l: 52, r: canvas.width - 12, t: 14, b: canvas.height - 34 };
     axes(ctx, box, "rank (1 = most relevant)", "score");
-    const n = g.flat.length;
+    const n = g.order.length; // the scored cells
     const span = g.max - g.min || 1;
     const x = (rank) => box.l + ((rank - 1) / Math.max(n - 1, 1)) * (box.r - box.l);
     const y = (v) => box.b - ((v - g.min) / span) * (box.b - box.t);
@@ -648,7 +699,7 @@
     const canvas = $("flow-map");
     const ctx = canvas.getContext("2d");
     const size = canvas.width;
-    drawPicture(ctx, currentImage(), size);
+    drawPicture(ctx, currentImage(), size, Boolean(state.grid && state.grid.squash));
     const entry = (flow.image_map_layers || [])[Number($("flow-layer").value) || 0];
     const grid = entry && entry.per_image && entry.per_image[state.shown];
     if (!Array.isArray(grid) || !grid.length || !Array.isArray(grid[0])) return;

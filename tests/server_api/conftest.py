@@ -23,3 +23,11 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, headless (``server_api/browser.py``)."""
+    from server_api.browser import launch
+
+    yield from launch()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import openai
 import pytest
@@ -20,10 +21,16 @@ from helpers import data_url, make_image
 from hf_reference import reference
 from PIL import Image
 
+from server_api.browser import ask_in_page, browser_page, png_bytes
 from server_api.serving import API_KEY, serve
 
 QUESTION = "What color is the car parked beside the tree?"
 HEATMAP_PX = 336  # the heatmap's longer side
+ANYRES = [f for f in FAMILIES if f.images[0].crops is not None]
+VIEW_PATCH = re.compile(
+    r"(Base view|Crops), patch row (\d+), column (\d+): score (-?\d+\.\d{4}), rank (\d+) of "
+    r"(\d+), (kept|dropped)"
+)
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=str)
@@ -165,3 +172,60 @@ def test_flow_is_refused_where_the_family_has_none(family, family_client, extra_
     assert "information flow supports llama" in err.value.body["message"]
     response = chat(family_client, family, images, pruning={"keep_ratio": 0.25})
     assert pruning_of(response)["image_tokens_after"] == family.images[0].keep(0.25)
+
+
+@pytest.mark.parametrize("family", ANYRES, indirect=True, ids=str)
+def test_inspector_draws_each_anyres_view_as_the_api_reports_it(family, family_server, browser):
+    """The inspector page of an AnyRes model: one button per view (base view, crops); each view
+    drawn on its own grid, a patch's score, rank and fate the API's for that row of the image."""
+    case = family.images[0]
+    with browser_page(browser, f"{family_server.url}/inspect") as page:
+        ask_in_page(page, QUESTION, key=API_KEY, ratio=0.25, image_size=case.size)
+        assert page.get_attribute("body", "data-state") == "done", page.inner_text("#error")
+        # The request the page made, sent by the test: the same PNG, question and options.
+        url = "data:image/png;base64," + base64.b64encode(png_bytes(0, case.size)).decode()
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": QUESTION},
+        ]
+        api = openai.OpenAI(base_url=f"{family_server.url}/v1", api_key=API_KEY).with_options(
+            max_retries=0, timeout=120
+        )
+        response = api.chat.completions.create(
+            model=f"lvlm-prune-{family.serve_name}",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"pruning": {"keep_ratio": 0.25, "diagnostics": True}},
+        )
+        (image,) = pruning_of(response)["per_image"]
+        views = image["views"]
+        buttons = page.locator("#view-picker button")
+        assert buttons.all_inner_texts() == [
+            f"{'Base view' if v['view'] == 'base' else 'Crops'} {v['grid'][0]}×{v['grid'][1]}"
+            for v in views
+        ]
+        competing = sum(s is not None for s in image["scores"])
+        shots = []
+        for i, view in enumerate(views):
+            buttons.nth(i).click()
+            assert buttons.nth(i).get_attribute("aria-pressed") == "true"
+            shots.append(page.locator("#heatmap").screenshot())
+            rows, cols = view["grid"]
+            stride = cols + (1 if view["newline"] else 0)
+            page.locator("#heatmap").scroll_into_view_if_needed()
+            box = page.locator("#heatmap").bounding_box()
+            for r, c in ((0, 0), (rows - 1, cols // 2), (rows // 2, cols - 1)):
+                page.mouse.move(
+                    box["x"] + (c + 0.5) * box["width"] / cols,
+                    box["y"] + (r + 0.5) * box["height"] / rows,
+                )
+                found = VIEW_PATCH.fullmatch(page.inner_text("#patch-info"))
+                assert found, page.inner_text("#patch-info")
+                row = view["offset"] + r * stride + c
+                assert found[1] == ("Base view" if view["view"] == "base" else "Crops")
+                assert (int(found[2]), int(found[3])) == (r, c)
+                assert float(found[4]) == pytest.approx(image["scores"][row], abs=1e-4)
+                assert int(found[6]) == competing
+                assert found[7] == ("kept" if row in image["kept_indices"] else "dropped")
+        assert shots[0] != shots[1]

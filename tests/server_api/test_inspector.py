@@ -6,7 +6,6 @@ what the API itself returns, and check that the canvases were drawn; never the a
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -18,33 +17,14 @@ from fastapi.testclient import TestClient
 from helpers import data_url, make_image
 
 from lvlm_prune.server import inspector
+from server_api.browser import ANSWER_TIMEOUT_MS, ask_in_page, browser_page
 from server_api.serving import API_KEY, MODEL
 
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium tries to reach the outside at start-up, which a
-# closed network refuses. The browser is Debian's, never a downloaded one.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 QUESTION = "What color is the car parked beside the tree?"
 RATIO = 0.25
-ANSWER_TIMEOUT_MS = 300_000
 PATCH_TEXT = re.compile(
     r"Patch row (\d+), column (\d+): score (-?\d+\.\d{4}), rank (\d+) of (\d+), (kept|dropped)"
 )
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (336, 336)) -> bytes:
-    buf = io.BytesIO()
-    make_image(seed, size=size[0]).resize(size).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def api_chat(server, pruning: dict, images=(0,), key: str | None = API_KEY) -> requests.Response:
@@ -115,48 +95,15 @@ def test_real_server_serves_the_page_without_the_key(server):
 # ---- in the browser ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no {CHROMIUM}: apt-get install chromium (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1200, "height": 1400})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(f"{server.url}/inspect")
-    yield page
-    context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
+    with browser_page(browser, f"{server.url}/inspect") as page:
+        yield page
 
 
 def ask(page, *, key=API_KEY, ratio=RATIO, images=(0,), image_size=(336, 336)):
     """Fill the form as a user would and submit; returns when the page says done or error."""
-    if key:
-        page.fill("#api-key", key)
-    if images:  # else the ones already chosen
-        files = [
-            {"name": f"image{s}.png", "mimeType": "image/png", "buffer": png_bytes(s, image_size)}
-            for s in images
-        ]
-        page.set_input_files("#images", files=files)
-        page.wait_for_selector(f"#thumbs li:nth-child({len(images)}) img")
-    page.fill("#question", QUESTION)
-    page.fill("#keep-ratio", str(ratio))
-    page.fill("#max-tokens", "4")
-    page.click("#run")
-    page.wait_for_selector(
-        "body[data-state=done], body[data-state=error]", state="attached", timeout=ANSWER_TIMEOUT_MS
-    )
+    ask_in_page(page, QUESTION, key=key, ratio=ratio, images=images, image_size=image_size)
 
 
 def distinct_colours(page, canvas_id: str) -> int:
