@@ -97,7 +97,7 @@ def eager_reference(cls: type[ref.Reference], model_dir: str) -> ref.Reference:
 def _text_attentions(family: ref.Reference, ids, image_rows, positions):
     """Per layer [H, L, L] attention of transformers' language model over ``ids`` whose image
     placeholders take ``image_rows`` (in order; Qwen3-VL: full width, the DeepStack levels'
-    columns after the main embedding's) at ``positions`` [3, L]."""
+    columns after the main embedding's) at ``positions`` ([3, L]; [L] for a 1-D family)."""
     ids = torch.as_tensor(list(ids), dtype=torch.int64)
     width = family.model.config.text_config.hidden_size
     embeds = family.embed(ids)
@@ -112,7 +112,7 @@ def _text_attentions(family: ref.Reference, ids, image_rows, positions):
         }
     out = family.model.model.language_model(
         inputs_embeds=embeds[None],
-        position_ids=torch.as_tensor(positions)[:, None],
+        position_ids=torch.as_tensor(positions).unsqueeze(-2),
         attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
         output_attentions=True,
         **extra,
@@ -122,7 +122,8 @@ def _text_attentions(family: ref.Reference, ids, image_rows, positions):
 
 @torch.no_grad()
 def mrope_prompt_flow(family: ref.Reference, prompt_ids, image_rows, positions):
-    """``prompt_flow`` for an M-RoPE family: (shares [layers][3], maps [layers][images])."""
+    """``prompt_flow`` for any family's reference at ``positions`` (M-RoPE [3, L], or [L]):
+    (shares [layers][3], maps [layers][images])."""
     ids = torch.as_tensor(list(prompt_ids))
     image = ids == family.image_token_id
     at = image.nonzero().flatten()

@@ -44,6 +44,11 @@ class Reference:
         """(rows, cols) of the image's tokens (rows x cols = N)."""
         raise NotImplementedError
 
+    def position_grid(self, image) -> Grid:
+        """The grid ``positions`` reads for the image (its ``grids``): the token grid, or (1, N)
+        for a 1-D family whose N is not the grid's (LLaVA-NeXT's AnyRes)."""
+        return self.grid(image)
+
     def positions(
         self, prompt_ids: Sequence[int], grids: Sequence[Grid], kept: Sequence[Sequence[int]]
     ) -> torch.Tensor:
@@ -145,33 +150,11 @@ def _image_spans(prompt_ids, image_token_id: int, kept) -> list[int]:
     return starts
 
 
-class LlavaReference(Reference):
-    """LLaVA-1.5: CLIP resizes every image to one square; 1-D RoPE. By default (``positions:
-    "original"``) kept token j of an image sits at its unpruned position, the text after the
-    image where it is unpruned; ``compact_positions`` is the per-request alternative."""
-
-    @property
-    def model_class(self):
-        from transformers import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration
-
-    @torch.no_grad()
-    def image_features(self, image) -> torch.Tensor:
-        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        feats = self.model.get_image_features(
-            pixel_values=pixels.to(torch.float32),
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-        feats = feats[0] if isinstance(feats, (list, tuple)) else feats
-        return feats.reshape(-1, feats.shape[-1])
-
-    def grid(self, image) -> Grid:
-        vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return side, side
+class OneDReference(Reference):
+    """The 1-D RoPE families' position rules (``vllm_plugin/positions.py``). By default
+    (``positions: "original"``) kept token j of an image sits at its unpruned position, the text
+    after the image where it is unpruned; ``compact_positions`` is the per-request alternative.
+    An image spans grid rows x cols = N positions."""
 
     def positions(self, prompt_ids, grids, kept) -> torch.Tensor:
         return self.original_positions(prompt_ids, grids, kept)
@@ -217,6 +200,33 @@ class LlavaReference(Reference):
             "compact": self.compact_positions(prompt_ids, grids, kept),
             "kept in place, text not moved": text_compact,
         }
+
+
+class LlavaReference(OneDReference):
+    """LLaVA-1.5: CLIP resizes every image to one square; 1-D RoPE."""
+
+    @property
+    def model_class(self):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @torch.no_grad()
+    def image_features(self, image) -> torch.Tensor:
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        feats = self.model.get_image_features(
+            pixel_values=pixels.to(torch.float32),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        feats = feats[0] if isinstance(feats, (list, tuple)) else feats
+        return feats.reshape(-1, feats.shape[-1])
+
+    def grid(self, image) -> Grid:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
 
 
 def mrope_rule_positions(prompt_ids, image_token_id: int, grids, kept) -> torch.Tensor:
@@ -463,10 +473,11 @@ def stock_generate(model_dir: str, prompt: str, images, max_tokens: int):
 # ---- LLaVA-NeXT / LLaVA-OneVision (AnyRes) -----------------------------------------------------
 
 
-class AnyResReference(Reference):
+class AnyResReference(OneDReference):
     """LLaVA-NeXT's AnyRes: an image is a base view (``grid`` is its square) and crops laid out
-    as one grid, each crop row closed by the ``image_newline`` vector; 1-D RoPE, compact
-    positions. ``image_features`` are all N rows in placeholder order, newlines included; only
+    as one grid, each crop row closed by the ``image_newline`` vector; 1-D RoPE, original
+    positions over all N rows (``position_grid`` is (1, N)), so a kept row sits at its index
+    among them, newlines included. ``image_features`` are all N rows in placeholder order; only
     the other rows compete in the selection (found here by value: the newline rows are that
     parameter itself), and kept indices are told in all N rows."""
 
@@ -502,6 +513,9 @@ class AnyResReference(Reference):
         side = vision.image_size // vision.patch_size
         return side, side
 
+    def position_grid(self, image) -> Grid:
+        return 1, self.image_features(image).shape[0]
+
     def scores(self, image, q_ids) -> torch.Tensor:
         """Every row's score, NaN where the row does not compete (a newline)."""
         return super().scores(image, q_ids).masked_fill(self.newline_rows(image), float("nan"))
@@ -521,18 +535,16 @@ class AnyResReference(Reference):
         rows = self.prunable_rows(image)  # the merge folds the competing rows only
         return merge_dropped_ref(feats[rows], torch.searchsorted(rows, kept))
 
-    def positions(self, prompt_ids, grids, kept) -> torch.Tensor:
-        return torch.arange(len(prompt_ids))
-
     def wrong_positions(self, prompt_ids, grids, kept) -> dict[str, torch.Tensor]:
-        """Kept token j at its offset in the unpruned image (kept[j]), the text after it
-        continuing from the last kept token's."""
+        """LLaVA-1.5's wrong rules, and *gapped*: kept token j at its offset in the unpruned
+        image (kept[j]), the text after it continuing from the last kept token's (the newline
+        rows' positions not counted after it)."""
         gapped = torch.arange(len(prompt_ids))
         for start, kept_i in zip(_image_spans(prompt_ids, self.image_token_id, kept), kept):
             k = len(kept_i)
             gapped[start : start + k] += torch.as_tensor(kept_i) - torch.arange(k)
             gapped[start + k :] += int(kept_i[-1]) + 1 - k
-        return {"gapped": gapped}
+        return {**super().wrong_positions(prompt_ids, grids, kept), "gapped": gapped}
 
 
 class LlavaNextReference(AnyResReference):

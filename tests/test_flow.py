@@ -147,12 +147,12 @@ def test_flow_options():
     with pytest.raises(PruneOptionError, match="at most the model's 2 decoder layers, got 3"):
         PruneOptions.from_kwargs({"prune_layer": 3}).check_layers(2)  # every method, as HTTP
     # What the worker could not run is refused in the processor, naming the kwarg.
-    qwen = types.SimpleNamespace(model_type="qwen2", num_hidden_layers=4)
-    flow.check_supported(PruneOptions(), qwen)  # neither flow method nor flow diagnostics
+    gemma = types.SimpleNamespace(model_type="gemma2", num_hidden_layers=4)
+    flow.check_supported(PruneOptions(), gemma)  # neither flow method nor flow diagnostics
     with pytest.raises(PruneOptionError, match="prune_method: information flow supports llama"):
-        flow.check_supported(PruneOptions(method="flow"), qwen)
+        flow.check_supported(PruneOptions(method="flow"), gemma)
     with pytest.raises(PruneOptionError, match="prune_flow: information flow supports"):
-        flow.check_supported(PruneOptions(flow=True, diagnostics_id=1), qwen)
+        flow.check_supported(PruneOptions(flow=True, diagnostics_id=1), gemma)
 
 
 def test_a_checkpoint_declares_its_scout_depth():

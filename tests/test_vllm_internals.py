@@ -190,6 +190,18 @@ OVERRIDDEN += [
     ),
     (LlavaNextForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
     (LlavaOnevisionForConditionalGeneration, "embed_multimodal", ["self", "kwargs"]),
+    *(
+        (model, "embed_input_ids", ["self", "input_ids", "multimodal_embeddings", "is_multimodal"])
+        for model in (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
+    ),
+    *(
+        (
+            model,
+            "forward",
+            ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "kwargs"],
+        )
+        for model in (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
+    ),
 ]
 
 

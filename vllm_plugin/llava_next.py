@@ -21,9 +21,12 @@ The choices, and why:
   the share of its content the ratio says. The base view and the crops compete for the same K
   (the question decides where the tokens go; a floor per view would keep base tokens that
   duplicate the crops' content at a coarser scale); docs/models.md has the measured split.
-- **Positions: compact** (vLLM's stock 1-D positions): the K kept rows take consecutive
-  positions. The kept indices are told in the image's own rows (newlines included), so the
-  original-positions mixin (``vllm_plugin/positions.py``) sees the full layout.
+- **Positions: original by default**, as LLaVA-1.5's (``positions.py``'s two mixins, 1-D RoPE
+  through vLLM's M-RoPE hook): an image spans its N positions, newline rows included, so a kept
+  row sits at base + its index among all N rows and the text after the image where it is
+  unpruned (N - K later than compact); ``positions: "compact"`` per request gives the K kept
+  rows consecutive positions. Llama (NeXT) and Qwen2 (OneVision) have a plain rope, so vLLM's
+  config hook switches both on; a checkpoint with another rope type stays compact.
 - **N of an image sent by uuid only** (a processor-cache hit without the image) is the N counted
   when its hash was processed with the image, kept per hash in this process; LLaVA-1.5's "the
   maximum" fallback would be wrong (N depends on the size), and the cache keeps no size here.
@@ -61,8 +64,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 
 from . import options
 from .bounded import BoundedStore
-from .processing.processor import PruneProcessorMixin
-from .worker.model import PruneModelMixin
+from .positions import OriginalPositionsModelMixin, OriginalPositionsProcessorMixin
 
 _COUNTED: BoundedStore[str, int] = BoundedStore(4096)
 """N of each image hash counted in this process, for the same image sent again by uuid only."""
@@ -131,7 +133,7 @@ def anyres_layout(config, height: int, width: int, *, max_crops: int | None) -> 
 # ---- processor ----------------------------------------------------------------------------------
 
 
-class AnyResPruneProcessorMixin(PruneProcessorMixin):
+class AnyResPruneProcessorMixin(OriginalPositionsProcessorMixin):
     """N per image from vLLM's own count; the budget from its content rows (no newlines)."""
 
     _max_crops: int | None = None
@@ -217,7 +219,7 @@ class LlavaOnevisionPruneMultiModalProcessor(
 # ---- model --------------------------------------------------------------------------------------
 
 
-class AnyResPruneModelMixin(PruneModelMixin):
+class AnyResPruneModelMixin(OriginalPositionsModelMixin):
     """The selection over each image's content rows; diagnostics on the base view's grid, with
     both views (see the module's docstring)."""
 

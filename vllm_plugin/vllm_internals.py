@@ -414,6 +414,19 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
             "llava_onevision:LlavaOnevisionForConditionalGeneration",
         )
     ),
+    # Original positions (positions.py's carrier), as LLaVA-1.5's; OneVision's embed_input_ids
+    # is vLLM's SupportsMultiModal default.
+    *(
+        _override(
+            f"vllm.model_executor.models.{name}.{method}",
+            f"lvlm_prune.vllm_plugin.positions:PositionCarrierMixin.{method}",
+        )
+        for name in (
+            "llava_next:LlavaNextForConditionalGeneration",
+            "llava_onevision:LlavaOnevisionForConditionalGeneration",
+        )
+        for method in ("embed_input_ids", "forward")
+    ),
     TouchPoint(
         PRIVATE_READ,
         "vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration."

@@ -165,8 +165,9 @@ LLAVA_NEXT = Family(
     # 112 px CLIP / 14: an 8 x 8 base view; 300 x 120 px takes 1 x 3 crops, 8 x 20 unpadded.
     images=(ImageCase((300, 120), (8, 8), (8, 20)), ImageCase((120, 300), (8, 8), (20, 8))),
     large=ImageCase((208, 208), (8, 8), (16, 16)),
-    positions="1-D RoPE, compact: kept rows take consecutive positions; newline rows dropped "
-    "when pruned",
+    positions="1-D RoPE, original by default, as LLaVA-1.5's, over all N rows: each kept row at "
+    "its index among them (newline rows included, dropped when pruned), the text after the "
+    "image where it is unpruned (compact per request: tests/test_llava_next.py)",
     flow=True,
     prefix_ratio=0.5,
 )
@@ -182,8 +183,8 @@ LLAVA_ONEVISION = Family(
     # to 17 x 24 (anyres_max_9).
     images=(ImageCase((300, 120), (7, 7), (8, 21)), ImageCase((120, 300), (7, 7), (21, 8))),
     large=ImageCase((420, 300), (7, 7), (17, 24)),
-    positions="1-D RoPE, compact, as LLaVA-NeXT's",
-    # flow.MODEL_TYPES has no plain Qwen2 language model: flow refused by name.
+    positions="1-D RoPE (Qwen2), original by default, as LLaVA-NeXT's",
+    flow=True,
     engine_kwargs={"limit_mm_per_prompt": {"image": 2, "video": 0}},
 )
 

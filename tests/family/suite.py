@@ -30,6 +30,7 @@ class Expected:
     kept: list[torch.Tensor]
     rows: list[torch.Tensor]
     grids: list[tuple[int, int]]
+    """Per image the grid the position rule reads (``Reference.position_grid``)."""
     positions: torch.Tensor
 
 
@@ -79,7 +80,7 @@ class FamilyEngine:
             kept_i = self.ref.kept(image, q_ids, case.tokens if k_i is None else k_i, method)
             kept.append(kept_i)
             rows.append(self.ref.pruned_rows(image, kept_i))
-            grids.append(grid)
+            grids.append(self.ref.position_grid(image))
         positions = self.ref.positions(output.prompt_token_ids, grids, kept)
         return Expected(kept, rows, grids, positions)
 

@@ -22,11 +22,12 @@ Both run on every tensor-parallel rank (``o_proj`` and the MLP all-reduce inside
 sharded, so each rank sums its own heads; ``combine_flow`` (diagnostics) or an all-reduce (scout)
 adds the ranks up and divides by the total number of heads.
 
-What differs between families comes from the model (LLaVA: none of it):
+What differs between families comes from the model:
 
-- positions: 1-D from 0, or M-RoPE's [3, L] (Qwen2.5-VL, Qwen3-VL: each kept image token at its
-  original (t, h, w), the text after an image where it is unpruned), fed to the layer's own
-  ``rotary_emb``. The flow pass asks the model (``flow_inputs``), the scout's caller passes them;
+- positions: the served ones, fed to the layer's own ``rotary_emb``: 1-D (LLaVA-1.5, LLaVA-NeXT,
+  OneVision: original or compact, as the request had them) or M-RoPE's [3, L] (Qwen2.5-VL,
+  Qwen3-VL: each kept image token at its original (t, h, w), the text after an image where it
+  is unpruned). The flow pass asks the model (``flow_inputs``), the scout's caller passes them;
 - DeepStack (Qwen3-VL): level i's rows of the kept image tokens added to the hidden states after
   decoder layer i, at the image's positions, as vLLM's ``Qwen3LLMModel.forward`` adds them;
 - a forward context (``flow_vllm_config``): vLLM's MoE layers find themselves through it.
@@ -44,9 +45,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ("llama", "mistral", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
+MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen2_5_vl_text",
+    "qwen3_vl_text",
+    "qwen3_vl_moe_text",
+)
 """Language models whose vLLM decoder layers have ``LlamaDecoderLayer``'s steps (Llama, Mistral;
-Qwen2 and Qwen3, dense and MoE, as the Qwen-VL families serve them, with M-RoPE): the pass reruns
+Qwen2, plain as LLaVA-OneVision serves it and as Qwen2.5-VL's text model, the same
+``Qwen2DecoderLayer``; Qwen3, dense and MoE, as the Qwen-VL families serve them): the pass reruns
 those steps (pinned in tests/test_vllm_internals.py)."""
 
 MAP_LAYERS = (0, 1, 2)
