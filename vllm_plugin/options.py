@@ -336,7 +336,7 @@ OPTIONS: tuple[Option, ...] = (
         "positions",
         Choice('"original" or "compact"', choices=POSITION_RULES),
         "original",
-        "1-D RoPE families (LLaVA): `original` puts each kept token at its unpruned position and "
+        "1-D RoPE families (LLaVA-1.5, NeXT, OneVision): `original` puts each kept token at its unpruned position and "
         "the text after the image where it is unpruned; `compact` gives the kept tokens "
         "consecutive positions. M-RoPE families (Qwen) are always original: a request's "
         "`compact` is refused there, the server-wide value applies to 1-D families only.",
