@@ -25,9 +25,11 @@ def client(server):
     return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium, headless (``server_api/browser.py``)."""
+    """Debian's Chromium, headless (``server_api/browser.py``). One per module, closed at its end:
+    playwright's sync API keeps an event loop running in the main thread while it lives, and a
+    later module's ``asyncio.run`` would fail."""
     from server_api.browser import launch
 
     yield from launch()
