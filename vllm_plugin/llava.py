@@ -34,7 +34,10 @@ from vllm.multimodal.processing import BaseMultiModalProcessor
 from .positions import OriginalPositionsModelMixin, OriginalPositionsProcessorMixin
 
 
-class LlavaPruneMultiModalProcessor(OriginalPositionsProcessorMixin, LlavaMultiModalProcessor):
+class LlavaPruneProcessorMixin(OriginalPositionsProcessorMixin):
+    """The processor half of the LLaVA line (1.5 here, NeXT / OneVision in ``llava_next.py``): N
+    of an image is vLLM's own count from its size."""
+
     def _placeholder_ids(self) -> set[int]:
         return {self.info.get_hf_config().image_token_index}
 
@@ -63,6 +66,10 @@ class LlavaPruneMultiModalProcessor(OriginalPositionsProcessorMixin, LlavaMultiM
             # resizes every image to one size, so N is the same for all of them.
             return self.info.get_max_image_tokens()
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+
+
+class LlavaPruneMultiModalProcessor(LlavaPruneProcessorMixin, LlavaMultiModalProcessor):
+    pass
 
 
 def _build_processor(

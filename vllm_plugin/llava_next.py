@@ -64,7 +64,8 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 
 from . import options
 from .bounded import BoundedStore
-from .positions import OriginalPositionsModelMixin, OriginalPositionsProcessorMixin
+from .llava import LlavaPruneProcessorMixin
+from .positions import OriginalPositionsModelMixin
 
 _COUNTED: BoundedStore[str, int] = BoundedStore(4096)
 """N of each image hash counted in this process, for the same image sent again by uuid only."""
@@ -133,16 +134,11 @@ def anyres_layout(config, height: int, width: int, *, max_crops: int | None) -> 
 # ---- processor ----------------------------------------------------------------------------------
 
 
-class AnyResPruneProcessorMixin(OriginalPositionsProcessorMixin):
-    """N per image from vLLM's own count; the budget from its content rows (no newlines)."""
+class AnyResPruneProcessorMixin(LlavaPruneProcessorMixin):
+    """N per image from vLLM's own count (as LLaVA-1.5's); the budget from its content rows (no
+    newlines); an image sent by uuid only counted from its hash."""
 
     _max_crops: int | None = None
-
-    def _placeholder_ids(self) -> set[int]:
-        return {self.info.get_hf_config().image_token_index}
-
-    def _image_token_counts(self, processed: BatchFeature, mm_items: MultiModalDataItems):
-        return [self._tokens_of(mm_items, i) for i in range(len(mm_items.get("image")))]
 
     def _num_image_tokens(
         self,
@@ -155,6 +151,7 @@ class AnyResPruneProcessorMixin(OriginalPositionsProcessorMixin):
         key = hashes[item_idx] if item_idx < len(hashes) else None
         images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
         if isinstance(images, ImageEmbeddingItems) or images.get(item_idx) is not None:
+            # With the image: its size (never LLaVA-1.5's one-size fallback, wrong for AnyRes).
             num = self._tokens_of(mm_items, item_idx)
             if key is not None:
                 _COUNTED.put(key, num)
@@ -174,13 +171,6 @@ class AnyResPruneProcessorMixin(OriginalPositionsProcessorMixin):
         if layout is None or layout.tokens != num_tokens:
             return num_tokens  # no known layout: every row competes (as in the worker)
         return num_tokens - layout.rows
-
-    def _tokens_of(self, mm_items: MultiModalDataItems, item_idx: int) -> int:
-        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
-        if isinstance(images, ImageEmbeddingItems):
-            return images.get_feature_size(item_idx)
-        size = images.get_image_size(item_idx)
-        return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
     def _layout(self, mm_items: MultiModalDataItems, item_idx: int) -> AnyResLayout | None:
         images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
