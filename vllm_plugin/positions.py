@@ -320,6 +320,12 @@ def switch_on_original_positions(model_config) -> bool:
     """Make vLLM run this 1-D model through its M-RoPE path (``uses_mrope``), in its in-memory
     config only; whether it now does. Called when the ``ModelConfig`` is built (vLLM's
     per-architecture config hook, ``vllm_internals.add_model_config_hooks``)."""
+    # NOTE(vLLM 0.32): only in an eager engine (--enforce-eager). With torch.compile (vLLM's
+    # default) a LLaVA switched to the M-RoPE path fails its start-up compile
+    # (ConstraintViolationError on inputs_embeds.size()[0]), so a compiled engine stays 1-D and
+    # serves compact positions.
+    if not model_config.enforce_eager:
+        return False
     text_config = model_config.hf_config.get_text_config()
     section = uniform_mrope_section(text_config)
     if section is None:
@@ -379,7 +385,7 @@ class OriginalPositionsProcessorMixin(PruneProcessorMixin):
                 raise PruneOptionError(
                     options.POSITIONS,
                     f"{options.POSITIONS} 'original' is not available for this model's rope "
-                    f"({rope.get('rope_type')!r}); ask for 'compact'",
+                    f"({rope.get('rope_type')!r}) or without --enforce-eager; ask for 'compact'",
                 )
             kwargs = {**inputs.hf_processor_mm_kwargs, options.POSITIONS: "compact"}
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
