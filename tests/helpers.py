@@ -49,13 +49,10 @@ def pop_diagnostics(llm, diag_id: int) -> list[dict]:
 class PositionsSeen:
     """Records the positions the language model receives (in-process engine): [L] for 1-D RoPE,
     [3, L] for M-RoPE, per forward call. A 1-D family served through vLLM's M-RoPE path
-    (``vllm_plugin/positions.py``) receives three rows; they must be equal, and one is kept."""
+    (``vllm_plugin/positions.py``) passes its language model one row of the three."""
 
     def __init__(self, llm) -> None:
-        from lvlm_prune.vllm_plugin.positions import OriginalPositionsModelMixin
-
         (model,) = llm.apply_model(lambda m: m)
-        one_d = isinstance(model, OriginalPositionsModelMixin)
         self._inner = model.language_model.model
         self._forward = self._inner.forward
         signature = inspect.signature(self._forward)
@@ -63,9 +60,6 @@ class PositionsSeen:
 
         def forward(*args, **kwargs):
             positions = signature.bind(*args, **kwargs).arguments["positions"]
-            if one_d and positions.ndim == 2:
-                assert (positions == positions[:1]).all(), "1-D positions in three equal rows"
-                positions = positions[0]
             self.calls.append(positions.clone())
             return self._forward(*args, **kwargs)
 

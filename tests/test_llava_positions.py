@@ -227,12 +227,9 @@ def test_a_rope_left_1d_serves_compact_by_default_and_refuses_an_asked_original(
     config = ModelConfig(
         model=tiny_model_dir,
         hf_overrides={"text_config": {"rope_parameters": LLAMA3_ROPE}},
-        enforce_eager=True,
     )
     assert not config.uses_mrope
-    # A compiled engine (vLLM 0.32's compile fails on the M-RoPE path) stays 1-D too.
-    assert ModelConfig(model=tiny_model_dir, enforce_eager=True).uses_mrope
-    assert not ModelConfig(model=tiny_model_dir, enforce_eager=False).uses_mrope
+    assert ModelConfig(model=tiny_model_dir).uses_mrope, "the default rope takes the path"
     processor = MULTIMODAL_REGISTRY.create_processor(config)
     prompt = processor.info.get_tokenizer().encode(LLAVA.prompt(QUESTION, 1))
 

@@ -971,6 +971,9 @@ def test_model_config_hook_switches_llava_to_the_mrope_path(tmp_path):
     q1, k1 = plain.forward_native(positions, q.clone(), k.clone())
     q3, k3 = mrope.forward_native(positions.expand(3, -1), q.clone(), k.clone())
     assert torch.equal(q1, q3) and torch.equal(k1, k3)
+    # What the 1-D families' language model is given: one row (positions.py says why).
+    q0, k0 = mrope.forward_native(positions, q.clone(), k.clone())
+    assert torch.equal(q1, q0) and torch.equal(k1, k0)
 
     assert "uses_mrope=uses_mrope" in inspect.getsource(NewRequestData.from_request)
     _in_order(

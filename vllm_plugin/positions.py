@@ -30,7 +30,9 @@ rows would take consecutive positions and the text after the image would move up
 the image and decoding where they are unpruned) take the M-RoPE path with three identical
 position rows, which is 1-D RoPE exactly: ``MRotaryEmbedding`` looks each row up in the same
 cos/sin cache and takes one section of the rotary dimensions from each row, so with equal rows
-every dimension gets the 1-D value. How it is switched on, and why this way:
+every dimension gets the 1-D value. The model's ``forward`` hands its language model one of the
+three rows (``MRotaryEmbedding`` computes 1-D RoPE from one row too): vLLM's compiled
+``LlamaModel`` takes positions' dim 0 as the token count. How it is switched on, and why this way:
 
 - ``model_config.uses_mrope`` reads ``mrope_section`` in the text config's rope parameters; the
   runner, the scheduler and vLLM's Llama / Mistral / Qwen2 (``get_rope``) all read it there. We
@@ -292,7 +294,12 @@ class PositionCarrierMixin(PruneModelMixin):
             # a drafter reads after this pass; it is rewritten from the request's positions
             # before every step, so nothing accumulates.
             positions[:, rows.to(positions.device)] += offsets.to(positions.device)
+        positions = self._language_model_positions(positions)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def _language_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The positions the language model reads: the runner's, as they are."""
+        return positions
 
 
 # ---- original positions for 1-D RoPE families ---------------------------------------------------
@@ -320,12 +327,6 @@ def switch_on_original_positions(model_config) -> bool:
     """Make vLLM run this 1-D model through its M-RoPE path (``uses_mrope``), in its in-memory
     config only; whether it now does. Called when the ``ModelConfig`` is built (vLLM's
     per-architecture config hook, ``vllm_internals.add_model_config_hooks``)."""
-    # NOTE(vLLM 0.32): only in an eager engine (--enforce-eager). With torch.compile (vLLM's
-    # default) a LLaVA switched to the M-RoPE path fails its start-up compile
-    # (ConstraintViolationError on inputs_embeds.size()[0]), so a compiled engine stays 1-D and
-    # serves compact positions.
-    if not model_config.enforce_eager:
-        return False
     text_config = model_config.hf_config.get_text_config()
     section = uniform_mrope_section(text_config)
     if section is None:
@@ -385,7 +386,7 @@ class OriginalPositionsProcessorMixin(PruneProcessorMixin):
                 raise PruneOptionError(
                     options.POSITIONS,
                     f"{options.POSITIONS} 'original' is not available for this model's rope "
-                    f"({rope.get('rope_type')!r}) or without --enforce-eager; ask for 'compact'",
+                    f"({rope.get('rope_type')!r}); ask for 'compact'",
                 )
             kwargs = {**inputs.hf_processor_mm_kwargs, options.POSITIONS: "compact"}
             inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
@@ -422,6 +423,14 @@ class OriginalPositionsModelMixin(PositionCarrierMixin):
         if not vllm_config.model_config.uses_mrope:  # compact only: no carrier
             return super(PositionCarrierMixin, cls).unsupported_engine_config(vllm_config)
         return super().unsupported_engine_config(vllm_config)
+
+    def _language_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row 0 of the runner's three: a 1-D family's rows are equal, and ``MRotaryEmbedding``
+        given one row computes the same 1-D RoPE. One row because vLLM 0.32 compiles
+        ``LlamaModel`` with positions' dim 0 as the token dimension (``support_torch_compile``'s
+        ``dynamic_arg_dims``): a [3, T] tensor would tie the token count to 3 and fail the
+        start-up compile (ConstraintViolationError on ``inputs_embeds.size()[0]``)."""
+        return positions[0] if positions.ndim == 2 else positions
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
