@@ -235,9 +235,12 @@ def _selection_bytes(b: int, n: int, t: int, d: int, k: int, size: int = 2) -> i
 
 
 def _bench_cpu(args) -> dict:
-    """``relevance_ref`` (row-invariant cosines) against one BLAS matmul per image, per shape:
-    the fastest and the median of ``--repeats`` calls (a shared machine's noise is one-sided)."""
-    from lvlm_prune.kernels.reference import relevance_ref
+    """``relevance_ref`` (row-invariant cosines) against one BLAS matmul per image, per shape,
+    and the ``cover`` method's ``coverage_select_ref`` at keep 0.25 (its cost beside the
+    relevance it starts from): the fastest and the median of ``--repeats`` calls (a shared
+    machine's noise is one-sided)."""
+    from lvlm_prune.kernels import keep_count
+    from lvlm_prune.kernels.reference import coverage_select_ref, relevance_ref
 
     def blas(image, query):
         unit = torch.nn.functional.normalize
@@ -251,8 +254,18 @@ def _bench_cpu(args) -> dict:
             offsets = (torch.tensor([0, n]), torch.tensor([0, t]))
             ref = _cpu_times(relevance_ref, (image, offsets[0], query, offsets[1]), args.repeats)
             mm = _cpu_times(blas, (image, query), args.repeats)
-            rows.append(dict(model=model, n=n, d=d, t=t, reference_ms=ref, matmul_ms=mm))
-            print(f"{model} T={t}: reference {ref['min']:.1f} ms, matmul {mm['min']:.1f} ms")
+            scores = relevance_ref(image, offsets[0], query, offsets[1])
+            k = keep_count(n, 0.25)
+            cover = _cpu_times(coverage_select_ref, (image, scores, k), args.repeats)
+            rows.append(
+                dict(
+                    model=model, n=n, d=d, t=t, k=k, reference_ms=ref, matmul_ms=mm, cover_ms=cover
+                )
+            )
+            print(
+                f"{model} T={t}: reference {ref['min']:.1f} ms, matmul {mm['min']:.1f} ms, "
+                f"cover (K={k}) {cover['min']:.1f} ms"
+            )
     return dict(mode="cpu", torch_threads=torch.get_num_threads(), rows=rows)
 
 
@@ -275,6 +288,11 @@ def _cpu_markdown(result: dict) -> str:
             f"{r['reference_ms']['min']:.1f} / {r['reference_ms']['median']:.1f}",
             f"{r['matmul_ms']['min']:.1f} / {r['matmul_ms']['median']:.1f}",
             f"{r['reference_ms']['min'] / r['matmul_ms']['min']:.0f}x",
+            *(
+                [r["k"], f"{r['cover_ms']['min']:.1f} / {r['cover_ms']['median']:.1f}"]
+                if "cover_ms" in r
+                else ["", ""]
+            ),
         ]
         for r in result["rows"]
     ]
@@ -282,9 +300,12 @@ def _cpu_markdown(result: dict) -> str:
         "### The torch reference on CPU\n\n"
         "`relevance_ref` for one image (bf16 embeddings, max over the query): row-invariant "
         "cosines (elementwise multiply + sum over D) against the same scores from one BLAS "
-        f"matmul, {result['torch_threads']} torch threads; fastest / median ms.\n\n"
+        f"matmul, {result['torch_threads']} torch threads; fastest / median ms. `cover`: "
+        "`coverage_select_ref` (the `cover` method after relevance: ceil(K/2) by score, the "
+        "rest by farthest-point coverage) at keep 0.25.\n\n"
         + common.markdown_table(
-            ["model", "N x D", "T", "reference ms", "BLAS matmul ms", "ratio"], rows
+            ["model", "N x D", "T", "reference ms", "BLAS matmul ms", "ratio", "K", "cover ms"],
+            rows,
         )
     )
 

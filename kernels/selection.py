@@ -16,15 +16,18 @@ import torch
 from lvlm_prune import envs
 
 from ._triton_utils import HAS_TRITON, to_device
+from .coverage import coverage_select_ref
 from .merge import merge_dropped_ref
 from .relevance import relevance_ref
 from .topk import check_k, topk_select_batched_ref
 
-PRUNE_METHODS = ("simignore", "uniform", "random", "flow")
+PRUNE_METHODS = ("simignore", "uniform", "random", "flow", "cover")
 """``simignore``: most question-relevant tokens (default). ``uniform``: evenly spaced tokens
 (baseline; also the fallback when the query is empty). ``random``: seeded per request
 (benchmark baseline). ``flow``: the tokens the question attends to most in a shallow decoder
-layer (scores from the model's scout pass, ``vllm_plugin/worker/flow.py``, handed in as ``scores``)."""
+layer (scores from the model's scout pass, ``vllm_plugin/worker/flow.py``, handed in as ``scores``).
+``cover``: half by simignore's relevance, half by coverage of the rest of the image, for questions
+that name no attribute of what they ask about (``coverage.py``)."""
 
 SCORED_METHODS = ("simignore", "flow")
 """Methods that keep the top-K tokens by score."""
@@ -159,7 +162,7 @@ def select_tokens(
     given = list(scores) if scores is not None else [None] * len(images)
     # Cosine relevance for simignore, and for diagnostics of every method without its own scores.
     want = [
-        q.shape[0] > 0 and (m == "simignore" or (need_scores and m != "flow"))
+        q.shape[0] > 0 and (m in ("simignore", "cover") or (need_scores and m != "flow"))
         for q, m in zip(queries, methods)
     ]
     scored = [b for b, w in enumerate(want) if w]
@@ -195,6 +198,8 @@ def select_tokens(
             kept, method_used = kept_by_score[b], method
         elif method == "random":
             kept, method_used = random_indices(n, k, seed=seeds[b], device=image.device), method
+        elif method == "cover":  # with no query, coverage alone
+            kept, method_used = coverage_select_ref(image, found[b], k), method
         else:  # uniform, or simignore / flow without a query
             kept, method_used = uniform_indices(n, k, device=image.device), "uniform"
         rows = merge_dropped(image, kept) if merge[b] and k < n else image[kept]

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoProcessor
 
-from lvlm_prune.kernels.reference import merge_dropped_ref, relevance_ref, topk_select_ref
+from lvlm_prune.kernels.reference import (
+    coverage_select_ref,
+    merge_dropped_ref,
+    relevance_ref,
+    topk_select_ref,
+)
 from lvlm_prune.kernels.selection import uniform_indices
 from lvlm_prune.models.tiny_llava import IMAGE_TOKEN_ID  # noqa: F401  (LLaVA shortcut)
 
@@ -92,6 +97,8 @@ class Reference:
     def kept(self, image, q_ids, k: int, method: str = "simignore") -> torch.Tensor:
         if method == "uniform":
             return uniform_indices(self.image_features(image).shape[0], k)
+        if method == "cover":
+            return coverage_select_ref(self.image_features(image), self.scores(image, q_ids), k)
         return topk_select_ref(self.scores(image, q_ids), k)
 
     def pruned_rows(self, image, kept: torch.Tensor, *, merge: bool = False) -> torch.Tensor:
@@ -526,6 +533,9 @@ class AnyResReference(OneDReference):
             return torch.arange(len(self.newline_rows(image)))  # unpruned: every row, as stock
         if method == "uniform":
             return rows[uniform_indices(len(rows), k)]
+        if method == "cover":
+            feats, scores = self.image_features(image)[rows], self.scores(image, q_ids)[rows]
+            return rows[coverage_select_ref(feats, scores, k)]
         return rows[topk_select_ref(self.scores(image, q_ids)[rows], k)]
 
     def pruned_rows(self, image, kept: torch.Tensor, *, merge: bool = False) -> torch.Tensor:

@@ -239,6 +239,22 @@ def test_uniform_method(engine):
     engine.assert_matches(out, engine.expected(out, k=k, method="uniform"))
 
 
+def test_cover_method(engine):
+    """Half by relevance, half by coverage (``kernels/coverage.py``): the reference's kept rows,
+    the relevance scores in the diagnostics, ids and logprobs at the family's positions."""
+    k = engine.family.images[0].keep(0.25)
+    diag_id = engine.diagnostics_id()
+    out = engine.generate(
+        engine.request(keep_ratio=0.25, prune_method="cover", prune_diagnostics=diag_id)
+    )
+    (diag,) = pop_diagnostics(engine.llm, diag_id)
+    want = engine.expected(out, k=k, method="cover")
+    assert diag["kept_indices"] == want.kept[0].tolist()
+    assert diag["method"] == "cover" and len(diag["scores"]) == engine.family.images[0].tokens
+    assert want.kept[0].tolist() != engine.expected(out, k=k).kept[0].tolist()  # not simignore
+    engine.assert_matches(out, want)
+
+
 @pytest.mark.parametrize("family", WITHOUT_FLOW, indirect=True, ids=str)
 def test_flow_is_refused_with_a_clear_error_and_the_engine_keeps_serving(engine):
     """The flow method reruns Llama decoder layers with 1-D positions: refused by name."""
