@@ -14,13 +14,14 @@ With random weights (the built-in models) accuracy is chance; only agreement mea
 ``--make-synthetic PATH [--items N]`` writes a set of random images and made-up questions.
 
 On the trained ShapesVQA model (``--model shapes``, or any folder it was saved to) the benchmark
-asks fresh ShapesVQA v2 questions instead (``--seed`` replays a draw; equal counts per question
-type), in the task's own multiple-choice form: the greedy next token restricted to the type's
-options. Per configuration it adds accuracy per question type, and the **object hit rate** of
-each selection (the share of the asked object's patches kept, read from the engine's diagnostics):
-it needs no LM and says why an answer survived. It also runs a control with every image swapped
-for another scene's, which should bring accuracy to chance. The relevance query is the question
-text, as the server sets it.
+asks fresh ShapesVQA questions of the version it answers instead (v3 for the released one;
+``--seed`` replays a draw; equal counts per question type), in the task's own multiple-choice
+form: the greedy next token restricted to the type's options. Per configuration it adds accuracy
+per question type (and per kind of exists question), and the **object hit rate** of each
+selection (the share of the asked object's patches kept, read from the engine's diagnostics): it
+needs no LM and says why an answer survived. It also runs a control with every image swapped for
+another scene's, which should bring accuracy to chance. The relevance query is the question text,
+as the server sets it.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ from .benchmark import Benchmark, Context, model_stem
 NAME = "fidelity"
 LETTERS = "ABCDEFGH"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
-SHAPES_RATIOS = (1.0, 0.5, 0.25, 0.11, 0.05, 0.02)
-SHAPES_METHODS = ("simignore", "simignore+merge", "uniform", "random", "flow", "flow/2")
+SHAPES_RATIOS = (1.0, 0.3333, 0.2222, 0.11, 0.05)  # 576 / 192 / 128 / 64 / 29 tokens
+SHAPES_METHODS = ("simignore", "cover", "simignore+merge", "uniform", "random", "flow", "flow/2")
 """``+merge``: with ``prune_merge``; ``flow/L``: the flow method with ``prune_layer`` L (``flow``
 alone: the checkpoint's declared depth, 1 on the trained model, whose cliff is at layer 1; 2 is
 the default for a model that declares none)."""
-SHAPES_ITEMS = 600  # 200 per question type
+SHAPES_ITEMS_PER_TYPE = 200
 RANDOM_WEIGHTS_NOTE = (
     "random weights: accuracy is chance level and says nothing; only agreement with the unpruned "
     "answer is meaningful"
@@ -418,13 +419,16 @@ def shapes_configs(ratios, methods, positions=(None,)) -> list[ShapesConfig]:
 
 
 def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
+    from lvlm_prune.models.shapes import task_version
     from lvlm_prune.shapes import scenes
 
-    n = args.items or (12 if args.smoke else SHAPES_ITEMS)
-    n = 3 * math.ceil(n / 3)
+    version = task_version(llm.llm_engine.vllm_config.model_config.model)
+    task, n_types = scenes.VERSIONS[version], len(scenes.VERSION_TYPES[version])
+    n = args.items or (3 * n_types if args.smoke else SHAPES_ITEMS_PER_TYPE * n_types)
+    n = n_types * math.ceil(n / n_types)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    print(f"ShapesVQA draw: seed={seed}, {n} questions", file=sys.stderr)
-    items = scenes.sample(seed, n, per_type=True)
+    print(f"{task} draw: seed={seed}, {n} questions", file=sys.stderr)
+    items = scenes.sample(seed, n, per_type=True, version=version)
     images = [scene.image() for scene, _ in items]
     patches = [scene.object_patches() for scene, _ in items]
     configs = shapes_configs(
@@ -438,13 +442,13 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
     types = [q.type for _, q in items]
     return {
         "benchmark": NAME,
-        "task": scenes.VERSION,
+        "task": task,
         "model": model_label,
-        "data": f"{scenes.VERSION}, {n} fresh questions ({n // 3} per type), seed {seed}",
+        "data": f"{task}, {n} fresh questions ({n // n_types} per type), seed {seed}",
         "seed": seed,
         "n_items": n,
         "chance_accuracy": sum(scenes.CHANCE[t] for t in types) / n,
-        "chance_per_type": scenes.CHANCE,
+        "chance_per_type": {t: scenes.CHANCE[t] for t in scenes.VERSION_TYPES[version]},
         "scoring": "greedy next token restricted to the question type's options "
         "(docs/shapesvqa.md multiple-choice form); relevance query = the question text",
         "relevance_scores": _score_summary(scores, items, patches) if scores else None,
@@ -503,11 +507,16 @@ def _ask_shapes(llm, runs, items, seed: int, desc: str):
 
 
 def _shapes_rows(runs, items, patches, predictions: dict, kept: dict) -> list[dict]:
+    """One row per run: accuracy and agreement with stock, per type and per exists kind
+    (``Question.subtype``: yes / absent / binding), and the object hit rate (both objects of a
+    binding negative)."""
     from lvlm_prune.kernels import keep_count
     from lvlm_prune.shapes import scenes
+    from lvlm_prune.shapes.evaluate import table_keys
 
     n = len(items)
-    types = [q.type for _, q in items]
+    groups = [k for k in table_keys(items) if k != "all"]
+    types = [{q.type, q.subtype} for _, q in items]
     stock = predictions["stock"]
     rows = []
     for name, config, _ in runs:
@@ -526,17 +535,16 @@ def _shapes_rows(runs, items, patches, predictions: dict, kept: dict) -> list[di
             **_proportion("accuracy", correct),
             **_proportion("agreement_with_stock", agree),
             "per_type": {
-                t: _proportion("accuracy", [c for c, ty in zip(correct, types) if ty == t])
-                for t in scenes.QUESTION_TYPES
+                t: _proportion("accuracy", [c for c, ty in zip(correct, types) if t in ty])
+                for t in groups
             },
             "predictions": pred,
         }
         if name in kept:
-            hits = [_hit_rate(p[q.target], k) for p, (_, q), k in zip(patches, items, kept[name])]
+            hits = [scenes.object_hit_rate(scene, q, k) for (scene, q), k in zip(items, kept[name])]
             row["object_hit_rate"] = sum(hits) / n
             row["object_hit_rate_per_type"] = {
-                t: _mean([h for h, ty in zip(hits, types) if ty == t])
-                for t in scenes.QUESTION_TYPES
+                t: _mean([h for h, ty in zip(hits, types) if t in ty]) for t in groups
             }
         elif config.method is None and name != "mismatched image":
             row["object_hit_rate"] = 1.0
@@ -556,11 +564,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _hit_rate(object_patches: list[int], kept_indices: list[int]) -> float:
-    kept_set = set(kept_indices)
-    return sum(p in kept_set for p in object_patches) / len(object_patches)
-
-
 def _score_summary(scores, items, patches) -> dict:
     """Mean simignore score (best cosine to a question word) of the asked object's patches, of
     the other objects' patches and of the background: how word-like the image rows are."""
@@ -568,7 +571,7 @@ def _score_summary(scores, items, patches) -> dict:
     for row, (scene, q), obj_patches in zip(scores, items, patches):
         on_object = scene.patch_coverage().sum(0) > 0
         for o, ps in enumerate(obj_patches):
-            (asked if o == q.target else other).extend(row[p] for p in ps)
+            (asked if o in q.targets else other).extend(row[p] for p in ps)
         background.extend(s for s, on in zip(row, on_object) if not on)
     return {
         "asked_object": _mean(asked),
@@ -586,12 +589,17 @@ def shapes_headline(result: dict) -> list[str]:
     order = {spec: i for i, spec in enumerate(SHAPES_METHODS)}
     for label in sorted(specs, key=lambda s: (order.get(s.split(" [")[0], len(order)), s)):
         parts = []
+        stock = result["rows"][0]["per_type"]
         for ratio in (0.11, 0.05):
             row = rows.get(f"{label}@{ratio:g}")
             if row:
+                location = ""
+                if "location" in row["per_type"] and stock["location"]["accuracy"]:
+                    kept = row["per_type"]["location"]["accuracy"] / stock["location"]["accuracy"]
+                    location = f", location {100 * kept:.1f}%"
                 parts.append(
                     f"{row['kept_tokens']} tokens: {100 * row['accuracy_vs_stock']:.1f}% of "
-                    f"full-token accuracy (hit rate {100 * row['object_hit_rate']:.0f}%)"
+                    f"full-token accuracy{location} (hit rate {100 * row['object_hit_rate']:.0f}%)"
                 )
         if parts:
             lines.append(f"- `{label}` — " + "; ".join(parts))
@@ -606,36 +614,43 @@ def shapes_markdown(result: dict) -> str:
         lo, hi = row[f"{key}_ci95"]
         return f"{pct(row[key])} ({pct(lo)}–{pct(hi)})"
 
+    groups = list(result["rows"][0]["per_type"])
     headers = [
         "config",
         "tokens",
         "accuracy (95% CI)",
-        "colour",
-        "pattern",
-        "exists",
+        *groups,
         "agreement with stock (95% CI)",
         "object hit rate",
+        *(f"hit rate {t}" for t in ("location", "exists/binding") if t in groups),
     ]
     rows = [
         [
             r["config"],
             r["kept_tokens"],
             ci(r, "accuracy"),
-            *(pct(r["per_type"][t]["accuracy"]) for t in ("colour", "pattern", "exists")),
+            *(ci(r["per_type"][t], "accuracy") for t in groups),
             ci(r, "agreement_with_stock"),
             pct(r.get("object_hit_rate")),
+            *(
+                pct((r.get("object_hit_rate_per_type") or {}).get(t))
+                for t in ("location", "exists/binding")
+                if t in groups
+            ),
         ]
         for r in result["rows"]
     ]
     chance = result["chance_per_type"]
+    chances = ", ".join(f"{t} {pct(c)}" for t, c in chance.items())
     lines = [
         f"### Fidelity — model `{result['model']}` on {result['task']}",
         "",
         f"Data: {result['data']}. Scoring: {result['scoring']}. Intervals: Wilson 95%. Chance: "
-        f"{pct(result['chance_accuracy'])} overall (colour {pct(chance['colour'])}, pattern "
-        f"{pct(chance['pattern'])}, exists {pct(chance['exists'])}). `mismatched image`: each "
+        f"{pct(result['chance_accuracy'])} overall ({chances}). `mismatched image`: each "
         "question asked about another scene's image (the answer must come from the image). "
-        "Object hit rate: the share of the asked object's patches the selection kept.",
+        "Object hit rate: the share of the asked object's patches the selection kept (both "
+        "objects' for a binding negative). exists/yes, exists/absent, exists/binding: the exists "
+        "questions by answer and kind of negative.",
         "",
         "Headline (accuracy relative to the unpruned model):",
         *shapes_headline(result),
@@ -664,6 +679,7 @@ def plot(result: dict, plt):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {
         "simignore": "o-",
+        "cover": "P-",
         "simignore+merge": "D--",
         "uniform": "s-",
         "random": "^-",

@@ -8,7 +8,7 @@ with the same engine, KV cache and caches, and they take turns throughout.
 
 Workloads: ``random-mm`` (vLLM's dataset: random text of ``--input-len`` tokens and one fresh
 random 336 x 336 image per request, so no cache ever hits) on ``--model``; ``shapes`` (fresh
-ShapesVQA v2 scenes with their own questions, answers to EOS) on the trained ShapesVQA model.
+ShapesVQA scenes with their own questions, answers to EOS) on the trained ShapesVQA model.
 
 Steps per workload: warm-up; the **unloaded** TTFT and end-to-end latency of every setting (one
 request at a time); the **SLO**: p99 TTFT <= 2 x stock's unloaded median TTFT, for every setting;
@@ -120,7 +120,8 @@ def random_mm_requests(tokenizer, n: int, seed: int, input_len: int, output_len:
 
 
 def shapes_requests(tokenizer, n: int, seed: int, output_len: int) -> list:
-    """Fresh ShapesVQA v2 scenes, each with one of its own questions (PNG, as the model saw)."""
+    """Fresh ShapesVQA scenes (the released model's version), each with one of its own questions
+    (PNG, as the model saw)."""
     from vllm.benchmarks.datasets import SampleRequest
 
     from lvlm_prune.shapes import scenes
@@ -229,7 +230,7 @@ def workloads_for(args: argparse.Namespace, ctx: Context) -> tuple[list[Workload
                 MODEL_NAME,
                 output_len=8,
                 ignore_eos=False,
-                description="fresh ShapesVQA v2 scenes (PNG) with one of their own questions, "
+                description="fresh ShapesVQA scenes (PNG) with one of their own questions, "
                 "answered to EOS (at most 8 tokens)",
             )
         )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lvlm_prune.models.shapes import released_model_dir
+from lvlm_prune.models.shapes import released_model_dir, task_version
 
 from . import scenes
 
@@ -56,13 +56,24 @@ def ask(llm, items, images, *, mm_processor_kwargs: dict | None = None) -> list[
     return [o.outputs[0].text for o in outs]
 
 
+def table_keys(items) -> list[str]:
+    """The rows of an accuracy table: each type asked, exists' kinds (yes / absent / binding),
+    and all."""
+    asked = {q.type for _, q in items} | {q.subtype for _, q in items}
+    keys = [t for t in scenes.QUESTION_TYPES if t in asked]
+    keys += sorted(k for k in asked if k.startswith("exists/"))
+    return [*keys, "all"]
+
+
 def _with_intervals(items, replies) -> dict:
     from lvlm_prune.benchmarks.common import wilson_interval
 
     out = {}
-    for t in (*scenes.QUESTION_TYPES, "all"):
+    for t in table_keys(items):
         flags = [
-            scenes.score_reply(r, q) for (_, q), r in zip(items, replies) if t in ("all", q.type)
+            scenes.score_reply(r, q)
+            for (_, q), r in zip(items, replies)
+            if t in ("all", q.type, q.subtype)
         ]
         out[t] = {
             "accuracy": sum(flags) / len(flags),
@@ -147,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     model_dir = args.model or str(released_model_dir())
+    version = task_version(model_dir)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"seed={seed}", file=sys.stderr)
     if args.position_check:
-        items = scenes.sample(seed, args.items, per_type=True)
+        items = scenes.sample(seed, args.items, per_type=True, version=version)
         result = position_check(model_dir, items, args.position_check)
         print(json.dumps({"seed": seed, "items": args.items, "accuracy": result}, indent=2))
         return 0
@@ -165,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     # Before the run, so its load average is the one at the start.
     machine = common.machine_info() if args.out is not None else None
     llm = LLM(model_dir, enforce_eager=True, max_model_len=2048, seed=0)
-    items = scenes.sample(seed, args.items)
+    items = scenes.sample(seed, args.items, version=version)
     images = [scene.image() for scene, _ in items]
     start = time.perf_counter()
     replies = ask(llm, items, images)
     swapped = ask(llm, items, images[1:] + images[:1])
     result = {
         "model": model_dir,
+        "task": scenes.VERSIONS[version],
         "seed": seed,
         "items": args.items,
         "chance": sum(scenes.CHANCE[q.type] for _, q in items) / len(items),
@@ -197,7 +210,7 @@ def write_results(out: Path, result: dict, command: str, machine: dict, *, relea
     payload = {**result, "model": model, "command": command, "machine": machine}
     files = common.write_results(out.parent, out.name, payload, "")  # sets the end's load
     rows = []
-    for t in (*scenes.QUESTION_TYPES, "all"):
+    for t in result["accuracy"]:
         acc, swapped = result["accuracy"][t], result["swapped_image_accuracy"][t]
         low, high = acc["ci95"]
         rows.append(
@@ -210,7 +223,7 @@ def write_results(out: Path, result: dict, command: str, machine: dict, *, relea
         )
     markdown = "\n\n".join(
         [
-            f"### Accuracy — {model} on {scenes.VERSION}",
+            f"### Accuracy — {model} on {result['task']}",
             f"{result['items']} fresh questions (seed {result['seed']}), greedy through vLLM's "
             f"chat path; `swapped image`: each question asked about the next scene's image "
             f"(chance {result['chance']:.1%}). {result['seconds']} s for both passes.",

@@ -1,11 +1,12 @@
-"""ShapesVQA v2: scenes, questions, answers and the per-object facts the metrics need.
+"""ShapesVQA v2 and v3: scenes, questions, answers and the per-object facts the metrics need.
 
-The task is specified in full in ``docs/shapesvqa.md``; this module implements it
-exactly. Everything is drawn from a seed, so anyone can make fresh held-out scenes:
+The task is specified in full in ``docs/shapesvqa.md``; this module implements it exactly,
+each version under its own name (``"v2"``, ``"v3"``: v3 adds binding negatives to ``exists`` and
+the ``location`` type; v2's streams are unchanged, so v2 stays reproducible). Everything is drawn
+from a seed, so anyone can make fresh held-out scenes:
 
-    rng = np.random.default_rng(seed)
-    scene = sample_scene(rng)
-    question = sample_question(scene, rng)
+    items = sample(seed, 100, version="v3")   # [(scene, question)]
+    scene, question = items[0]
     image = scene.image()            # PIL, 336 x 336 RGB, noise included
     score_reply("Red.", question)    # True when the answer is red
 
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = "ShapesVQA v2"
+VERSIONS = {"v2": "ShapesVQA v2", "v3": "ShapesVQA v3"}
+LATEST = "v3"
 
 CANVAS = 336
 PATCH = 14
@@ -48,15 +50,26 @@ OFF_SHADE = 0.45  # off pixels of a pattern: round(0.45 x colour)
 NOISE_SIGMA = 6.0
 PATCH_COVER = 0.25  # an object's patches: at least this share of the patch in its mask
 
-QUESTION_TYPES = ("colour", "pattern", "exists")
+QUESTION_TYPES = ("colour", "pattern", "exists", "location")
+"""Every type of every version, in table order (a v2 table keeps ``location``, empty)."""
+VERSION_TYPES = {"v2": QUESTION_TYPES[:3], "v3": QUESTION_TYPES}
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 TEMPLATES = {
     "colour": "What color is the {pattern} object?",
     "pattern": "What pattern is the {color} object?",
     "exists": "Is there a {color} {pattern} object?",
+    "location": "What color is the object in the {quadrant}?",
 }
-OPTIONS = {"colour": COLOR_NAMES, "pattern": PATTERNS, "exists": ("yes", "no")}
+OPTIONS = {
+    "colour": COLOR_NAMES,
+    "pattern": PATTERNS,
+    "exists": ("yes", "no"),
+    "location": COLOR_NAMES,
+}
 """The multiple-choice form: the options of each question type, in the spec's order."""
 CHANCE = {t: 1 / len(o) for t, o in OPTIONS.items()}
+MIDLINE = (CANVAS - 1) / 2  # 167.5: left of it is the left half, above it the top half
+MIDLINE_MARGIN = 12  # v3 location: no object centre closer than this to either midline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +166,23 @@ class Scene:
         per_patch = masks.reshape(len(self.objects), GRID, PATCH, GRID, PATCH).mean(axis=(2, 4))
         return per_patch.reshape(len(self.objects), NUM_PATCHES)
 
+    def quadrant_objects(self) -> dict[str, list[int]]:
+        """v3 ``location``: each quadrant's objects, by their centres ``x0 + (s - 1) / 2``."""
+        out: dict[str, list[int]] = {q: [] for q in QUADRANTS}
+        for i, obj in enumerate(self.objects):
+            cx, cy = obj.x0 + (obj.size - 1) / 2, obj.y0 + (obj.size - 1) / 2
+            out[QUADRANTS[2 * (cy >= MIDLINE) + (cx >= MIDLINE)]].append(i)
+        return out
+
+    def eligible_quadrants(self) -> list[str]:
+        """Quadrants a ``location`` question may name: exactly one object's centre in it, and
+        no object's centre in the scene within 12 px of either midline."""
+        for obj in self.objects:
+            cx, cy = obj.x0 + (obj.size - 1) / 2, obj.y0 + (obj.size - 1) / 2
+            if abs(cx - MIDLINE) < MIDLINE_MARGIN or abs(cy - MIDLINE) < MIDLINE_MARGIN:
+                return []
+        return [q for q, objs in self.quadrant_objects().items() if len(objs) == 1]
+
     def object_patches(self) -> list[list[int]]:
         """Per object, its patches (row-major ``r * 24 + c``): at least 25 % inside its outline."""
         coverage = self.patch_coverage()
@@ -170,16 +200,32 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    type: str  # colour | pattern | exists
+    type: str  # colour | pattern | exists | location
     text: str
     answer: str
     color: str | None  # the colour word in the question, if any
     pattern: str | None  # the pattern word in the question, if any
     target: int  # index of the asked object in scene.objects
+    quadrant: str | None = None  # location: the quadrant named
+    negative: str | None = None  # exists / no: "absent" or (v3) "binding"
+    other: int | None = None  # exists / no / binding: the object with the named pattern
 
     @property
     def options(self) -> tuple[str, ...]:
         return OPTIONS[self.type]
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """The asked objects (both of a binding negative's) for the object hit rate."""
+        return (self.target,) if self.other is None else (self.target, self.other)
+
+    @property
+    def subtype(self) -> str:
+        """``type``, with an exists question's answer and kind of negative: exists/yes,
+        exists/absent, exists/binding (the per-kind accuracy rows)."""
+        if self.type != "exists":
+            return self.type
+        return "exists/yes" if self.answer == "yes" else f"exists/{self.negative}"
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -209,12 +255,24 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 
 def sample_question(
-    scene: Scene, rng: np.random.Generator, *, qtype: str | None = None
+    scene: Scene, rng: np.random.Generator, *, qtype: str | None = None, version: str = LATEST
 ) -> Question:
-    """One question about ``scene``; the type is uniform over the three unless given."""
+    """One question about ``scene``; the type is uniform over the version's types unless given.
+    A ``location`` question needs a scene with an eligible quadrant (``sample`` draws one)."""
+    types = VERSION_TYPES[version]
     if qtype is None:
-        qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        qtype = types[int(rng.integers(len(types)))]
+    if qtype not in types:
+        raise ValueError(f"question type must be one of {types} in {version}, got {qtype!r}")
     objs = scene.objects
+    if qtype == "location":
+        eligible = scene.eligible_quadrants()
+        if not eligible:
+            raise ValueError("this scene has no eligible quadrant for a location question")
+        quadrant = eligible[int(rng.integers(len(eligible)))]
+        (i,) = scene.quadrant_objects()[quadrant]
+        text = TEMPLATES[qtype].format(quadrant=quadrant)
+        return Question(qtype, text, objs[i].color, None, None, i, quadrant=quadrant)
     if qtype == "colour":
         i = int(rng.integers(len(objs)))
         p = objs[i].pattern
@@ -223,13 +281,17 @@ def sample_question(
         i = int(rng.integers(len(objs)))
         c = objs[i].color
         return Question(qtype, TEMPLATES[qtype].format(color=c), objs[i].pattern, c, None, i)
-    if qtype != "exists":
-        raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
     text = TEMPLATES["exists"]
     if rng.random() < 0.5:  # yes: an object's own pair
         i = int(rng.integers(len(objs)))
         c, p = objs[i].color, objs[i].pattern
         return Question(qtype, text.format(color=c, pattern=p), "yes", c, p, i)
+    if version != "v2" and rng.random() < 0.5:  # no / binding: both present, on two objects
+        i, j = (int(x) for x in rng.choice(len(objs), size=2, replace=False))
+        c, p = objs[i].color, objs[j].pattern
+        return Question(
+            qtype, text.format(color=c, pattern=p), "no", c, p, i, negative="binding", other=j
+        )
     # no: exactly one of the two is in the scene (on one object); the other is in none.
     present_c = {o.color for o in objs}
     present_p = {o.pattern for o in objs}
@@ -241,22 +303,43 @@ def sample_question(
         c, p = objs[i].color, absent_p[int(rng.integers(len(absent_p)))]
     else:
         c, p = absent_c[int(rng.integers(len(absent_c)))], objs[i].pattern
-    return Question(qtype, text.format(color=c, pattern=p), "no", c, p, i)
+    return Question(qtype, text.format(color=c, pattern=p), "no", c, p, i, negative="absent")
 
 
-def sample(seed: int, n: int, *, per_type: bool = False) -> list[tuple[Scene, Question]]:
+def sample_item(
+    rng: np.random.Generator, *, qtype: str | None = None, version: str = LATEST
+) -> tuple[Scene, Question]:
+    """One (scene, question). v2: the scene, then the question (v2's stream). v3: the type
+    first, then scenes until one can ask it (a location question needs an eligible quadrant),
+    so the types stay equally likely."""
+    if version == "v2":
+        scene = sample_scene(rng)
+        return scene, sample_question(scene, rng, qtype=qtype, version=version)
+    types = VERSION_TYPES[version]
+    if qtype is None:
+        qtype = types[int(rng.integers(len(types)))]
+    scene = sample_scene(rng)
+    while qtype == "location" and not scene.eligible_quadrants():
+        scene = sample_scene(rng)
+    return scene, sample_question(scene, rng, qtype=qtype, version=version)
+
+
+def sample(
+    seed: int, n: int, *, per_type: bool = False, version: str = LATEST
+) -> list[tuple[Scene, Question]]:
     """``n`` fresh (scene, question) pairs from ``seed``, one scene each.
 
-    With ``per_type``, the types cycle colour / pattern / exists so each has n/3 (the fidelity
-    harness wants equal counts); otherwise each type is drawn with probability 1/3.
+    With ``per_type``, the types cycle (colour / pattern / exists / location in v3) so each has
+    n / types (the fidelity harness wants equal counts); otherwise each type is equally likely.
     """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {tuple(VERSIONS)}, got {version!r}")
+    types = VERSION_TYPES[version]
     rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        scene = sample_scene(rng)
-        qtype = QUESTION_TYPES[k % 3] if per_type else None
-        out.append((scene, sample_question(scene, rng, qtype=qtype)))
-    return out
+    return [
+        sample_item(rng, qtype=types[k % len(types)] if per_type else None, version=version)
+        for k in range(n)
+    ]
 
 
 def example(seed: int = 0) -> tuple[Scene, Question]:
@@ -284,8 +367,10 @@ def score_reply(reply: str, question: Question) -> bool:
 
 
 def object_hit_rate(scene: Scene, question: Question, kept: Sequence[int]) -> float:
-    """Share of the asked object's patches among the kept image-token indices."""
-    patches = scene.object_patches()[question.target]
+    """Share of the asked object's patches (both objects' of a binding negative) among the kept
+    image-token indices."""
+    per_object = scene.object_patches()
+    patches = sorted({p for i in question.targets for p in per_object[i]})
     if not patches:
         return 1.0
     kept_set = set(int(k) for k in kept)

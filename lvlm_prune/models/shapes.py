@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,8 +46,11 @@ WORDS = (
     *scenes.PATTERNS,
     "yes",
     "no",
+    "in",
+    *scenes.QUADRANTS,
 )
-"""The vocabulary after the special tokens; any other word reads as ``<unk>``."""
+"""The vocabulary after the special tokens; any other word reads as ``<unk>``. A quadrant
+("top left") is one word: a 2-layer LM reads it with one attention hop, as an attribute word."""
 ATTRIBUTE_WORDS = (*scenes.COLOR_NAMES, *scenes.PATTERNS)
 
 
@@ -90,9 +94,17 @@ def is_shapes_model(model_dir: str | Path) -> bool:
     return (Path(model_dir) / SPEC_FILE).exists()
 
 
+def task_version(model_dir: str | Path) -> str:
+    """The ShapesVQA version a checkpoint was trained on (``"v2"``, ``"v3"``), from its spec
+    file: what its evaluation and fidelity runs ask."""
+    task = json.loads((Path(model_dir) / SPEC_FILE).read_text())["task"]
+    (version,) = [v for v, name in scenes.VERSIONS.items() if name == task]
+    return version
+
+
 def build_tokenizer(spec: ShapesModelSpec = SPEC):
     """Word-level tokenizer: one token per word or punctuation mark, BOS prepended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
     assert len(vocab) <= spec.vocab_size, (len(vocab), spec.vocab_size)
@@ -105,6 +117,8 @@ def build_tokenizer(spec: ShapesModelSpec = SPEC):
     # decodes without spaces: "USER:Whatcolor...", which nothing shows).
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    # Matched in the text before the whitespace split, so "top left" stays one word.
+    tok.add_tokens([AddedToken(q, single_word=True, normalized=False) for q in scenes.QUADRANTS])
     return tiny_llava.wrap_llava_tokenizer(tok, spec.max_position_embeddings)
 
 
@@ -140,12 +154,20 @@ def new_model(spec: ShapesModelSpec = SPEC, *, seed: int = 0):
     return LlavaForConditionalGeneration(build_config(spec)).float()
 
 
-def save_model(model, out: Path, *, spec: ShapesModelSpec = SPEC, extra: dict | None = None):
+def save_model(
+    model,
+    out: Path,
+    *,
+    spec: ShapesModelSpec = SPEC,
+    version: str = scenes.LATEST,
+    extra: dict | None = None,
+):
     """Write a loadable checkpoint folder (weights, config, tokenizer, processor, template)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tiny_llava.save_llava(model, build_processor(spec=spec), out)
-    info = {"model": MODEL_NAME, "task": scenes.VERSION, "spec": dataclasses.asdict(spec)}
+    task = scenes.VERSIONS[version]
+    info = {"model": MODEL_NAME, "task": task, "spec": dataclasses.asdict(spec)}
     (out / SPEC_FILE).write_text(json.dumps({**info, **(extra or {})}, indent=2) + "\n")
     return out
 
@@ -173,7 +195,15 @@ def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def token_ids(words: str) -> list[int]:
-    """Ids of a space-separated word string, without BOS (training builds its sequences)."""
+def split_words(text: str) -> list[str]:
+    """The tokenizer's words of a task text: split at whitespace, "?" a word of its own, a
+    quadrant ("top left") one word."""
+    for quadrant in scenes.QUADRANTS:
+        text = text.replace(quadrant, quadrant.replace(" ", "_"))
+    return [w.replace("_", " ") for w in text.replace("?", " ?").split()]
+
+
+def token_ids(words: str | Sequence[str]) -> list[int]:
+    """Ids of a task text or of a list of words, without BOS (training builds its sequences)."""
     index = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
-    return [index.get(w, UNK_ID) for w in words.split()]
+    return [index.get(w, UNK_ID) for w in (split_words(words) if isinstance(words, str) else words)]

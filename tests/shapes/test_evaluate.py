@@ -8,15 +8,16 @@ from lvlm_prune.shapes import evaluate, scenes
 
 
 def test_results_files_carry_the_numbers_the_command_and_no_path(tmp_path):
-    items = scenes.sample(7, 6, per_type=True)
+    items = scenes.sample(7, 8, per_type=True, version="v3")
     right = [q.answer for _, q in items]
     wrong = [next(o for o in q.options if o != q.answer) for _, q in items]
     result = {
         "model": str(released_model_dir()),
+        "task": "ShapesVQA v3",
         "seed": 7,
-        "items": 6,
+        "items": 8,
         "chance": 0.3,
-        "accuracy": evaluate._with_intervals(items, right[:3] + wrong[3:]),
+        "accuracy": evaluate._with_intervals(items, right[:4] + wrong[4:]),
         "swapped_image_accuracy": evaluate._with_intervals(items, wrong),
         "seconds": 1.0,
     }
@@ -29,3 +30,7 @@ def test_results_files_carry_the_numbers_the_command_and_no_path(tmp_path):
     assert str(released_model_dir()) not in json.dumps(payload) + markdown
     assert payload["machine"]["loadavg_at_end"] is not None and "at end None" not in markdown
     assert "| all | 50.0% (" in markdown and "| 0.0% |" in markdown and "`CMD`" in markdown
+    # Every v3 type, and exists by kind, has its row.
+    for t in ("colour", "pattern", "exists", "location"):
+        assert f"| {t} |" in markdown
+    assert "ShapesVQA v3" in markdown

@@ -1,4 +1,5 @@
-"""The ShapesVQA v2 generator against docs/shapesvqa.md, rule by rule, on fresh seeds each run.
+"""The ShapesVQA v2 and v3 generators against docs/shapesvqa.md, rule by rule, on fresh seeds each
+run.
 
 Each rule is checked with code written from the spec's text, not by calling the generator's own
 helpers: the pattern formulae, the patch rule and the question rules are restated here.
@@ -7,6 +8,7 @@ helpers: the pattern formulae, the patch rule and the question rules are restate
 import math
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
 from lvlm_prune.shapes import scenes
@@ -145,7 +147,7 @@ def test_question_rules(seed):
     types, exists_answers = [], []
     for _ in range(3000):
         scene = scenes.sample_scene(rng)
-        q = scenes.sample_question(scene, rng)
+        q = scenes.sample_question(scene, rng, version="v2")
         types.append(q.type)
         pairs = {(o.color, o.pattern) for o in scene.objects}
         colours = {o.color for o in scene.objects}
@@ -169,7 +171,7 @@ def test_question_rules(seed):
                 assert (q.color in colours) != (q.pattern in patterns)
                 assert asked.color == q.color or asked.pattern == q.pattern
         assert q.options == scenes.OPTIONS[q.type] and q.answer in q.options
-    for t in scenes.QUESTION_TYPES:
+    for t in ("colour", "pattern", "exists"):
         assert abs(types.count(t) / 3000 - 1 / 3) < 5 * math.sqrt((2 / 9) / 3000)
     share_yes = exists_answers.count("yes") / len(exists_answers)
     assert abs(share_yes - 0.5) < 5 * math.sqrt(0.25 / len(exists_answers))
@@ -182,15 +184,17 @@ def test_exists_no_uses_an_absent_colour_when_all_patterns_are_present(seed):
         scene = scenes.sample_scene(rng)
         if len(scene.objects) < 4:
             continue
-        q = scenes.sample_question(scene, rng, qtype="exists")
+        q = scenes.sample_question(scene, rng, qtype="exists", version="v2")
         if q.answer == "no":
             seen += 1
             assert q.color not in {o.color for o in scene.objects}
 
 
 def test_per_type_sampling_balances_the_types(seed):
-    items = scenes.sample(seed, 30, per_type=True)
+    items = scenes.sample(seed, 30, per_type=True, version="v2")
     assert [q.type for _, q in items].count("exists") == 10
+    items = scenes.sample(seed, 40, per_type=True, version="v3")
+    assert [q.type for _, q in items].count("location") == 10
 
 
 def test_scoring_and_object_hit_rate(seed):
@@ -204,3 +208,116 @@ def test_scoring_and_object_hit_rate(seed):
     assert scenes.object_hit_rate(scene, q, []) == 0.0
     half = patches[: len(patches) // 2]
     assert scenes.object_hit_rate(scene, q, half) == len(half) / len(patches)
+
+
+# ---- v3 ---------------------------------------------------------------------------------------
+
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def spec_centre(obj) -> tuple[float, float]:
+    return obj.x0 + (obj.size - 1) / 2, obj.y0 + (obj.size - 1) / 2
+
+
+def spec_eligible(scene) -> dict[str, int]:
+    """v3's eligible quadrants, each with its one object, restated from the spec."""
+    centres = [spec_centre(o) for o in scene.objects]
+    if any(abs(x - 167.5) < 12 or abs(y - 167.5) < 12 for x, y in centres):
+        return {}
+    members = {q: [] for q in QUADRANTS}
+    for i, (x, y) in enumerate(centres):
+        name = ("top" if y < 168 else "bottom") + " " + ("left" if x < 168 else "right")
+        members[name].append(i)
+    return {q: m[0] for q, m in members.items() if len(m) == 1}
+
+
+def test_v2_streams_are_unchanged():
+    """v3 draws differently; v2 must still give the very items it gave before v3 existed."""
+    items = scenes.sample(20261207, 4, version="v2")
+    assert [(q.text, q.answer, s.noise_seed) for s, q in items] == [
+        ("What color is the checkered object?", "blue", 63950891796487126),
+        ("What color is the solid object?", "green", 8952019063144635886),
+        ("Is there a blue dotted object?", "no", 3263600051477253736),
+        ("What pattern is the red object?", "striped", 7149772559598443664),
+    ]
+
+
+def test_v3_question_rules(seed):
+    n = 4000
+    items = scenes.sample(seed, n, version="v3")
+    types, answers, negatives = [], [], []
+    for scene, q in items:
+        types.append(q.type)
+        colours = {o.color for o in scene.objects}
+        patterns = {o.pattern for o in scene.objects}
+        pairs = {(o.color, o.pattern) for o in scene.objects}
+        assert q.options == scenes.OPTIONS[q.type] and q.answer in q.options
+        if q.type == "location":
+            eligible = spec_eligible(scene)
+            assert q.quadrant in eligible, (q.quadrant, eligible)
+            assert q.text == f"What color is the object in the {q.quadrant}?"
+            assert q.target == eligible[q.quadrant]
+            assert q.answer == scene.objects[q.target].color and q.targets == (q.target,)
+        elif q.type == "exists":
+            assert q.text == f"Is there a {q.color} {q.pattern} object?"
+            answers.append(q.answer)
+            if q.answer == "yes":
+                assert (q.color, q.pattern) in pairs
+                continue
+            assert (q.color, q.pattern) not in pairs
+            negatives.append(q.negative)
+            if q.negative == "binding":  # both present, on two different objects
+                a, b = (scene.objects[i] for i in q.targets)
+                assert q.target != q.other and a.color == q.color and b.pattern == q.pattern
+            else:
+                assert q.negative == "absent" and (q.color in colours) != (q.pattern in patterns)
+        else:
+            assert q.other is None and q.quadrant is None
+    for t in scenes.QUESTION_TYPES:
+        assert abs(types.count(t) / n - 1 / 4) < 5 * math.sqrt((3 / 16) / n), t
+    for share, values in (
+        (answers.count("yes") / len(answers), answers),
+        (negatives.count("binding") / len(negatives), negatives),
+    ):
+        assert abs(share - 0.5) < 5 * math.sqrt(0.25 / len(values))
+
+
+def test_v3_location_quadrants_are_drawn_uniformly_from_the_eligible(seed):
+    """A scene with two eligible quadrants names each about half the time."""
+    rng = np.random.default_rng(seed)
+    while True:
+        scene = scenes.sample_scene(rng)
+        eligible = spec_eligible(scene)
+        if len(eligible) >= 2:
+            break
+    assert set(scene.eligible_quadrants()) == set(eligible)
+    asked = [scenes.sample_question(scene, rng, qtype="location").quadrant for _ in range(400)]
+    for q in eligible:
+        share = asked.count(q) / 400
+        assert abs(share - 1 / len(eligible)) < 5 * math.sqrt(0.25 / 400)
+
+
+def test_v3_a_binding_negative_hits_both_objects(seed):
+    rng = np.random.default_rng(seed)
+    while True:
+        scene, q = scenes.sample_item(rng, qtype="exists")
+        if q.negative == "binding":
+            break
+    per_object = scene.object_patches()
+    first, second = per_object[q.target], per_object[q.other]
+    union = sorted(set(first) | set(second))
+    assert scenes.object_hit_rate(scene, q, first) == len(first) / len(union)
+    assert scenes.object_hit_rate(scene, q, union) == 1.0
+    assert q.subtype == "exists/binding"
+
+
+def test_a_location_question_needs_an_eligible_scene(seed):
+    rng = np.random.default_rng(seed)
+    while True:
+        scene = scenes.sample_scene(rng)
+        if not spec_eligible(scene):
+            break
+    with pytest.raises(ValueError, match="no eligible quadrant"):
+        scenes.sample_question(scene, rng, qtype="location")
+    with pytest.raises(ValueError, match="one of"):
+        scenes.sample_question(scene, rng, qtype="location", version="v2")
