@@ -4,15 +4,18 @@ The model is a stock ``LlavaForConditionalGeneration``; training only adds losse
 
 1. **vision** — the CLIP tower + projector regress each patch's row onto a fixed target: the sum of
    the LM's input embeddings of the patch's colour and pattern words (weighted by how much of the
-   patch the object covers), or one background vector that is orthogonal to every word embedding.
-   The LM's ``embed_tokens`` is fixed (an orthonormal set of rows), so the targets never move.
+   patch the object covers) plus the direction of the quadrant the patch lies in, or one
+   background vector. Background and quadrant directions are orthogonal to every word embedding
+   (no question word has a cosine cue to a place). The LM's ``embed_tokens`` is fixed (an
+   orthonormal set of rows), so the targets never move.
 2. **lm** — the language model learns to answer from *pseudo images*: those target rows plus noise
    in place of the projector output, 4 question/answer turns per scene. Answer loss alone sits on a
    plateau (two hops: question word → object rows, answer position → question word); a
    training-only attention-supervision loss on two heads breaks it: layer 0 head 0 from each
-   colour/pattern word of the question to the rows of the object with that attribute (to the word
-   itself when no object has it), layer 1 head 0 from the answer position to the turn's attribute
-   words.
+   colour/pattern word of the question, and from a location question's quadrant word, to the rows
+   of the object it names (to the word itself when no object has the attribute), layer 1 head 0
+   from the answer position to the turn's cue words. Questions follow ShapesVQA v3 (binding
+   negatives and location included; ``VERSION``).
 3. **join** — the LM reads real images: the projector and the LM are fine-tuned on the tower's
    rows with answer + attention loss + the stage-1 alignment loss, so the rows stay word-like
    (which is also what makes simignore's cosine selection find the asked object). The tower stays
@@ -44,8 +47,16 @@ from . import scenes
 
 N = scenes.NUM_PATCHES
 TURNS = 8
-QUESTION_LEN = 7  # every question template is 7 tokens: "What color is the striped object ?"
 LOG_NAME = "train_log.jsonl"
+VERSION = scenes.LATEST
+PATCH_QUADRANT = torch.tensor(
+    [
+        2 * (r >= scenes.GRID // 2) + (c >= scenes.GRID // 2)
+        for r in range(scenes.GRID)
+        for c in range(scenes.GRID)
+    ]
+)
+"""[N] the quadrant (``scenes.QUADRANTS`` index) each patch lies in."""
 
 
 @dataclasses.dataclass
@@ -64,7 +75,7 @@ class TrainConfig:
         default_factory=lambda: StageConfig(steps=1000, batch=16, lr=1e-3)
     )
     lm: StageConfig = dataclasses.field(
-        default_factory=lambda: StageConfig(steps=1000, batch=16, lr=2e-3, eval_every=50)
+        default_factory=lambda: StageConfig(steps=1200, batch=16, lr=2e-3, eval_every=50)
     )
     join: StageConfig = dataclasses.field(
         default_factory=lambda: StageConfig(steps=150, batch=8, lr=3e-4, warmup=20, eval_every=25)
@@ -87,17 +98,28 @@ SMOKE = TrainConfig(
 # Word geometry: fixed input embeddings and the row targets built from them
 
 
-def design_embeddings(model, seed: int) -> torch.Tensor:
-    """Set ``embed_tokens`` to orthonormal rows (frozen) and return the background vector, a unit
-    vector orthogonal to all of them."""
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Row directions that are no word: the background, and one per quadrant. Orthogonal to
+    every word embedding, so a question's words have no cosine cue to where an object is; the
+    LM learns (in its attention) which quadrant direction a quadrant word asks for."""
+
+    background: torch.Tensor  # [D]
+    quadrants: torch.Tensor  # [4, D]
+
+
+def design_embeddings(model, seed: int) -> Geometry:
+    """Set ``embed_tokens`` to orthonormal rows (frozen); the background and quadrant vectors
+    are unit vectors orthogonal to all of them and to each other."""
     emb = model.get_input_embeddings()
     vocab, dim = emb.weight.shape
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, vocab + 1, generator=gen))
+    extra = 1 + len(scenes.QUADRANTS)
+    q, _ = torch.linalg.qr(torch.randn(dim, vocab + extra, generator=gen))
     with torch.no_grad():
         emb.weight.copy_(q[:, :vocab].T)
     emb.weight.requires_grad_(False)
-    return q[:, vocab].clone()
+    return Geometry(q[:, vocab].clone(), q[:, vocab + 1 : vocab + extra].T.clone())
 
 
 def _word_ids() -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,19 +139,36 @@ class Batch:
     coverage: torch.Tensor  # [B, 4, N] share of each patch inside each object (0 for padding)
     obj_colour: torch.Tensor  # [B, 4] colour index (0 for padding, masked by coverage)
     obj_pattern: torch.Tensor  # [B, 4]
-    answer_pos: torch.Tensor  # [T] positions whose logits predict the answers
+    answer_pos: torch.Tensor  # [B, T] positions whose logits predict the answers
     answers: torch.Tensor  # [B, T] answer token ids
-    word_pos: torch.Tensor  # [B, T, 2] attribute-word positions of each turn (-1: none)
+    word_pos: torch.Tensor  # [B, T, 2] cue-word positions of each turn (-1: none)
     word_obj: torch.Tensor  # [B, T, 2] object with that word's attribute (-1: none in scene)
-    qtypes: list[list[str]]
+    qtypes: list[list[str]]  # each turn's Question.subtype
     clean: np.ndarray | None  # [B, 336, 336, 3] uint8 before noise, when pixels were asked
+
+
+def _turns(rng: np.random.Generator, turns: int):
+    """A scene and ``turns`` questions about it: the first as the task draws it (type first, so
+    a location question gets a scene that can ask it), the rest of any type the scene allows."""
+    scene, first = scenes.sample_item(rng, version=VERSION)
+    types = [
+        t for t in scenes.VERSION_TYPES[VERSION] if t != "location" or scene.eligible_quadrants()
+    ]
+    rest = [
+        scenes.sample_question(
+            scene, rng, qtype=types[int(rng.integers(len(types)))], version=VERSION
+        )
+        for _ in range(turns - 1)
+    ]
+    return scene, [first, *rest][:turns]
 
 
 def make_batch(
     rng: np.random.Generator, size: int, *, turns: int = TURNS, bos: bool, pixels: bool
 ) -> Batch:
     """``size`` fresh scenes, each with ``turns`` questions, laid out as the chat template does:
-    ``[<s>] USER : <image>*576 Q1 ASSISTANT : A1 </s> USER : Q2 ASSISTANT : A2 </s> ...``."""
+    ``[<s>] USER : <image>*576 Q1 ASSISTANT : A1 </s> USER : Q2 ASSISTANT : A2 </s> ...``,
+    padded at the end (questions differ in length; causal attention never reads the padding)."""
     ids_of = {w: i for i, w in enumerate((*shapes_model.SPECIAL_TOKENS, *shapes_model.WORDS))}
     head = ([shapes_model.BOS_ID] if bos else []) + [ids_of["USER"], ids_of[":"]]
     image_start = len(head)
@@ -139,7 +178,7 @@ def make_batch(
     rows, answers, word_pos, word_obj, qtypes, clean = [], [], [], [], [], []
     answer_pos = []
     for b in range(size):
-        scene = scenes.sample_scene(rng)
+        scene, questions = _turns(rng, max(turns, 1))
         n = len(scene.objects)
         coverage[b, :n] = torch.from_numpy(scene.patch_coverage())
         for o, obj in enumerate(scene.objects):
@@ -148,45 +187,44 @@ def make_batch(
         if pixels:
             clean.append(scene.clean_pixels())
         seq = head + [shapes_model.IMAGE_TOKEN_ID] * N
-        ans, wpos, wobj, types = [], [], [], []
-        for t in range(turns):
-            q = scenes.sample_question(scene, rng)
+        ans, apos, wpos, wobj, types = [], [], [], [], []
+        for t, q in enumerate(questions[:turns]):
             if t:
                 seq += [ids_of["USER"], ids_of[":"]]
             q_start = len(seq)
-            words = q.text.replace("?", " ?").split()
-            assert len(words) == QUESTION_LEN, q.text
+            words = shapes_model.split_words(q.text)
             seq += [ids_of[w] for w in words]
             seq += [ids_of["ASSISTANT"], ids_of[":"]]
-            if b == 0:
-                answer_pos.append(len(seq) - 1)
+            apos.append(len(seq) - 1)
             seq += [ids_of[q.answer], shapes_model.EOS_ID]
             ans.append(ids_of[q.answer])
             pos, objs = [-1, -1], [-1, -1]
-            for slot, (attr, values) in enumerate(
-                ((q.color, scenes.COLOR_NAMES), (q.pattern, scenes.PATTERNS))
-            ):
+            if q.quadrant is not None:  # the quadrant word finds the object in it
+                pos[0], objs[0] = q_start + words.index(q.quadrant), q.target
+            for slot, (attr, key) in enumerate(((q.color, "color"), (q.pattern, "pattern"))):
                 if attr is None:
                     continue
                 pos[slot] = q_start + words.index(attr)
-                key = "color" if values is scenes.COLOR_NAMES else "pattern"
                 found = scene.find(**{key: attr})
                 objs[slot] = -1 if found is None else found
             wpos.append(pos)
             wobj.append(objs)
-            types.append(q.type)
+            types.append(q.subtype)
         rows.append(seq)
         answers.append(ans)
+        answer_pos.append(apos)
         word_pos.append(wpos)
         word_obj.append(wobj)
         qtypes.append(types)
+    length = max(len(r) for r in rows)
+    rows = [r + [shapes_model.PAD_ID] * (length - len(r)) for r in rows]
     return Batch(
         ids=torch.tensor(rows),
         image_start=image_start,
         coverage=coverage,
         obj_colour=obj_colour,
         obj_pattern=obj_pattern,
-        answer_pos=torch.tensor(answer_pos),
+        answer_pos=torch.tensor(answer_pos, dtype=torch.long).reshape(size, turns),
         answers=torch.tensor(answers),
         word_pos=torch.tensor(word_pos),
         word_obj=torch.tensor(word_obj),
@@ -218,14 +256,16 @@ class PixelNoise:
         return shapes_model.pixel_values(x.round_().clamp_(0, 255))
 
 
-def row_targets(batch: Batch, emb_weight: torch.Tensor, background: torch.Tensor):
-    """[B, N, D] target rows: coverage-weighted colour + pattern word vectors, the rest
-    background."""
+def row_targets(batch: Batch, emb_weight: torch.Tensor, geometry: Geometry):
+    """[B, N, D] target rows: coverage-weighted colour + pattern word vectors plus the patch's
+    quadrant vector, the rest background."""
     colour_ids, pattern_ids = _word_ids()
     obj_vec = emb_weight[colour_ids[batch.obj_colour]] + emb_weight[pattern_ids[batch.obj_pattern]]
     cov = batch.coverage  # [B, 4, N]
     rows = torch.einsum("bon,bod->bnd", cov, obj_vec)
-    rows += (1 - cov.sum(1)).clamp(min=0)[..., None] * background
+    on_object = cov.sum(1).clamp(max=1)[..., None]  # [B, N, 1]
+    rows += on_object * geometry.quadrants[PATCH_QUADRANT]
+    rows += (1 - on_object) * geometry.background
     return rows
 
 
@@ -247,8 +287,9 @@ def vision_rows(model, pixel_values: torch.Tensor, *, tower_grad: bool = True) -
 
 
 def lm_forward(model, embeds: torch.Tensor, probe: dict[int, torch.Tensor], out_pos: torch.Tensor):
-    """Final hidden states at ``out_pos`` [B, P, D] and, per layer in ``probe``, head 0's
-    attention probabilities [B, M, L] from the query positions ``probe[layer]`` [B, M].
+    """Final hidden states at ``out_pos`` [B, P] (per row) as [B, P, D] and, per layer in
+    ``probe``, head 0's attention probabilities [B, M, L] from the query positions
+    ``probe[layer]`` [B, M].
 
     The stock decoder layers' modules, called step by step. The last layer only runs its queries,
     MLP and the final norm at ``out_pos``: nothing else of it reaches the output.
@@ -277,11 +318,14 @@ def lm_forward(model, embeds: torch.Tensor, probe: dict[int, torch.Tensor], out_
             future = torch.arange(length)[None, None] > qpos[..., None]
             probs[i] = scores.masked_fill(future, float("-inf")).softmax(-1)
         if i == last:
-            visible = torch.arange(length)[None] <= out_pos[:, None]  # [P, L]
+            visible = torch.arange(length)[None, None] <= out_pos[..., None]  # [B, P, L]
+            heads, p = q.shape[1], out_pos.shape[1]
+            q_out = q.gather(2, out_pos[:, None, :, None].expand(-1, heads, -1, att.head_dim))
             out = F.scaled_dot_product_attention(
-                q[:, :, out_pos], k, v, attn_mask=visible, scale=att.scaling
+                q_out, k, v, attn_mask=visible[:, None], scale=att.scaling
             )
-            h = h[:, out_pos] + att.o_proj(out.transpose(1, 2).reshape(bsz, len(out_pos), -1))
+            h_out = h.gather(1, out_pos[..., None].expand(-1, -1, h.shape[-1]))
+            h = h_out + att.o_proj(out.transpose(1, 2).reshape(bsz, p, -1))
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=att.scaling)
             h = h + att.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
@@ -299,7 +343,7 @@ def attention_targets(batch: Batch):
     """Layer-0 queries (attribute words) with their key masks, layer-1 queries (answer
     positions) with theirs."""
     bsz, length = batch.ids.shape
-    turns = batch.answer_pos.shape[0]
+    turns = batch.answer_pos.shape[1]
     wpos = batch.word_pos.reshape(bsz, turns * 2)
     wobj = batch.word_obj.reshape(bsz, turns * 2)
     valid0 = wpos >= 0
@@ -314,7 +358,7 @@ def attention_targets(batch: Batch):
     )
     self_mask = torch.zeros_like(mask0).scatter_(2, q0[..., None], True)
     mask0 = torch.where(has_obj[..., None], mask0, self_mask)
-    q1 = batch.answer_pos.expand(bsz, turns)
+    q1 = batch.answer_pos
     mask1 = torch.zeros(bsz, turns, length, dtype=torch.bool)
     pos = batch.word_pos  # [B, T, 2]
     for slot in range(2):
@@ -332,14 +376,14 @@ def attention_loss(probs, targets) -> torch.Tensor:
 
 
 def output_positions(batch: Batch) -> torch.Tensor:
-    """Where the loss reads the LM: each answer's position, then each ``</s>``'s."""
-    return torch.cat([batch.answer_pos, batch.answer_pos + 1])
+    """Where the loss reads the LM, per row: each answer's position, then each ``</s>``'s."""
+    return torch.cat([batch.answer_pos, batch.answer_pos + 1], dim=1)
 
 
 def answer_loss(model, hidden, batch: Batch):
     """Cross-entropy of each turn's answer and of the ``</s>`` after it (``hidden`` at
     :func:`output_positions`); also the answers' correctness."""
-    turns = batch.answer_pos.shape[0]
+    turns = batch.answer_pos.shape[1]
     logits = model.lm_head(hidden[:, :turns])  # [B, T, V]
     eos_logits = model.lm_head(hidden[:, turns:])
     ce = F.cross_entropy(logits.flatten(0, 1), batch.answers.flatten())
@@ -402,7 +446,9 @@ def alignment_loss(rows: torch.Tensor, targets: torch.Tensor, coverage: torch.Te
 
 
 @torch.no_grad()
-def patch_accuracy(rows: torch.Tensor, batch: Batch, emb_weight: torch.Tensor) -> dict:
+def patch_accuracy(
+    rows: torch.Tensor, batch: Batch, emb_weight: torch.Tensor, geometry: Geometry
+) -> dict:
     """Per patch mostly inside one object (>= 50 %): is the nearest colour / pattern word (by dot
     product) the object's? And the share of background patches whose best cosine to any
     attribute word stays below 0.3."""
@@ -416,9 +462,12 @@ def patch_accuracy(rows: torch.Tensor, batch: Batch, emb_weight: torch.Tensor) -
     words = F.normalize(emb_weight[torch.cat([colour_ids, pattern_ids])], dim=-1)
     best = (F.normalize(rows, dim=-1) @ words.T).max(-1).values
     background = batch.coverage.sum(1) == 0
+    pred_q = (rows @ geometry.quadrants.T).argmax(-1)
+    true_q = PATCH_QUADRANT.expand_as(pred_q)
     return {
         "patch_colour_acc": (pred_c == true_c)[inside].float().mean().item(),
         "patch_pattern_acc": (pred_p == true_p)[inside].float().mean().item(),
+        "patch_quadrant_acc": (pred_q == true_q)[inside].float().mean().item(),
         "background_clean": (best[background] < 0.3).float().mean().item(),
     }
 
@@ -444,15 +493,15 @@ def _rng(seed: int, stage: str) -> tuple[np.random.Generator, torch.Generator]:
     )
 
 
-def pseudo_rows(batch, emb_weight, background, noise: float, gen: torch.Generator):
+def pseudo_rows(batch, emb_weight, geometry: Geometry, noise: float, gen: torch.Generator):
     """Target rows with noise: what the LM sees before the vision tower is ready."""
-    rows = row_targets(batch, emb_weight, background)
+    rows = row_targets(batch, emb_weight, geometry)
     scale = 1 + 0.1 * torch.randn(rows.shape[:2] + (1,), generator=gen)
     jitter = torch.randn(rows.shape, generator=gen) * (noise / math.sqrt(rows.shape[-1]))
     return rows * scale + jitter
 
 
-def run_stage(model, background, stage: str, cfg: TrainConfig, logger: Logger) -> None:
+def run_stage(model, geometry: Geometry, stage: str, cfg: TrainConfig, logger: Logger) -> None:
     """Train one stage in place."""
     scfg = getattr(cfg, stage)
     emb_weight = model.get_input_embeddings().weight.detach()
@@ -473,10 +522,10 @@ def run_stage(model, background, stage: str, cfg: TrainConfig, logger: Logger) -
         )
         parts = {}
         if stage == "lm":
-            rows = pseudo_rows(batch, emb_weight, background, cfg.row_noise, gen)
+            rows = pseudo_rows(batch, emb_weight, geometry, cfg.row_noise, gen)
         else:
             rows = vision_rows(model, noise(batch.clean), tower_grad=stage == "vision")
-            targets = row_targets(batch, emb_weight, background)
+            targets = row_targets(batch, emb_weight, geometry)
             parts["align"] = alignment_loss(rows, targets, batch.coverage)
         if stage != "vision":
             targets = attention_targets(batch)
@@ -498,12 +547,12 @@ def run_stage(model, background, stage: str, cfg: TrainConfig, logger: Logger) -
         record = {k: v.item() for k, v in parts.items()}
         if stage != "vision":
             record["train_acc"] = correct.float().mean().item()
-            for t in scenes.QUESTION_TYPES:
+            for t in (*scenes.VERSION_TYPES[VERSION], "exists/binding"):
                 flags = [
                     bool(correct[b, i])
                     for b, types in enumerate(batch.qtypes)
                     for i, ty in enumerate(types)
-                    if ty == t
+                    if t in (ty, ty.split("/")[0])
                 ]
                 record[f"train_acc_{t}"] = float(np.mean(flags)) if flags else float("nan")
         recent.append(record)
@@ -511,7 +560,7 @@ def run_stage(model, background, stage: str, cfg: TrainConfig, logger: Logger) -
         if (step + 1) % scfg.eval_every == 0 or step + 1 == scfg.steps:
             summary = {k: float(np.nanmean([r[k] for r in recent])) for k in recent[0]}
             if stage != "lm":
-                summary.update(patch_accuracy(rows.detach(), batch, emb_weight))
+                summary.update(patch_accuracy(rows.detach(), batch, emb_weight, geometry))
             logger.write(step=step + 1, lr=sched.get_last_lr()[0], **summary)
             recent = []
     model.eval()
@@ -522,13 +571,16 @@ def run_stage(model, background, stage: str, cfg: TrainConfig, logger: Logger) -
 
 
 @torch.no_grad()
-def evaluate(model, background, *, items: int, seed: int, real: bool, bos: bool = True) -> dict:
+def evaluate(
+    model, geometry: Geometry, *, items: int, seed: int, real: bool, bos: bool = True
+) -> dict:
     """Answer accuracy per question type on fresh single-question scenes; ``real``: from the
     image through the vision tower, else from pseudo rows (no noise)."""
     emb_weight = model.get_input_embeddings().weight
     rng = np.random.default_rng([seed, 99])
     noise = PixelNoise(torch.Generator().manual_seed(seed)) if real else None
-    hits: dict[str, list[bool]] = {t: [] for t in scenes.QUESTION_TYPES}
+    hits: dict[str, list[bool]] = {t: [] for t in scenes.VERSION_TYPES[VERSION]}
+    binding: list[bool] = []
     was_training = model.training
     model.eval()
     for start in range(0, items, 32):
@@ -536,13 +588,17 @@ def evaluate(model, background, *, items: int, seed: int, real: bool, bos: bool 
         if real:
             rows = vision_rows(model, noise(batch.clean))
         else:
-            rows = row_targets(batch, emb_weight, background)
+            rows = row_targets(batch, emb_weight, geometry)
         hidden, _ = lm_forward(model, input_embeds(model, batch, rows), {}, output_positions(batch))
         _, correct = answer_loss(model, hidden, batch)
         for b, types in enumerate(batch.qtypes):
-            hits[types[0]].append(bool(correct[b, 0]))
+            hits[types[0].split("/")[0]].append(bool(correct[b, 0]))
+            if types[0] == "exists/binding":
+                binding.append(bool(correct[b, 0]))
     model.train(was_training)
     out = {f"acc_{t}": float(np.mean(h)) for t, h in hits.items() if h}
+    if binding:
+        out["acc_exists_binding"] = float(np.mean(binding))
     out["acc"] = float(np.mean([x for h in hits.values() for x in h]))
     return out
 
@@ -592,17 +648,16 @@ def alignment_report(model, *, items: int, seed: int) -> dict:
 
 def _fresh_model(seed: int):
     model = shapes_model.new_model(seed=seed)
-    background = design_embeddings(model, seed)
-    return model, background
+    return model, design_embeddings(model, seed)
 
 
 def _stage_worker(stage: str, cfg: TrainConfig, out: str, threads: int, quiet: bool) -> None:
     torch.set_num_threads(threads)
-    model, background = _fresh_model(cfg.seed)
+    model, geometry = _fresh_model(cfg.seed)
     logger = Logger(
         Path(out) / f"{LOG_NAME}.{stage}", stage, getattr(cfg, stage).steps, quiet=quiet
     )
-    run_stage(model, background, stage, cfg, logger)
+    run_stage(model, geometry, stage, cfg, logger)
     logger.close()
     names = {id(p) for p in _stage_params(model, stage)}
     state = {n: p.detach() for n, p in model.named_parameters() if id(p) in names}
@@ -637,17 +692,17 @@ def train(out: Path, cfg: TrainConfig, *, jobs: int = 2, quiet: bool = False) ->
             f.write(part.read_text())
             part.unlink()
     torch.set_num_threads(max(1, jobs))
-    model, background = _fresh_model(cfg.seed)
+    model, geometry = _fresh_model(cfg.seed)
     for stage in ("vision", "lm"):
         path = out / f"stage-{stage}.pt"
         model.load_state_dict(torch.load(path), strict=False)
         path.unlink()
     parallel_s = time.perf_counter() - started
-    before = evaluate(model, background, items=cfg.eval_items, seed=cfg.seed + 1, real=True)
+    before = evaluate(model, geometry, items=cfg.eval_items, seed=cfg.seed + 1, real=True)
     logger = Logger(log, "join", cfg.join.steps, quiet=quiet)
     logger.write(step=0, **{f"before_{k}": v for k, v in before.items()})
-    run_stage(model, background, "join", cfg, logger)
-    after = evaluate(model, background, items=cfg.eval_items, seed=cfg.seed + 2, real=True)
+    run_stage(model, geometry, "join", cfg, logger)
+    after = evaluate(model, geometry, items=cfg.eval_items, seed=cfg.seed + 2, real=True)
     logger.write(step=cfg.join.steps, **{f"heldout_{k}": v for k, v in after.items()})
     alignment = alignment_report(model, items=min(cfg.eval_items, 64), seed=cfg.seed + 3)
     logger.write(step=cfg.join.steps, **alignment)
@@ -663,14 +718,15 @@ def train(out: Path, cfg: TrainConfig, *, jobs: int = 2, quiet: bool = False) ->
         "config": dataclasses.asdict(cfg),
         "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    shapes_model.save_model(model, out, extra={"training": summary})
+    shapes_model.save_model(model, out, version=VERSION, extra={"training": summary})
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lvlm-prune train shapes",
-        description="Train lvlm-prune-shapes (a small LLaVA-1.5) on ShapesVQA v2 from scratch, "
+        description=f"Train lvlm-prune-shapes (a small LLaVA-1.5) on {scenes.VERSIONS[VERSION]} from "
+        "scratch, "
         "on CPU. Writes a checkpoint folder that vLLM and transformers load.",
     )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")

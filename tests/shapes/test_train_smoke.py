@@ -13,7 +13,7 @@ def fresh(seed):
     return train._fresh_model(seed)
 
 
-def batch_losses(model, background, batch, rows_fn):
+def batch_losses(model, batch, rows_fn):
     rows = rows_fn()
     targets = train.attention_targets(batch)
     hidden, probs = train.lm_forward(
@@ -36,23 +36,24 @@ def test_training_forward_is_the_stock_forward(seed):
         out = train.output_positions(batch)
         hidden, _ = train.lm_forward(model, train.input_embeds(model, batch, rows), {}, out)
         ours = model.lm_head(hidden)
-        stock = model(input_ids=batch.ids, pixel_values=pixels).logits[:, out]
+        logits = model(input_ids=batch.ids, pixel_values=pixels).logits
+        stock = logits.gather(1, out[..., None].expand(-1, -1, logits.shape[-1]))
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
 
 
 def test_a_few_steps_lower_each_stage_loss(seed):
-    model, background = fresh(seed)
+    model, geometry = fresh(seed)
     emb = model.get_input_embeddings().weight.detach()
     rng = np.random.default_rng(seed)
     batch = train.make_batch(rng, 1, turns=2, bos=False, pixels=True)
     pixels = train.PixelNoise(torch.Generator().manual_seed(seed))(batch.clean)
-    targets = train.row_targets(batch, emb, background)
+    targets = train.row_targets(batch, emb, geometry)
 
     def vision_loss():
         return train.alignment_loss(train.vision_rows(model, pixels), targets, batch.coverage)
 
     def lm_loss():
-        return batch_losses(model, background, batch, lambda: targets)
+        return batch_losses(model, batch, lambda: targets)
 
     for stage, loss_fn in (("vision", vision_loss), ("lm", lm_loss)):
         params = train._stage_params(model, stage)
@@ -67,13 +68,25 @@ def test_a_few_steps_lower_each_stage_loss(seed):
         assert last < 0.8 * first, (stage, first, last)
 
 
-def test_embeddings_are_orthonormal_and_background_is_orthogonal(seed):
-    model, background = fresh(seed)
+def test_embeddings_are_orthonormal_and_background_and_quadrants_are_no_word(seed):
+    """The background and quadrant directions are orthogonal to every word: a question's words
+    have no cosine cue to where an object is (what v3's location questions test)."""
+    model, geometry = fresh(seed)
     emb = model.get_input_embeddings().weight
     assert not emb.requires_grad
-    gram = emb @ emb.T
-    torch.testing.assert_close(gram, torch.eye(len(emb)), atol=1e-5, rtol=0)
-    assert (emb @ background).abs().max() < 1e-5
+    every = torch.cat([emb, geometry.background[None], geometry.quadrants])
+    torch.testing.assert_close(every @ every.T, torch.eye(len(every)), atol=1e-5, rtol=0)
+
+
+def test_the_tokenizer_reads_a_quadrant_as_one_word(seed):
+    """Training lays questions out by ``split_words``; the released tokenizer must agree."""
+    tokenizer = shapes_model.build_tokenizer()
+    for _, q in scenes.sample(seed, 40, per_type=True, version="v3"):
+        ids = tokenizer.encode(q.text, add_special_tokens=False)
+        assert ids == shapes_model.token_ids(q.text), q.text
+        assert shapes_model.UNK_ID not in ids
+        if q.quadrant is not None:
+            assert tokenizer.convert_tokens_to_ids(q.quadrant) in ids
 
 
 def test_attention_targets_point_at_the_asked_objects_patches(seed):
@@ -81,13 +94,13 @@ def test_attention_targets_point_at_the_asked_objects_patches(seed):
     batch = train.make_batch(rng, 3, turns=3, bos=True, pixels=False)
     (q0, mask0, valid0), (q1, mask1) = train.attention_targets(batch)
     ids = batch.ids
-    attribute_ids = set(shapes_model.token_ids(" ".join(shapes_model.ATTRIBUTE_WORDS)))
+    cue_ids = set(shapes_model.token_ids([*shapes_model.ATTRIBUTE_WORDS, *scenes.QUADRANTS]))
     for b in range(3):
         for m in range(q0.shape[1]):
             if not valid0[b, m]:
                 continue
             pos = int(q0[b, m])
-            assert int(ids[b, pos]) in attribute_ids
+            assert int(ids[b, pos]) in cue_ids
             keys = mask0[b, m].nonzero().flatten().tolist()
             if keys == [pos]:  # no object has this attribute
                 continue
@@ -96,7 +109,7 @@ def test_attention_targets_point_at_the_asked_objects_patches(seed):
             assert (ids[b, keys] == shapes_model.IMAGE_TOKEN_ID).all()
         for t in range(q1.shape[1]):
             keys = mask1[b, t].nonzero().flatten().tolist()
-            assert 1 <= len(keys) <= 2 and all(int(ids[b, k]) in attribute_ids for k in keys)
+            assert 1 <= len(keys) <= 2 and all(int(ids[b, k]) in cue_ids for k in keys)
             assert int(ids[b, q1[b, t] + 1]) == int(batch.answers[b, t])
 
 
