@@ -314,7 +314,9 @@ OPTIONS: tuple[Option, ...] = (
         Choice(f"one of {list(PRUNE_METHODS)}", choices=PRUNE_METHODS),
         "simignore",
         "`simignore` (question-relevant), `uniform` (evenly spaced), `random` (seeded baseline), "
-        "`flow` (the tokens the question attends to most in a shallow decoder layer).",
+        "`flow` (the tokens the question attends to most in a shallow decoder layer), `cover` "
+        "(half question-relevant, half covering the rest of the image: for questions that name "
+        "a place, not a thing).",
         kwarg=METHOD,
         api="method",
         hashed=_always,
