@@ -198,7 +198,7 @@ BAD_KWARGS = [
     ({"keep_ratio": float("nan")}, "keep_ratio must be a number"),
     (
         {"prune_method": "best"},
-        "prune_method must be one of ['simignore', 'uniform', 'random', 'flow']",
+        "prune_method must be one of ['simignore', 'uniform', 'random', 'flow', 'cover']",
     ),
     ({"prune_method": 3}, "prune_method must be one of"),
     ({"prune_merge": "yes"}, "prune_merge must be true or false"),
