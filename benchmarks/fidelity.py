@@ -428,7 +428,7 @@ def run_shapes(args: argparse.Namespace, llm, model_label: str) -> dict:
     n = n_types * math.ceil(n / n_types)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"{task} draw: seed={seed}, {n} questions", file=sys.stderr)
-    items = scenes.sample(seed, n, per_type=True, version=version)
+    items = scenes.sample(seed, n, per_type=True, version=version, stream_name="fidelity")
     images = [scene.image() for scene, _ in items]
     patches = [scene.object_patches() for scene, _ in items]
     configs = shapes_configs(

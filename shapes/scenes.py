@@ -68,6 +68,29 @@ OPTIONS = {
 }
 """The multiple-choice form: the options of each question type, in the spec's order."""
 CHANCE = {t: 1 / len(o) for t, o in OPTIONS.items()}
+STREAMS = {
+    "train/vision": 0,
+    "train/lm": 1,
+    "train/join": 2,
+    "train/eval": 3,
+    "train/alignment-check": 98,
+    "train/heldout": 99,
+    "evaluation": 0x45564C,  # "EVL"
+    "fidelity": 0x464944,  # "FID"
+}
+"""Every random stream of the task, by name: ``stream(seed, name)`` is
+``default_rng([seed, STREAMS[name]])``. The second word names the use, so two uses never share a
+stream for any seeds, and no named stream is ``default_rng(seed)`` (numpy pads entropy with
+zeros: ``[seed, 0]`` and ``seed`` give one stream, which is why no name may be 0 but the
+training stage that always had it). The training values are the ones the released weights were
+trained with."""
+
+
+def stream(seed: int, name: str) -> np.random.Generator:
+    """The generator of stream ``name`` (``STREAMS``) for ``seed``."""
+    return np.random.default_rng([seed, STREAMS[name]])
+
+
 MIDLINE = (CANVAS - 1) / 2  # 167.5: left of it is the left half, above it the top half
 MIDLINE_MARGIN = 12  # v3 location: no object centre closer than this to either midline
 
@@ -325,17 +348,25 @@ def sample_item(
 
 
 def sample(
-    seed: int, n: int, *, per_type: bool = False, version: str = LATEST
+    seed: int,
+    n: int,
+    *,
+    per_type: bool = False,
+    version: str = LATEST,
+    stream_name: str = "evaluation",
 ) -> list[tuple[Scene, Question]]:
     """``n`` fresh (scene, question) pairs from ``seed``, one scene each.
 
     With ``per_type``, the types cycle (colour / pattern / exists / location in v3) so each has
     n / types (the fidelity harness wants equal counts); otherwise each type is equally likely.
+    v3 draws from the named stream (``STREAMS``: never a training stream); v2 from
+    ``default_rng(seed)`` as it always did, which for seed 0 is the v2 model's vision-stage
+    training stream.
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {tuple(VERSIONS)}, got {version!r}")
     types = VERSION_TYPES[version]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if version == "v2" else stream(seed, stream_name)
     return [
         sample_item(rng, qtype=types[k % len(types)] if per_type else None, version=version)
         for k in range(n)

@@ -487,10 +487,7 @@ def _stage_params(model, stage: str):
 
 def _rng(seed: int, stage: str) -> tuple[np.random.Generator, torch.Generator]:
     index = ("vision", "lm", "join", "eval").index(stage)
-    return (
-        np.random.default_rng([seed, index]),
-        torch.Generator().manual_seed(seed * 1000 + index),
-    )
+    return scenes.stream(seed, f"train/{stage}"), torch.Generator().manual_seed(seed * 1000 + index)
 
 
 def pseudo_rows(batch, emb_weight, geometry: Geometry, noise: float, gen: torch.Generator):
@@ -577,7 +574,7 @@ def evaluate(
     """Answer accuracy per question type on fresh single-question scenes; ``real``: from the
     image through the vision tower, else from pseudo rows (no noise)."""
     emb_weight = model.get_input_embeddings().weight
-    rng = np.random.default_rng([seed, 99])
+    rng = scenes.stream(seed, "train/heldout")
     noise = PixelNoise(torch.Generator().manual_seed(seed)) if real else None
     hits: dict[str, list[bool]] = {t: [] for t in scenes.VERSION_TYPES[VERSION]}
     binding: list[bool] = []
@@ -611,7 +608,7 @@ def alignment_report(model, *, items: int, seed: int) -> dict:
     emb = F.normalize(model.get_input_embeddings().weight, dim=-1)
     colour_ids, pattern_ids = _word_ids()
     word_ids = torch.tensor(shapes_model.token_ids(" ".join(shapes_model.WORDS)))
-    rng = np.random.default_rng([seed, 98])
+    rng = scenes.stream(seed, "train/alignment-check")
     noise = PixelNoise(torch.Generator().manual_seed(seed))
     colour_cos, pattern_cos, other_attr, background = [], [], [], []
     for start in range(0, items, 32):
