@@ -313,6 +313,22 @@ def share(summary_: dict | None) -> str:
     return "n/a" if summary_ is None else f"{100 * summary_['median']:.0f}%"
 
 
+def quantile_interval(
+    values: Sequence[float], q: float, z: float = 1.959964
+) -> tuple[float | None, float | None]:
+    """Distribution-free 95% interval of the ``q`` quantile from ``values``: the order
+    statistics whose ranks bound n·q by z binomial standard deviations. A bound that falls
+    outside the sample is None: too few values to bound the quantile on that side (with 100
+    values, p99's upper bound is beyond the largest)."""
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    if n == 0:
+        return (None, None)
+    half = z * math.sqrt(n * q * (1 - q))
+    low, high = math.floor(n * q - half), math.ceil(n * q + half)  # 1-based ranks
+    return (xs[low - 1] if low >= 1 else None, xs[high - 1] if high <= n else None)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sane at 0, 1 and small n)."""
     if n == 0:

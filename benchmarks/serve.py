@@ -16,9 +16,13 @@ then each setting searches its own geometric grid of rates (three per doubling),
 its unloaded rate (1 / its mean end-to-end latency alone): up while it passes, stopping after two
 failing rates in a row, or down from a failing start until a rate passes; one more rate at the
 geometric midpoint between its highest pass and the failure above it. The settings take turns, one
-rate each per round in rotated order, so drift on a shared machine falls on all of them. A rate
-passes when every request succeeded and p99 TTFT is within the SLO; the **sustainable rate** is
-the highest that passed, and the headline is its ratio to stock's.
+rate each per round in rotated order, so drift on a shared machine falls on all of them. Each rate
+runs at least 100 requests, so its p99 is a percentile and not the maximum (with its 95 %
+order-statistic interval in the results). A rate passes when every request succeeded and p99 TTFT
+is within the SLO; the **sustainable rate** is the highest tested rate at which it and every lower
+tested rate passed (monotone: a pass above a failure does not count), confirmed by a second run at
+that rate (a failed confirmation moves it down, and the next one is confirmed in turn); the
+headline is its ratio to stock's.
 """
 
 from __future__ import annotations
@@ -171,8 +175,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         smoke=4,
         type=float,
     )
-    common.add_scaled(parser, "--min-requests", "per rate", full=12, smoke=6)
-    common.add_scaled(parser, "--unloaded", "one-at-a-time requests per setting", full=10, smoke=4)
+    common.add_scaled(
+        parser,
+        "--min-requests",
+        "per rate (100: enough for p99 to be a percentile, not the maximum)",
+        full=100,
+        smoke=6,
+    )
+    common.add_scaled(parser, "--unloaded", "one-at-a-time requests per setting", full=20, smoke=4)
     parser.add_argument(
         "--input-len", type=int, default=24, help="random-mm text tokens (default 24)"
     )
@@ -334,6 +344,7 @@ def _point(raw: dict, setting: Setting, rate: float, n: int, seed: int) -> dict:
     point["seed"] = seed
     point.update({k: _plain(raw.get(k)) for k in keys})
     point["ttfts_ms"] = [round(t * 1e3, 2) for t, e in zip(raw["ttfts"], raw["errors"]) if not e]
+    point["p99_ttft_ci95_ms"] = common.quantile_interval(point["ttfts_ms"], 0.99)
     errors = [e for e in raw["errors"] if e]
     point["errors"] = sorted(set(e.strip().splitlines()[-1][:300] for e in errors))[:3]
     return point
@@ -370,6 +381,7 @@ def sweep(runner: Runner, settings: list[Setting], args: argparse.Namespace) -> 
         _fixed_rates(points, settings, args.rates)
     else:
         _search(points, settings, unloaded, args.rate_step)
+        _confirm(points, settings)
 
     sustainable = {s.name: _sustainable(points.measured, s) for s in settings}
     stock_rate = sustainable[settings[0].name]
@@ -508,23 +520,55 @@ def _unloaded(points: list[dict]) -> dict:
     }
 
 
-def _bracket(points: list[dict], setting: Setting) -> tuple[float | None, float | None]:
-    """The highest passing rate and the lowest failing rate above it."""
-    own = [p for p in points if p["setting"] == setting.name]
-    passed = max((p["rate"] for p in own if p["within_slo"]), default=None)
-    if passed is None:
-        return None, None
-    failed = min(
-        (p["rate"] for p in own if not p["within_slo"] and p["rate"] > passed), default=None
-    )
-    return passed, failed
+def _rates(points: list[dict], setting: Setting) -> list[tuple[float, bool]]:
+    """Each tested rate of ``setting``, ascending, and whether every run at it met the SLO."""
+    runs: dict[float, bool] = {}
+    for p in points:
+        if p["setting"] == setting.name:
+            runs[p["rate"]] = runs.get(p["rate"], True) and p["within_slo"]
+    return sorted(runs.items())
 
 
 def _sustainable(points: list[dict], setting: Setting) -> float | None:
-    return max(
-        (p["rate"] for p in points if p["setting"] == setting.name and p["within_slo"]),
-        default=None,
-    )
+    """The highest tested rate at which it and every lower tested rate met the SLO (every run
+    at each); None when the lowest failed. A pass above a failure is not sustainable: it is
+    noise, or a rate the server meets only by luck of the arrivals."""
+    best = None
+    for rate, passed in _rates(points, setting):
+        if not passed:
+            break
+        best = rate
+    return best
+
+
+def _bracket(points: list[dict], setting: Setting) -> tuple[float | None, float | None]:
+    """The sustainable rate and the lowest failing rate above it."""
+    passed = _sustainable(points, setting)
+    if passed is None:
+        return None, None
+    failed = min((r for r, ok in _rates(points, setting) if not ok and r > passed), default=None)
+    return passed, failed
+
+
+MAX_CONFIRMATIONS = 3
+
+
+def _confirm(points: Points, settings: list[Setting]) -> None:
+    """Run each setting's sustainable rate once more: a rate counts only when every run at it
+    passed, so a failed confirmation moves the rate down to the next one, which is confirmed in
+    turn (at most ``MAX_CONFIRMATIONS`` runs per setting)."""
+    confirmed: dict[str, set[float]] = {s.name: set() for s in settings}
+    for _ in range(MAX_CONFIRMATIONS):
+        todo = []
+        for setting in settings:
+            rate = _sustainable(points.measured, setting)
+            if rate is not None and rate not in confirmed[setting.name]:
+                todo.append((setting, rate))
+        if not todo:
+            return
+        for setting, rate in todo:
+            points.run(setting, rate)
+            confirmed[setting.name].add(rate)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> dict:
@@ -581,6 +625,16 @@ def sustainable_rate(result: dict, keep_ratio: float, workload: str = "random-mm
 # Table and plot
 
 
+def _ci(interval) -> str:
+    """A quantile's interval; an open end (too few requests to bound it) reads as such."""
+    if not interval:
+        return "n/a"
+    low, high = interval
+    return (
+        f"{_f(low) if low is not None else '?'}–{_f(high) if high is not None else '(beyond max)'}"
+    )
+
+
 def _f(x, digits=0) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -633,6 +687,7 @@ def markdown_workload(r: dict) -> str:
                 p["failed"],
                 _f(p["p50_ttft_ms"]),
                 _f(p["p99_ttft_ms"]),
+                _ci(p.get("p99_ttft_ci95_ms")),
                 _f(p["p50_tpot_ms"], 1),
                 _f(p["output_throughput"], 1),
                 _f(p["request_throughput"], 2),
@@ -650,6 +705,7 @@ def markdown_workload(r: dict) -> str:
                 "failed",
                 "TTFT p50 ms",
                 "TTFT p99 ms",
+                "p99 95% CI",
                 "TPOT p50 ms",
                 "output tok/s",
                 "req/s",

@@ -64,6 +64,56 @@ def test_rate_search_climbs_to_two_failures_or_descends_from_a_failing_start():
     assert serve._sustainable(points, serve.Setting(1.0)) == 4
 
 
+def point(rate: float, passed: bool, setting: str = "stock") -> dict:
+    return {"setting": setting, "rate": rate, "within_slo": passed}
+
+
+def test_the_sustainable_rate_is_monotone():
+    """The highest rate at which it and every lower rate passed: a pass above a failure (the
+    committed serve-shapes run passed at 2.39 req/s above a failure at 1.90) does not count, nor
+    does a rate one of whose runs failed."""
+    stock = serve.Setting(1.0)
+    assert serve._sustainable([point(1, True), point(1.9, False), point(2.39, True)], stock) == 1
+    assert serve._bracket([point(1, True), point(1.9, False), point(2.39, True)], stock) == (1, 1.9)
+    assert serve._sustainable([point(1, False), point(2, True)], stock) is None
+    assert serve._sustainable([point(1, True), point(2, True), point(2, False)], stock) == 1
+    assert serve._sustainable([point(1, True), point(2, True), point(4, True)], stock) == 4
+
+
+class FakePoints:
+    """``serve.Points`` whose server meets the SLO at a rate when ``passes(rate, run)`` says so."""
+
+    def __init__(self, measured, passes):
+        self.measured, self.passes, self.runs = list(measured), passes, []
+
+    def run(self, setting, rate):
+        n = sum(1 for s, r in self.runs if s == setting.name and r == rate)
+        self.runs.append((setting.name, rate))
+        self.measured.append(point(rate, self.passes(rate, n), setting.name))
+
+
+def test_the_found_rate_is_confirmed_by_a_second_run_or_moves_down():
+    stock, pruned = serve.Setting(1.0), serve.Setting(0.25)
+    first = [point(r, True) for r in (1, 2, 4)] + [point(r, True, "keep 0.25") for r in (2, 4, 8)]
+    # stock's 4 fails its second run, then 2 holds; keep 0.25's 8 holds at once.
+    fake = FakePoints(first, lambda rate, n: rate < 4 or rate == 8)
+    serve._confirm(fake, [stock, pruned])
+    assert fake.runs == [("stock", 4), ("keep 0.25", 8), ("stock", 2)]
+    assert serve._sustainable(fake.measured, stock) == 2
+    assert serve._sustainable(fake.measured, pruned) == 8
+
+
+def test_p99_interval_is_from_order_statistics():
+    from lvlm_prune.benchmarks.common import quantile_interval
+
+    values = list(range(1, 1001))  # p99 = 990
+    low, high = quantile_interval(values, 0.99)
+    assert low < 990 < high and (low, high) == (983, 997)  # ranks 990 -+ 1.96 sqrt(9.9)
+    # 100 requests: p99's upper bound is beyond the largest value; 12 give no bound at all.
+    assert quantile_interval(list(range(100)), 0.99)[1] is None
+    assert quantile_interval(list(range(12)), 0.99) == (10.0, None)
+
+
 def test_one_minute_soak_passes_every_check(tmp_path):
     # 4096 tokens of context: a dropped stream asks ~3800, so even a starved client leaves before
     # the tiny model could finish it.
