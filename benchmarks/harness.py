@@ -230,6 +230,20 @@ def engine_core(pid: int):
     return next(p for name, p in processes(pid).items() if name.startswith("VLLM::EngineCore"))
 
 
+def wait_for_quiet(
+    server: Server, limit: float, *, window: float = 5.0, timeout: float = 300.0
+) -> float:
+    """Sleep in ``window``-second spells until other processes than this one and the server use
+    at most ``limit`` of the machine's CPU (or ``timeout`` passes); the last spell's share."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meter = CpuMeter(server)
+        time.sleep(window)
+        share = meter.share()
+        if share <= limit or time.monotonic() >= deadline:
+            return share
+
+
 class CpuMeter:
     """Share of the machine's CPU that processes other than this one and the server used."""
 

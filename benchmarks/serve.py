@@ -22,7 +22,9 @@ order-statistic interval in the results). A rate passes when every request succe
 is within the SLO; the **sustainable rate** is the highest tested rate at which it and every lower
 tested rate passed (monotone: a pass above a failure does not count), confirmed by a second run at
 that rate (a failed confirmation moves it down, and the next one is confirmed in turn); the
-headline is its ratio to stock's.
+headline is its ratio to stock's. A rate measured while other processes than the benchmark and
+the server used more than 10 % of the machine's CPU is marked noisy and never used; it is measured
+again once the machine is quiet.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ SLO_FACTOR = 2.0
 START_FACTOR = 0.5
 MAX_FACTOR = 12.0
 MAX_STEPS_DOWN = 8
+COTENANT_LIMIT = 0.10
+"""A rate measured while other processes used more than this share of the machine's CPU is
+marked noisy and never used: the sweep waits for a quiet machine and measures it again (at
+most ``QUIET_RETRIES`` times)."""
+QUIET_RETRIES = 2
 IMAGE_SIZE = 336
 
 
@@ -433,16 +440,24 @@ class Points:
         self.measured: list[dict] = []
 
     def run(self, setting: Setting, rate: float) -> dict:
+        """One rate; measured again after the machine quiets down while the co-tenant CPU
+        share is above ``COTENANT_LIMIT`` (the noisy measurement kept, marked, never used)."""
         n = max(self.min_requests, math.ceil(rate * self.seconds))
-        p = self.runner.measure(setting, n=n, rate=rate)
-        self.measured.append(p)
-        print(
-            f"[{self.label}] {setting.name:>9} @ {rate:6.3f} req/s: p99 TTFT "
-            f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
-            f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
-            f"{'within' if p['within_slo'] else 'OUT OF'} SLO",
-            flush=True,
-        )
+        for attempt in range(QUIET_RETRIES + 1):
+            p = self.runner.measure(setting, n=n, rate=rate)
+            p["noisy"] = p["cotenant_cpu_share"] > COTENANT_LIMIT
+            self.measured.append(p)
+            print(
+                f"[{self.label}] {setting.name:>9} @ {rate:6.3f} req/s: p99 TTFT "
+                f"{p['p99_ttft_ms']:.0f} ms, {p['request_throughput']:.2f} req/s, failed "
+                f"{p['failed']}, co-tenant CPU {p['cotenant_cpu_share']:.0%} -> "
+                f"{'within' if p['within_slo'] else 'OUT OF'} SLO"
+                + (" (noisy: not used)" if p["noisy"] else ""),
+                flush=True,
+            )
+            if not p["noisy"] or attempt == QUIET_RETRIES:
+                return p
+            harness.wait_for_quiet(self.runner.server, COTENANT_LIMIT)
         return p
 
 
@@ -521,10 +536,11 @@ def _unloaded(points: list[dict]) -> dict:
 
 
 def _rates(points: list[dict], setting: Setting) -> list[tuple[float, bool]]:
-    """Each tested rate of ``setting``, ascending, and whether every run at it met the SLO."""
+    """Each tested rate of ``setting``, ascending, and whether every run at it met the SLO
+    (noisy runs, above ``COTENANT_LIMIT``, left out)."""
     runs: dict[float, bool] = {}
     for p in points:
-        if p["setting"] == setting.name:
+        if p["setting"] == setting.name and not p.get("noisy"):
             runs[p["rate"]] = runs.get(p["rate"], True) and p["within_slo"]
     return sorted(runs.items())
 
@@ -693,7 +709,8 @@ def markdown_workload(r: dict) -> str:
                 _f(p["request_throughput"], 2),
                 _f(p["request_goodput"], 2),
                 f"{p['cotenant_cpu_share']:.0%}",
-                "yes" if p["within_slo"] else "**no**",
+                ("yes" if p["within_slo"] else "**no**")
+                + (" (noisy: not used)" if p.get("noisy") else ""),
             ]
         )
     lines.append(

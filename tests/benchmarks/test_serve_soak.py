@@ -103,6 +103,33 @@ def test_the_found_rate_is_confirmed_by_a_second_run_or_moves_down():
     assert serve._sustainable(fake.measured, pruned) == 8
 
 
+def test_a_noisy_rate_is_measured_again_and_never_used(monkeypatch):
+    """Co-tenant CPU above the limit: the point is kept, marked, left out of the rule, and the
+    rate measured again after the wait for a quiet machine."""
+    shares = iter([0.5, 0.02])
+    waits = []
+
+    class Runner:
+        server = None
+
+        def measure(self, setting, *, n, rate):
+            passed = next(shares) > serve.COTENANT_LIMIT  # the noisy run "passes"
+            return {
+                **point(rate, passed),
+                "p99_ttft_ms": 1.0,
+                "request_throughput": 1.0,
+                "failed": 0,
+                "cotenant_cpu_share": 0.5 if passed else 0.02,
+            }
+
+    monkeypatch.setattr(serve.harness, "wait_for_quiet", lambda *a, **k: waits.append(a))
+    points = serve.Points(Runner(), "test", seconds=1.0, min_requests=1)
+    p = points.run(serve.Setting(1.0), 2.0)
+    assert [q["noisy"] for q in points.measured] == [True, False] and p is points.measured[1]
+    assert len(waits) == 1
+    assert serve._sustainable(points.measured, serve.Setting(1.0)) is None  # the clean run failed
+
+
 def test_p99_interval_is_from_order_statistics():
     from lvlm_prune.benchmarks.common import quantile_interval
 
