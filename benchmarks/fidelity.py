@@ -541,7 +541,10 @@ def _shapes_rows(runs, items, patches, predictions: dict, kept: dict) -> list[di
             "predictions": pred,
         }
         if name in kept:
-            hits = [scenes.object_hit_rate(scene, q, k) for (scene, q), k in zip(items, kept[name])]
+            hits = [
+                scenes.object_hit_rate(scene, q, k, per_object)
+                for (scene, q), k, per_object in zip(items, kept[name], patches)
+            ]
             row["object_hit_rate"] = sum(hits) / n
             row["object_hit_rate_per_type"] = {
                 t: _mean([h for h, ty in zip(hits, types) if t in ty]) for t in groups

@@ -46,14 +46,14 @@ def coverage_select_ref(image: torch.Tensor, scores: torch.Tensor | None, k: int
     check_k(k, n)
     rows = F.normalize(image.float(), dim=-1)
     kept = torch.zeros(n, dtype=torch.bool, device=image.device)
-    if scores is not None:
-        first = topk_select_ref(scores, relevance_count(k))
+    by_relevance = 0 if scores is None else relevance_count(k)
+    if by_relevance:
+        first = topk_select_ref(scores, by_relevance)
         kept[first] = True
         distance = (1 - rows @ rows[first].T).amin(dim=1)
     else:
-        first = ()
         distance = 1 - rows @ F.normalize(rows.mean(dim=0), dim=0)
-    for _ in range(k - len(first)):
+    for _ in range(k - by_relevance):
         # Kept rows never win again (-inf); argmax returns the first maximum: ties to the lower.
         # The pick stays a device tensor: no host sync per step on a GPU.
         pick = torch.argmax(distance.masked_fill(kept, float("-inf")))

@@ -32,6 +32,9 @@ that name no attribute of what they ask about (``coverage.py``)."""
 SCORED_METHODS = ("simignore", "flow")
 """Methods that keep the top-K tokens by score."""
 
+COSINE_METHODS = ("simignore", "cover")
+"""Methods whose selection reads the cosine relevance to the query."""
+
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = envs.LVLM_PRUNE_BACKEND
 
@@ -162,7 +165,7 @@ def select_tokens(
     given = list(scores) if scores is not None else [None] * len(images)
     # Cosine relevance for simignore, and for diagnostics of every method without its own scores.
     want = [
-        q.shape[0] > 0 and (m in ("simignore", "cover") or (need_scores and m != "flow"))
+        q.shape[0] > 0 and (m in COSINE_METHODS or (need_scores and m != "flow"))
         for q, m in zip(queries, methods)
     ]
     scored = [b for b, w in enumerate(want) if w]

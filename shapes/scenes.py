@@ -105,6 +105,11 @@ class SceneObject:
     y0: int
 
     @property
+    def centre(self) -> tuple[float, float]:
+        """``(x0 + (s - 1) / 2, y0 + (s - 1) / 2)``: where v3's location rules place it."""
+        return self.x0 + (self.size - 1) / 2, self.y0 + (self.size - 1) / 2
+
+    @property
     def box(self) -> tuple[int, int, int, int]:
         """PIL's inclusive box ``(x0, y0, x1, y1)``."""
         return (self.x0, self.y0, self.x0 + self.size - 1, self.y0 + self.size - 1)
@@ -190,10 +195,10 @@ class Scene:
         return per_patch.reshape(len(self.objects), NUM_PATCHES)
 
     def quadrant_objects(self) -> dict[str, list[int]]:
-        """v3 ``location``: each quadrant's objects, by their centres ``x0 + (s - 1) / 2``."""
+        """v3 ``location``: each quadrant's objects, by their centres."""
         out: dict[str, list[int]] = {q: [] for q in QUADRANTS}
         for i, obj in enumerate(self.objects):
-            cx, cy = obj.x0 + (obj.size - 1) / 2, obj.y0 + (obj.size - 1) / 2
+            cx, cy = obj.centre
             out[QUADRANTS[2 * (cy >= MIDLINE) + (cx >= MIDLINE)]].append(i)
         return out
 
@@ -201,7 +206,7 @@ class Scene:
         """Quadrants a ``location`` question may name: exactly one object's centre in it, and
         no object's centre in the scene within 12 px of either midline."""
         for obj in self.objects:
-            cx, cy = obj.x0 + (obj.size - 1) / 2, obj.y0 + (obj.size - 1) / 2
+            cx, cy = obj.centre
             if abs(cx - MIDLINE) < MIDLINE_MARGIN or abs(cy - MIDLINE) < MIDLINE_MARGIN:
                 return []
         return [q for q, objs in self.quadrant_objects().items() if len(objs) == 1]
@@ -397,10 +402,15 @@ def score_reply(reply: str, question: Question) -> bool:
     return first_word(reply) == question.answer
 
 
-def object_hit_rate(scene: Scene, question: Question, kept: Sequence[int]) -> float:
+def object_hit_rate(
+    scene: Scene,
+    question: Question,
+    kept: Sequence[int],
+    per_object: list[list[int]] | None = None,
+) -> float:
     """Share of the asked object's patches (both objects' of a binding negative) among the kept
-    image-token indices."""
-    per_object = scene.object_patches()
+    image-token indices; ``per_object``: ``scene.object_patches()`` when the caller has it."""
+    per_object = scene.object_patches() if per_object is None else per_object
     patches = sorted({p for i in question.targets for p in per_object[i]})
     if not patches:
         return 1.0
