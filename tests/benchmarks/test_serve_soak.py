@@ -130,6 +130,13 @@ def test_a_noisy_rate_is_measured_again_and_never_used(monkeypatch):
     assert serve._sustainable(points.measured, serve.Setting(1.0)) is None  # the clean run failed
 
 
+def test_warm_up_ends_when_two_batches_agree():
+    assert not serve._stable([]) and not serve._stable([500.0])
+    assert not serve._stable([900.0, 600.0])  # still falling: 33 % apart
+    assert serve._stable([900.0, 600.0, 560.0])  # within 10 %
+    assert serve._stable([600.0, 650.0]) and not serve._stable([600.0, 680.0])
+
+
 def test_p99_interval_is_from_order_statistics():
     from lvlm_prune.benchmarks.common import quantile_interval
 
@@ -168,6 +175,12 @@ def test_serve_sweep_runs_vllm_benchmark_for_every_setting(tmp_path):
     assert workload["workload"] == "random-mm"
     settings = ["stock", "keep 0.25", "keep 0.11"]
     assert list(workload["unloaded"]) == settings
+    warm_up = workload["warm_up"]["stock_batch_median_ttft_ms"]
+    assert 2 <= len(warm_up) <= serve.WARM_UP_MAX_BATCHES
+    assert workload["warm_up"]["stable"] == serve._stable(warm_up)
+    # vLLM's ready check would resend each call's first request (a cache hit, a fast sample):
+    # off, so no request of the sweep repeats another's prompt blocks.
+    assert workload["prefix_cache_hit_tokens"] == 0
     stock_ttft = workload["unloaded"]["stock"]["ttft_ms"]["median"]
     assert workload["slo"]["p99_ttft_ms"] == pytest.approx(2 * stock_ttft)
     points = {p["setting"]: p for p in workload["points"]}
