@@ -8,6 +8,7 @@ machine hits all of them alike; tables report medians and ratios to stock, never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -20,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from lvlm_prune import envs
@@ -517,34 +518,178 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
 
 
-class Timer:
-    """Wall time of a block, and the share of the machine's CPU that *other* processes used meanwhile.
+COTENANT_LIMIT = 0.10
+"""A measurement taken while processes other than the benchmark (and its server) used more than
+this share of the machine's CPU is noisy: kept in the results file, marked, and left out of every
+median, ratio and headline."""
 
-    ``cotenant_cpu_share`` = (all CPUs' busy ticks − this process's ticks) / (wall × CPUs), from
-    /proc/stat and /proc/self/stat (10 ms ticks: coarse on short blocks; None off Linux). On a
-    shared machine it says which samples ran beside someone else's work.
-    """
+
+class CpuMeter:
+    """Share of the machine's CPU that processes other than this one and ``processes`` (a
+    server's) used since the meter was made: all CPUs' busy time minus theirs, over wall x CPUs."""
+
+    def __init__(self, processes: Iterable = ()) -> None:
+        import psutil
+
+        self._procs = [psutil.Process(), *processes]
+        self._start = self._read()
+        self._t0 = time.monotonic()
+
+    def _read(self) -> tuple[float, float]:
+        import psutil
+
+        busy = psutil.cpu_times()
+        total_busy = sum(busy) - busy.idle - getattr(busy, "iowait", 0.0)
+        ours = 0.0
+        for p in self._procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                ours += t.user + t.system
+        return total_busy, ours
+
+    def share(self) -> float:
+        end, wall = self._read(), time.monotonic() - self._t0
+        capacity = wall * (os.cpu_count() or 1)
+        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(0.0, min(1.0, other / capacity)) if capacity > 0 else 0.0
+
+
+def wait_for_quiet(
+    limit: float = COTENANT_LIMIT,
+    processes: Iterable = (),
+    *,
+    window: float = 5.0,
+    timeout: float = 300.0,
+) -> float:
+    """Sleep in ``window``-second spells until other processes than this one and ``processes``
+    use at most ``limit`` of the machine's CPU (or ``timeout`` passes); the last spell's share."""
+    processes = list(processes)
+    deadline = time.monotonic() + timeout
+    while True:
+        meter = CpuMeter(processes)
+        time.sleep(window)
+        share = meter.share()
+        if share <= limit or time.monotonic() >= deadline:
+            return share
+
+
+class Timer:
+    """Wall time of a block, and ``cotenant_cpu_share``: the share of the machine's CPU that
+    processes other than this one and ``processes`` used meanwhile (``CpuMeter``)."""
+
+    def __init__(self, processes: Iterable = ()) -> None:
+        self._processes = list(processes)
 
     def __enter__(self):
-        self._ticks = _cpu_ticks()
+        self._meter = CpuMeter(self._processes)
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
-        self.cotenant_cpu_share = None
-        end = _cpu_ticks()
-        if self._ticks and end:
-            busy, own = end[0] - self._ticks[0], end[1] - self._ticks[1]
-            capacity = self.seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-            self.cotenant_cpu_share = max(0.0, min(1.0, (busy - own) / capacity))
+        self.cotenant_cpu_share = self._meter.share()
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
-    except (OSError, ValueError, IndexError):
-        return None
+class QuietGuard:
+    """A benchmark's measured rounds, run on a quiet machine and counted only when they stayed
+    quiet.
+
+    Before each measured round it waits until other processes use at most ``limit`` of the CPU
+    (``wait_for_quiet``) and records that share and the load average; ``timer()`` times each
+    sample of the round and records the share during it. A round with a sample above the limit
+    is noisy: its samples stay in the file but out of every median and ratio (``quiet``), and one
+    more round runs in its place (at most ``extra``). A run left with fewer quiet rounds than
+    asked for is marked, and a marked run never feeds a headline (``tests/test_docs.py``).
+    """
+
+    def __init__(
+        self,
+        processes: Iterable = (),
+        limit: float = COTENANT_LIMIT,
+        *,
+        window: float = 2.0,
+        wait: float = 300.0,
+        extra: int | None = None,
+    ) -> None:
+        self.processes, self.limit = list(processes), limit
+        self.window, self.wait, self.extra = window, wait, extra
+        self.log: list[dict] = []
+        self.repeats = 0
+        self._shares: list[float] = []
+
+    def rounds(self, warmup: int, repeats: int) -> Iterator[int]:
+        """Round numbers: ``warmup`` unguarded ones, then measured ones until ``repeats`` were
+        quiet or ``repeats + extra`` ran (extra: half of ``repeats``, at least 2)."""
+        self.repeats = repeats
+        extra = self.extra if self.extra is not None else max(2, repeats // 2)
+        yield from range(warmup)
+        round_ = warmup
+        while self.quiet_rounds < repeats and len(self.log) < repeats + extra:
+            before = wait_for_quiet(
+                self.limit, self.processes, window=self.window, timeout=self.wait
+            )
+            load = _loadavg()
+            self._shares = []
+            yield round_
+            during = max(self._shares, default=0.0)
+            self.log.append(
+                {
+                    "round": round_,
+                    "cotenant_before": round(before, 4),
+                    "loadavg_before": load,
+                    "cotenant_during_max": round(during, 4),
+                    "noisy": during > self.limit,
+                }
+            )
+            round_ += 1
+
+    @classmethod
+    def for_run(cls, args: argparse.Namespace, processes: Iterable = ()) -> QuietGuard:
+        """The guard of a benchmark run: ``--quiet-wait`` seconds of patience per round (smoke:
+        none, a glance of 0.1 s)."""
+        wait = args.quiet_wait
+        return cls(processes, window=2.0 if wait else 0.1, wait=wait)
+
+    @contextlib.contextmanager
+    def timer(self) -> Iterator[Timer]:
+        """``Timer`` over one sample of the current round; its share counts toward the round."""
+        with Timer(self.processes) as t:
+            yield t
+        self._shares.append(t.cotenant_cpu_share)
+
+    @property
+    def quiet_rounds(self) -> int:
+        return sum(not r["noisy"] for r in self.log)
+
+    def quiet(self, values: Sequence) -> list:
+        """One value per measured round (in order) -> those of the quiet rounds; all of them
+        when none was quiet (the run is marked then, and its table still says what it saw)."""
+        kept = [v for v, r in zip(values, self.log, strict=True) if not r["noisy"]]
+        return kept if kept else list(values)
+
+    def record(self) -> dict:
+        """What the results file says about the machine during the run."""
+        return {
+            "cotenant_limit": self.limit,
+            "wait_seconds": self.wait,
+            "repeats": self.repeats,
+            "quiet_rounds": self.quiet_rounds,
+            "noisy_rounds": len(self.log) - self.quiet_rounds,
+            "marked": self.quiet_rounds < self.repeats,
+            "rounds": self.log,
+        }
+
+
+def quiet_markdown(record: dict) -> str:
+    """The guard's line under a benchmark's table."""
+    limit = f"{100 * record['cotenant_limit']:.0f} %"
+    line = (
+        f"Quiet-machine guard: {record['quiet_rounds']} quiet measured rounds of "
+        f"{record['quiet_rounds'] + record['noisy_rounds']} (each waited up to "
+        f"{record['wait_seconds']:.0f} s for other processes to use at most {limit} of the CPU; "
+        "a round during which they used more is noisy, kept in the JSON and left out of every "
+        "median and ratio)."
+    )
+    if record["marked"]:
+        line += f" **Marked: fewer than {record['repeats']} quiet rounds; not a headline.**"
+    return line

@@ -52,7 +52,7 @@ SLO_FACTOR = 2.0
 START_FACTOR = 0.5
 MAX_FACTOR = 12.0
 MAX_STEPS_DOWN = 8
-COTENANT_LIMIT = 0.10
+COTENANT_LIMIT = common.COTENANT_LIMIT
 """A rate measured while other processes used more than this share of the machine's CPU is
 marked noisy and never used: the sweep waits for a quiet machine and measures it again (at
 most ``QUIET_RETRIES`` times)."""
@@ -290,7 +290,7 @@ class Runner:
         import numpy as np
 
         np.random.seed(seed % 2**32)  # vLLM's Poisson arrival times come from numpy's global RNG
-        meter = harness.CpuMeter(self.server)
+        meter = common.CpuMeter(self.server.processes().values())
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             raw = asyncio.run(
                 benchmark(
@@ -500,7 +500,7 @@ class Points:
             )
             if not p["noisy"] or attempt == QUIET_RETRIES:
                 return p
-            harness.wait_for_quiet(self.runner.server, COTENANT_LIMIT)
+            common.wait_for_quiet(COTENANT_LIMIT, self.runner.server.processes().values())
         return p
 
 

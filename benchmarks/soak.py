@@ -518,7 +518,7 @@ def _observe(server: harness.Server, soak: Soak, seed: int) -> Observed:
     """Both phases' traffic, each followed by a settle and a memory sample."""
     outcomes, settled = [], {}
     before = server.metrics()
-    meter = harness.CpuMeter(server)
+    meter = common.CpuMeter(server.processes().values())
     with MemorySampler(server) as memory:
         for phase, requests in soak.phases.items():
             print(f"[{NAME}] {phase}: {len(requests)} requests", flush=True)

@@ -109,8 +109,12 @@ def test_a_noisy_rate_is_measured_again_and_never_used(monkeypatch):
     shares = iter([0.5, 0.02])
     waits = []
 
+    class Server:
+        def processes(self):
+            return {}
+
     class Runner:
-        server = None
+        server = Server()
 
         def measure(self, setting, *, n, rate):
             passed = next(shares) > serve.COTENANT_LIMIT  # the noisy run "passes"
@@ -122,7 +126,7 @@ def test_a_noisy_rate_is_measured_again_and_never_used(monkeypatch):
                 "cotenant_cpu_share": 0.5 if passed else 0.02,
             }
 
-    monkeypatch.setattr(serve.harness, "wait_for_quiet", lambda *a, **k: waits.append(a))
+    monkeypatch.setattr(serve.common, "wait_for_quiet", lambda *a, **k: waits.append(a))
     points = serve.Points(Runner(), "test", seconds=1.0, min_requests=1)
     p = points.run(serve.Setting(1.0), 2.0)
     assert [q["noisy"] for q in points.measured] == [True, False] and p is points.measured[1]
