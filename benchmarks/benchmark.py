@@ -87,6 +87,15 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "bench). A CPU without native bf16 (no AVX512-BF16 or AMX) runs bf16 matmuls on a "
         "slow fallback: float32 there",
     )
+    common.add_scaled(
+        parser,
+        "--quiet-wait",
+        "seconds each measured round may wait for other processes to use at most "
+        f"{100 * common.COTENANT_LIMIT:.0f} %% of the CPU",
+        full=300,
+        smoke=0,
+        type=float,
+    )
     parser.add_argument(
         "--image-size",
         type=common.image_size,

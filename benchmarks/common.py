@@ -348,6 +348,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 def machine_info() -> dict:
     info = {
         "cpu": _cpu_model(),
+        "cpu_features": _cpu_features(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": _mem_gib(),
@@ -382,6 +383,22 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+"""The instruction sets that decide how fast torch's matmuls run (bf16 above all): "AMD EPYC"
+names machines from AVX2-only to AVX-512 with bf16, so the results say which."""
+
+
+def _cpu_features() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
 
 
 def _mem_gib() -> float | None:
@@ -455,7 +472,8 @@ def machine_markdown(machine: dict, command: str) -> str:
     return "\n".join(
         [
             f"- command: `{command}`",
-            f"- machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['logical_cpus']} "
+            f"- machine: {machine['cpu']} ({', '.join(machine.get('cpu_features') or ['?'])}), "
+            f"{machine['usable_cpus']} usable of {machine['logical_cpus']} "
             f"logical CPUs, {machine['memory_gib']} GiB; GPU: {machine.get('cuda_device') or 'none'}",
             f"- software: torch {machine['torch']}, vllm {machine['vllm']}, transformers "
             f"{machine['transformers']}, Python {machine['python']}; commit {machine['git_commit']}",

@@ -34,18 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(prune_positions) side by side; results in latency-MODEL-positions (default: the "
         "engine's default rule only)",
     )
-    parser.add_argument(
-        "--quiet-below",
-        type=float,
-        default=0.1,
-        help="also report TTFT over requests during which other processes used less than this "
-        "share of the machine's CPU (default 0.1)",
-    )
 
 
 def run(args: argparse.Namespace, ctx: Context) -> dict:
     configs = common.configs_for(args.ratios, args.methods, args.positions or (None,))
-    samples = _measure(ctx, args, configs)
+    guard = common.QuietGuard.for_run(args)
+    samples = _measure(ctx, args, configs, guard)
     return {
         "benchmark": NAME,
         "model": ctx.label,
@@ -59,20 +53,17 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
                 *args.image_size
             ),
             "order": "round-robin over configs, rotated by one position each round",
-            "quiet_below": args.quiet_below,
         },
         "ttft_source": (
             "RequestOutput.metrics.first_token_latency: request arrival (before input processing) "
             "to the first token's output; engine_prefill = metrics.first_token_ts - scheduled_ts"
         ),
-        "cotenant_cpu_share_median": common.summary_or_none(
-            [x for c in configs for x in samples[c.name]["cotenant"]]
-        ),
-        "rows": _rows(samples, configs, args.quiet_below),
+        "quiet": guard.record(),
+        "rows": _rows(samples, configs, guard),
     }
 
 
-def _measure(ctx: Context, args: argparse.Namespace, configs) -> dict:
+def _measure(ctx: Context, args: argparse.Namespace, configs, guard: common.QuietGuard) -> dict:
     """One request at a time, configs round-robin; the samples of the measured rounds."""
     from vllm import SamplingParams
 
@@ -85,11 +76,11 @@ def _measure(ctx: Context, args: argparse.Namespace, configs) -> dict:
     }
     family = common.family_of(llm)
     bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({ctx.label})")
-    for round_ in range(warmup + repeats):
+    for round_ in guard.rounds(warmup, repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
             image = common.make_image(10_000 * round_ + i, args.image_size)
             req = common.request(config, image, family=family)
-            with common.Timer() as t:
+            with guard.timer() as t:
                 (out,) = llm.generate([req], sampling, use_tqdm=False)
             bar.update()
             if round_ < warmup:
@@ -105,7 +96,12 @@ def _measure(ctx: Context, args: argparse.Namespace, configs) -> dict:
     return samples
 
 
-def _rows(samples: dict, configs, quiet_below: float) -> list[dict]:
+TIMES = {"ttft": "ttft", "engine_prefill": "prefill", "e2e": "e2e"}
+"""A row's times and the samples they come from."""
+
+
+def _rows(samples: dict, configs, guard: common.QuietGuard) -> list[dict]:
+    """Medians and ratios over the quiet rounds only; every sample stays in ``all_rounds``."""
     stock_tokens = _one(samples["stock"]["prompt_tokens"])
     rows = []
     for config in configs:
@@ -119,39 +115,20 @@ def _rows(samples: dict, configs, quiet_below: float) -> list[dict]:
                 "positions": config.positions,
                 "prompt_tokens": tokens,
                 "token_bound": tokens / stock_tokens,
-                "ttft": common.summary(s["ttft"]),
-                "engine_prefill": common.summary(s["prefill"]),
-                "e2e": common.summary(s["e2e"]),
-                "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
+                **{row: common.summary(guard.quiet(s[key])) for row, key in TIMES.items()},
+                "cotenant_cpu_share": common.summary(s["cotenant"]),
+                "all_rounds": {row: s[key] for row, key in TIMES.items()},
             }
         )
     stock = rows[0]
-    quiet = _quiet_ttft(samples, configs, quiet_below)
     for row in rows:
-        row["ttft_quiet"] = quiet[row["config"]]
-        row["ttft_quiet_ratio"] = (
-            quiet[row["config"]]["median"] / quiet["stock"]["median"]
-            if quiet[row["config"]] and quiet["stock"]
-            else None
-        )
-        for key in ("ttft", "engine_prefill", "e2e"):
+        for key in TIMES:
             row[f"{key}_ratio"] = row[key]["median"] / stock[key]["median"]
             # Paired by round: each pruned request against the stock request of the same round.
             row[f"{key}_paired_ratio_median"] = common.summary(
                 [a / b for a, b in zip(row[key]["values"], stock[key]["values"])]
             )["median"]
     return rows
-
-
-def _quiet_ttft(samples: dict, configs, threshold: float) -> dict:
-    """TTFT over the requests during which other processes used < ``threshold`` of the CPU."""
-    out = {}
-    for config in configs:
-        s = samples[config.name]
-        out[config.name] = common.summary_or_none(
-            [t for t, c in zip(s["ttft"], s["cotenant"]) if c is not None and c < threshold]
-        )
-    return out
 
 
 def _one(values: set[int]) -> int:
@@ -175,8 +152,7 @@ def markdown(result: dict) -> str:
         "prefill ratio",
         "e2e ms median (min–max)",
         "e2e ratio",
-        "co-tenant CPU",
-        "quiet TTFT ratio (n)",
+        "co-tenant CPU (max)",
     ]
     rows = [
         [
@@ -189,10 +165,7 @@ def markdown(result: dict) -> str:
             f"{r['engine_prefill_ratio']:.3f}",
             _ms(r["e2e"]),
             f"{r['e2e_ratio']:.3f}",
-            common.share(r["cotenant_cpu_share"]),
-            "n/a"
-            if r["ttft_quiet_ratio"] is None
-            else f"{r['ttft_quiet_ratio']:.3f} ({r['ttft_quiet']['n']})",
+            f"{common.share(r['cotenant_cpu_share'])} ({100 * r['cotenant_cpu_share']['max']:.0f}%)",
         ]
         for r in result["rows"]
     ]
@@ -204,11 +177,12 @@ def markdown(result: dict) -> str:
             f"{s['image_per_request']}; prefix caching off; {s['max_tokens']} output tokens (ignore_eos).",
             f"TTFT: {result['ttft_source']}. Ratios are median / stock median; "
             "token bound = prompt tokens / stock prompt tokens (what a cost linear in tokens would give). "
-            "Co-tenant CPU: median share of the machine's CPU that other processes used during the "
-            "config's requests (another workload on a shared machine); quiet TTFT ratio: the same "
-            f"ratio over only the requests with co-tenant CPU < {100 * s['quiet_below']:.0f}% (n of them).",
+            "Co-tenant CPU: median (max) share of the machine's CPU that other processes used "
+            "during the config's requests, every round.",
             "",
             common.markdown_table(headers, rows),
+            "",
+            common.quiet_markdown(result["quiet"]),
         ]
     )
 

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     block_sizes = args.block_sizes or default_block_sizes()[: 1 if args.smoke else None]
     settings = settings_for(args.ratios, args.requery_ratio)
 
-    rows, options = [], None
+    rows, options, quiet = [], None, {}
     for block_size in block_sizes:
         # Prefix caching on (vLLM's default): what a follow-up turn reuses is the point.
         options = [
@@ -111,8 +111,12 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             "--enable-logging-iteration-details",
         ]
         with harness.serve([ctx.model_dir, *options], timeout=args.server_timeout) as server:
-            samples = _converse(server, ctx.label, settings, conversations, warmup, max_tokens)
-        rows += _rows(samples, settings, block_size)
+            guard = common.QuietGuard.for_run(args, server.processes().values())
+            samples = _converse(
+                server, ctx.label, settings, guard, (warmup, conversations), max_tokens
+            )
+        rows += _rows(samples, settings, block_size, guard)
+        quiet[str(block_size)] = guard.record()
 
     return {
         "benchmark": NAME,
@@ -137,6 +141,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             "request; engine_prefill: of vllm:request_prefill_time_seconds_sum "
             "(first_token_ts - scheduled_ts)"
         ),
+        "quiet": quiet,
         "goal": _goal(rows),
         "rows": rows,
     }
@@ -146,16 +151,25 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
 # The conversations
 
 
-def _converse(server: harness.Server, model: str, settings, conversations, warmup, max_tokens):
+def _converse(
+    server: harness.Server,
+    model: str,
+    settings,
+    guard: common.QuietGuard,
+    rounds: tuple[int, int],
+    max_tokens: int,
+):
     keys = ("ttft", "prefill", "e2e", "prompt", "cached", "encoder", "image_tokens")
     samples = {
         (s.name, turn): {k: [] for k in keys} for s in settings for turn in range(len(QUESTIONS))
     }
-    rounds = warmup + conversations
-    bar = common.progress(rounds * len(settings) * len(QUESTIONS), f"{NAME} ({model})")
+    warmup, conversations = rounds
+    bar = common.progress(
+        (warmup + conversations) * len(settings) * len(QUESTIONS), f"{NAME} ({model})"
+    )
     counters = _counters(server)
     _new_encoder_inputs(server)
-    for round_ in range(rounds):
+    for round_ in guard.rounds(warmup, conversations):
         histories = {
             s.name: [_user(QUESTIONS[0], harness.data_url(common.make_image(10_000 * round_ + i)))]
             for i, s in enumerate(settings)
@@ -173,9 +187,9 @@ def _converse(server: harness.Server, model: str, settings, conversations, warmu
                     "ignore_eos": True,
                     "pruning": setting.pruning(),
                 }
-                start = time.perf_counter()
-                reply = server.chat(body)
-                e2e = time.perf_counter() - start
+                with guard.timer() as t:
+                    reply = server.chat(body)
+                e2e = t.seconds
                 before, counters = counters, _counters_after(server, counters)
                 encoder = _new_encoder_inputs(server)
                 content = reply["choices"][0]["message"]["content"] or ""
@@ -249,12 +263,14 @@ def p90(values) -> float:
     return statistics.quantiles(values, n=10, method="inclusive")[-1]
 
 
-def _rows(samples: dict, settings, block_size: int) -> list[dict]:
+def _rows(samples: dict, settings, block_size: int, guard: common.QuietGuard) -> list[dict]:
+    """Per setting and turn, over the quiet rounds only."""
+    quiet = {key: {k: guard.quiet(v) for k, v in s.items()} for key, s in samples.items()}
     rows = []
     for setting in settings:
         for turn in range(len(QUESTIONS)):
-            s = samples[(setting.name, turn)]
-            stock = samples[("stock", turn)]
+            s = quiet[(setting.name, turn)]
+            stock = quiet[("stock", turn)]
             rows.append(
                 {
                     "block_size": block_size,
@@ -351,6 +367,7 @@ def markdown(result: dict) -> str:
             for r in rows
         ]
         sections += ["", f"KV block size {block_size}:", "", common.markdown_table(headers, table)]
+        sections += ["", common.quiet_markdown(result["quiet"][str(block_size)])]
     goal = ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in result["goal"].items())
     sections += ["", f"Goal (pruned turn 2 and 3 TTFT median ≤ stock's): {goal}."]
     return "\n".join(sections)

@@ -145,11 +145,12 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     repeats, warmup = args.repeats, args.warmup
     configs = common.configs_for(args.ratios, args.methods)
     llm = ctx.llm
+    guard, flow_guard = common.QuietGuard.for_run(args), common.QuietGuard.for_run(args)
     with instrumented(llm) as (probe, _model):
-        samples, prompt_tokens = _measure(ctx, probe, args, configs, (warmup, repeats))
+        samples, prompt_tokens = _measure(ctx, probe, args, configs, guard, (warmup, repeats))
         ratios = [r for r in FLOW_RATIOS if r in {c.keep_ratio for c in configs}]
-        flow_rows = time_flow_passes(llm, probe, args, ratios)
-    rows = _rows(samples, configs, prompt_tokens)
+        flow_rows = time_flow_passes(llm, probe, args, ratios, flow_guard)
+    rows = _rows(samples, configs, prompt_tokens, guard)
     stock = rows[0]["median_seconds"]
     vision = stock["vision_tower"] + stock["projector"]
     hf_config = llm.llm_engine.vllm_config.model_config.hf_config
@@ -170,12 +171,16 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         ),
         "llm_to_vision_time_ratio_stock": stock["llm_forward"] / vision if vision else None,
         "estimated_flops_stock": _flops(hf_config, rows[0]["prompt_tokens"], args.prune_layer),
+        "quiet": guard.record(),
         "rows": rows,
+        "flow_quiet": flow_guard.record(),
         "flow_passes": flow_rows,
     }
 
 
-def _measure(ctx: Context, probe: Probe, args, configs, rounds: tuple[int, int]):
+def _measure(
+    ctx: Context, probe: Probe, args, configs, guard: common.QuietGuard, rounds: tuple[int, int]
+):
     """One request at a time, configs round-robin: each request's pieces, and the derived ones."""
     from vllm import SamplingParams
 
@@ -186,12 +191,12 @@ def _measure(ctx: Context, probe: Probe, args, configs, rounds: tuple[int, int])
     samples = {c.name: collections.defaultdict(list) for c in configs}
     prompt_tokens: dict[str, int] = {}
     bar = common.progress((warmup + repeats) * len(configs), f"{NAME} ({ctx.label})")
-    for round_ in range(warmup + repeats):
+    for round_ in guard.rounds(warmup, repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
             image = common.make_image(2_000_000 + 10_000 * round_ + i)
             probe.take()
             diagnostics.STORE.drain_timings()
-            with common.Timer() as t:
+            with guard.timer() as t:
                 (out,) = ctx.llm.generate(
                     [request_for(config, image, args)], sampling, use_tqdm=False
                 )
@@ -217,18 +222,19 @@ def _measure(ctx: Context, probe: Probe, args, configs, rounds: tuple[int, int])
                 ttft - pieces["processor"] - pieces["embed_multimodal"] - pieces["llm_forward"]
             )
             s["selection_share"].append(pieces["selection"] / ttft)
-            s["cotenant"].append(t.cotenant_cpu_share or 0.0)
+            s["cotenant"].append(t.cotenant_cpu_share)
             s["selection_recorded_by_plugin"].append(recorded)
             prompt_tokens[config.name] = len(out.prompt_token_ids)
     bar.close()
     return samples, prompt_tokens
 
 
-def _rows(samples: dict, configs, prompt_tokens: dict[str, int]) -> list[dict]:
+def _rows(samples: dict, configs, prompt_tokens: dict[str, int], guard: common.QuietGuard):
+    """Medians over the quiet rounds (every sample stays in ``samples``)."""
     rows = []
     for config in configs:
         s = samples[config.name]
-        med = {k: common.summary(v)["median"] for k, v in s.items()}
+        med = {k: common.summary(guard.quiet(v))["median"] for k, v in s.items()}
         rows.append(
             {
                 "config": config.name,
@@ -241,9 +247,9 @@ def _rows(samples: dict, configs, prompt_tokens: dict[str, int]) -> list[dict]:
         )
     # Paired per round (a config's i-th sample and stock's i-th ran in the same round): a shared
     # machine's slow drift cancels out of the ratio.
-    stock_ttft = samples[configs[0].name]["ttft"]
+    stock_ttft = guard.quiet(samples[configs[0].name]["ttft"])
     for row in rows:
-        scout = samples[row["config"]]["scout"]
+        scout = guard.quiet(samples[row["config"]]["scout"])
         row["scout_share_of_stock_ttft"] = common.summary(
             [a / b for a, b in zip(scout, stock_ttft)]
         )["median"]
@@ -260,46 +266,56 @@ def _flops(hf_config, prompt_tokens: int, prune_layer: int | None) -> dict:
     return flops
 
 
-def time_flow_passes(llm, probe: Probe, args: argparse.Namespace, ratios) -> list[dict]:
+def time_flow_passes(
+    llm, probe: Probe, args: argparse.Namespace, ratios, guard: common.QuietGuard
+) -> list[dict]:
     """Flow diagnostics: per keep ratio, the pass as the worker timed it and the RPC's wall time
-    (``flow.fetch_flow``), after one request with ``prune_flow`` each."""
+    (``flow.fetch_flow``), after one request with ``prune_flow`` each; each pass against its own
+    request's prefill, both timed in one guarded round (a prefill slowed by another process
+    beside a quiet pass made an unexplained 0.29x once)."""
     from vllm import SamplingParams
 
     from lvlm_prune.vllm_plugin.worker import flow
 
-    passes = args.flow_passes
     sampling = SamplingParams(max_tokens=1, temperature=0.0)
-    rows = []
-    for ratio in ratios:
-        pass_s, wall_s, prefill_s = [], [], []
-        for i in range(passes + 1):  # the first one warms up
-            diag_id = 7_000_000 + int(ratio * 1000) * 100 + i
+    samples = {ratio: {"pass": [], "rpc": [], "prefill": []} for ratio in ratios}
+    prompt_tokens = {}
+    for round_ in guard.rounds(1, args.flow_passes):  # the first round warms up
+        for ratio in ratios:
+            diag_id = 7_000_000 + int(ratio * 1000) * 100 + round_
             config = common.Config(ratio)
-            req = common.request(config, common.make_image(3_000_000 + 100 * i + int(ratio * 10)))
+            image = common.make_image(3_000_000 + 100 * round_ + int(ratio * 10))
+            req = common.request(config, image)
             req["mm_processor_kwargs"].update(prune_diagnostics=diag_id, prune_flow=True)
             probe.take()
-            (out,) = llm.generate([req], sampling, use_tqdm=False)
+            with guard.timer():
+                (out,) = llm.generate([req], sampling, use_tqdm=False)
             prefill = probe.take()["llm_forward"]  # this very prompt's prefill
-            with common.Timer() as t:
+            with guard.timer() as t:
                 result = llm.collective_rpc("lvlm_prune_flow", args=(diag_id, out.prompt_token_ids))
             llm.collective_rpc("lvlm_prune_pop_diagnostics", args=([diag_id],))
             flow.combine_flow([r for r in result if r is not None])
-            if i:
-                pass_s.append(max(r["seconds"] for r in result if r is not None))
-                wall_s.append(t.seconds)
-                prefill_s.append(prefill)
+            prompt_tokens[ratio] = len(out.prompt_token_ids)
+            if round_:
+                s = samples[ratio]
+                s["pass"].append(max(r["seconds"] for r in result if r is not None))
+                s["rpc"].append(t.seconds)
+                s["prefill"].append(prefill)
+    rows = []
+    for ratio in ratios:
+        quiet = {k: guard.quiet(v) for k, v in samples[ratio].items()}
         rows.append(
             {
                 "keep_ratio": ratio,
-                "prompt_tokens": len(out.prompt_token_ids),
-                "median_pass_seconds": common.summary(pass_s)["median"],
-                "median_rpc_seconds": common.summary(wall_s)["median"],
-                "prefill_seconds": common.summary(prefill_s)["median"],
+                "prompt_tokens": prompt_tokens[ratio],
+                "median_pass_seconds": common.summary(quiet["pass"])["median"],
+                "median_rpc_seconds": common.summary(quiet["rpc"])["median"],
+                "prefill_seconds": common.summary(quiet["prefill"])["median"],
                 # Each pass over its own request's prefill, then the median.
-                "times_prefill": common.summary([a / b for a, b in zip(pass_s, prefill_s)])[
-                    "median"
-                ],
-                "samples": {"pass": pass_s, "rpc": wall_s, "prefill": prefill_s},
+                "times_prefill": common.summary(
+                    [a / b for a, b in zip(quiet["pass"], quiet["prefill"])]
+                )["median"],
+                "samples": samples[ratio],
             }
         )
     return rows
@@ -365,6 +381,8 @@ def markdown(result: dict) -> str:
             "",
             _pieces_table(result["rows"]),
             "",
+            common.quiet_markdown(result["quiet"]),
+            "",
             f"Stock prefill, LLM : vision (tower + projector): measured time "
             f"{measured:.1f} : 1; estimated FLOPs {fl['llm_to_vision_ratio']:.1f} : 1 "
             f"({fl['llm'] / 1e9:.1f} vs {(fl['vision_tower'] + fl['projector']) / 1e9:.1f} GFLOP, "
@@ -384,6 +402,8 @@ def markdown(result: dict) -> str:
             "request, then the median.",
             "",
             _flow_table(result.get("flow_passes", [])),
+            "",
+            common.quiet_markdown(result["flow_quiet"]),
         ]
     )
 

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     batch, repeats, warmup, max_tokens = args.batch, args.repeats, args.warmup, args.max_tokens
     configs = [common.Config(r, args.method) for r in sorted(set(args.ratios), reverse=True)]
     assert configs[0].stock, "the ratios must include 1.0 (stock)"
-    samples = _measure(ctx, args, configs, batch, (warmup, repeats), max_tokens)
+    guard = common.QuietGuard.for_run(args)
+    samples = _measure(ctx, args, configs, guard, batch, (warmup, repeats), max_tokens)
     kv = common.kv_cache_info(ctx.llm)
     return {
         "benchmark": NAME,
@@ -53,11 +54,20 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             "num_blocks // ceil((prompt_tokens + max_tokens) / block_size), from vLLM's cache config "
             "after init; token_granular = num_blocks * block_size // (prompt_tokens + max_tokens)"
         ),
-        "rows": _rows(samples, configs, kv, batch, max_tokens),
+        "quiet": guard.record(),
+        "rows": _rows(samples, configs, guard, kv, batch, max_tokens),
     }
 
 
-def _measure(ctx: Context, args, configs, batch: int, rounds: tuple[int, int], max_tokens: int):
+def _measure(
+    ctx: Context,
+    args,
+    configs,
+    guard: common.QuietGuard,
+    batch: int,
+    rounds: tuple[int, int],
+    max_tokens: int,
+):
     """A batch per config, configs round-robin; the samples of the measured rounds."""
     from vllm import SamplingParams
 
@@ -70,14 +80,14 @@ def _measure(ctx: Context, args, configs, batch: int, rounds: tuple[int, int], m
     }
     family = common.family_of(llm)
     bar = common.progress((warmup + repeats) * len(configs) * batch, f"{NAME} ({ctx.label})")
-    for round_ in range(warmup + repeats):
+    for round_ in guard.rounds(warmup, repeats):
         for i, config in enumerate(common.rotated(configs, round_)):
             seeds = [1_000_000 + 10_000 * round_ + 100 * i + j for j in range(batch)]
             reqs = [
                 common.request(config, common.make_image(s, args.image_size), family=family)
                 for s in seeds
             ]
-            with common.Timer() as t:
+            with guard.timer() as t:
                 outs = llm.generate(reqs, sampling, use_tqdm=False)
             bar.update(batch)
             if round_ < warmup:
@@ -92,11 +102,13 @@ def _measure(ctx: Context, args, configs, batch: int, rounds: tuple[int, int], m
     return samples
 
 
-def _rows(samples: dict, configs, kv: dict, batch: int, max_tokens: int) -> list[dict]:
+def _rows(
+    samples: dict, configs, guard: common.QuietGuard, kv: dict, batch: int, max_tokens: int
+) -> list[dict]:
     rows = []
     for config in configs:
         s = samples[config.name]
-        wall = common.summary(s["seconds"])
+        wall = common.summary(guard.quiet(s["seconds"]))
         per_request = s["prompt_tokens_per_request"]
         blocks = math.ceil((per_request + max_tokens) / kv["block_size"])
         rows.append(
@@ -111,7 +123,8 @@ def _rows(samples: dict, configs, kv: dict, batch: int, max_tokens: int) -> list
                 "kv_blocks_per_request": blocks,
                 "kv_capacity_requests": kv["num_blocks"] // blocks,
                 "kv_capacity_requests_token_granular": kv["tokens"] // (per_request + max_tokens),
-                "cotenant_cpu_share": common.summary_or_none(s["cotenant"]),
+                "cotenant_cpu_share": common.summary(s["cotenant"]),
+                "all_rounds_seconds": s["seconds"],
             }
         )
     stock = rows[0]
@@ -161,6 +174,8 @@ def markdown(result: dict) -> str:
             f"{result['kv_capacity_method']}.",
             "",
             common.markdown_table(headers, rows),
+            "",
+            common.quiet_markdown(result["quiet"]),
         ]
     )
 

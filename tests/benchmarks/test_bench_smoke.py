@@ -86,10 +86,14 @@ def test_latency_rows_token_counts_and_ratios(smoke):
         assert row["token_bound"] == pytest.approx(row["prompt_tokens"] / stock["prompt_tokens"])
         assert row["ttft_ratio"] == pytest.approx(row["ttft"]["median"] / stock["ttft"]["median"])
     assert rows["simignore@0.11"]["prompt_tokens"] == stock["prompt_tokens"] - (N - 64)
+    quiet = result["quiet"]
+    measured = len(quiet["rounds"])
+    assert quiet["repeats"] == result["settings"]["repeats"] <= measured
     for row in rows.values():
         for key in ("ttft", "engine_prefill", "e2e"):
             s = row[key]
-            assert s["n"] == result["settings"]["repeats"] == len(s["values"])
+            assert s["n"] == (quiet["quiet_rounds"] or measured) == len(s["values"])
+            assert len(row["all_rounds"][key]) == measured
             assert 0 < s["min"] <= s["median"] <= s["max"]
         assert row["engine_prefill"]["median"] <= row["ttft"]["median"]
         assert row["ttft"]["median"] < row["e2e"]["median"]
@@ -132,6 +136,26 @@ def test_defaults_follow_smoke_unless_given():
     assert (args.repeats, args.warmup, args.max_tokens) == (2, 1, 4)
     args = common.resolve_scaled(build_parser().parse_args(["latency", "--repeats", "3"]))
     assert (args.repeats, args.warmup, args.max_tokens) == (3, 2, 16)
+
+
+@pytest.mark.parametrize("name", ["latency", "throughput", "overhead", "multiturn"])
+def test_every_timed_benchmark_records_the_machine_around_each_round(smoke, name):
+    """The quiet-machine guard's record: before and during every measured round, noisy exactly
+    when other processes used more than the limit during it."""
+    result = smoke["results"][name]
+    records = result["quiet"].values() if name == "multiturn" else [result["quiet"]]
+    if name == "overhead":
+        records = [result["quiet"], result["flow_quiet"]]
+    for record in records:
+        assert record["cotenant_limit"] == common.COTENANT_LIMIT
+        assert len(record["rounds"]) >= record["repeats"] >= 1
+        for r in record["rounds"]:
+            assert 0 <= r["cotenant_before"] <= 1 and 0 <= r["cotenant_during_max"] <= 1
+            assert r["noisy"] == (r["cotenant_during_max"] > record["cotenant_limit"])
+            assert len(r["loadavg_before"]) == 3
+        assert record["quiet_rounds"] == sum(not r["noisy"] for r in record["rounds"])
+        assert record["marked"] == (record["quiet_rounds"] < record["repeats"])
+    assert "Quiet-machine guard" in (smoke["out"] / f"{name}-tiny.md").read_text()
 
 
 def test_throughput_kv_capacity_grows_as_keep_ratio_falls(smoke):
