@@ -126,3 +126,88 @@ def test_no_file_cites_a_document_the_repository_lacks():
         if MISSING_DOCUMENT in text:
             citing.append(name)
     assert not citing, f"{', '.join(citing)} cite {MISSING_DOCUMENT}; the spec is docs/shapesvqa.md"
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def quiet_records(result: dict) -> list[dict]:
+    """A results file's quiet-machine guard records (multiturn keeps one per block size)."""
+    out = []
+    for key in ("quiet", "flow_quiet"):
+        record = result.get(key)
+        if isinstance(record, dict):
+            out += list(record.values()) if "marked" not in record else [record]
+    return out
+
+
+def linked_results() -> dict[Path, list[str]]:
+    """Every results JSON behind a link of the docs (a table, its plot or the JSON itself)."""
+    out: dict[Path, list[str]] = {}
+    for path in doc_files():
+        for target in links(path):
+            linked = (path.parent / target.partition("#")[0]).resolve()
+            if linked.is_relative_to(RESULTS) and linked.with_suffix(".json").exists():
+                out.setdefault(linked.with_suffix(".json"), []).append(path.name)
+    return out
+
+
+def test_no_document_cites_a_run_marked_noisy():
+    import json
+
+    cited = linked_results()
+    assert len(cited) >= 10, "the docs link the committed results"
+    marked = [
+        f"{json_path.relative_to(ROOT)} (cited by {', '.join(sorted(set(by)))})"
+        for json_path, by in cited.items()
+        if any(r["marked"] for r in quiet_records(json.loads(json_path.read_text())))
+    ]
+    assert not marked, "a marked (noisy) run feeds a headline: " + "; ".join(marked)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(RESULTS.rglob("serve-*.json")), ids=lambda p: str(p.relative_to(RESULTS))
+)
+def test_every_committed_sustainable_rate_stands_on_quiet_passes_of_enough_requests(path):
+    """Each setting's sustainable rate: every tested rate at or below it passed, every run used
+    completed at least ``min_requests`` (>= 100) and none of them was noisy; a rate only ever
+    measured noisy is not a tested rate."""
+    import json
+
+    from lvlm_prune.benchmarks import serve
+
+    result = json.loads(path.read_text())
+    assert result["workloads"], path
+    for w in result["workloads"]:
+        assert w["min_requests"] >= 100
+        for setting in map(serve.Setting, sorted({p["keep_ratio"] for p in w["points"]})):
+            rate = w["sustainable_rate"][setting.name]
+            assert rate == serve._sustainable(w["points"], setting), setting.name
+            used = [
+                p
+                for p in w["points"]
+                if p["setting"] == setting.name and not p["noisy"] and rate and p["rate"] <= rate
+            ]
+            assert used, f"{w['workload']} {setting.name}: no quiet run at or below its rate"
+            for p in used:
+                assert p["within_slo"] and p["completed"] >= w["min_requests"], (setting, p["rate"])
+                assert p["cotenant_cpu_share"] <= serve.COTENANT_LIMIT
+
+
+def test_the_readme_first_request_is_the_example_whose_output_is_committed():
+    """The README's first exchange is ``examples/first_request.py``'s code, and the numbers its
+    comments quote are the committed output's (``benchmarks/results/first-request.md``)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = (ROOT / "examples" / "first_request.py").read_text(encoding="utf-8")
+    shared = example.split("# --- the README's code, as it is there ---\n")[1]
+    shared = shared.split("# --- end of the README's code ---")[0].strip()
+    assert shared and shared in readme, "README and examples/first_request.py drifted apart"
+    output = (RESULTS / "first-request.md").read_text(encoding="utf-8")
+    answer = re.search(r"reply\.choices\[0\]\.message\.content\s+# ('\w+')", readme).group(1)
+    assert f"reply at keep 0.25: {answer}" in output
+    pruned, unpruned = re.search(r"prompt_tokens\s+# (\d+) \((\d+) unpruned\)", readme).groups()
+    assert f"prompt tokens: {pruned} ({unpruned} unpruned)" in output
+    for token, votes in re.findall(r"\{'token': '(\w+)', 'votes': (\d+)\}", readme):
+        assert f"'{token}': {votes}" in output, (token, votes)
+    kept = re.search(r"object hit rate\s+is (\d+) %", readme).group(1)
+    assert f"asked object's patches kept: {kept} %" in output
