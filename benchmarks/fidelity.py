@@ -599,10 +599,14 @@ def shapes_headline(result: dict) -> list[str]:
                 location = ""
                 if "location" in row["per_type"] and stock["location"]["accuracy"]:
                     kept = row["per_type"]["location"]["accuracy"] / stock["location"]["accuracy"]
-                    location = f", location {100 * kept:.1f}%"
+                    hit = (row.get("object_hit_rate_per_type") or {}).get("location")
+                    location = f", location {100 * kept:.1f}%" + (
+                        f" (location hit rate {100 * hit:.0f}%)" if hit is not None else ""
+                    )
                 parts.append(
                     f"{row['kept_tokens']} tokens: {100 * row['accuracy_vs_stock']:.1f}% of "
-                    f"full-token accuracy{location} (hit rate {100 * row['object_hit_rate']:.0f}%)"
+                    f"full-token accuracy (object hit rate {100 * row['object_hit_rate']:.0f}%)"
+                    f"{location}"
                 )
         if parts:
             lines.append(f"- `{label}` — " + "; ".join(parts))
