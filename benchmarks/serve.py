@@ -46,7 +46,7 @@ from . import common, harness
 from .benchmark import Benchmark, Context
 
 NAME = "serve"
-GOAL_RATIO = 3.0  # sustainable rate at keep 0.25 / stock's, on the bench model
+GOAL_RATIO = 3.0  # sustainable rate at keep 0.25 / stock's, on the random-mm workload
 GOAL_KEEP_RATIO = 0.25
 SLO_FACTOR = 2.0
 START_FACTOR = 0.5
