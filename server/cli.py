@@ -64,10 +64,25 @@ def _add_own_flags(parser) -> None:
         )
 
 
+def _add_preset_flag(parser) -> None:
+    from .presets import FLAG
+
+    parser.add_argument(
+        FLAG,
+        dest="presets",
+        action="append",
+        metavar="NAME=JSON",
+        help="a pruning preset served as the model name MODEL:NAME, for clients that send no "
+        "extra body, e.g. fast='{\"keep_ratio\": 0.25}' (repeatable; a request's own pruning "
+        "fields override the preset's)",
+    )
+
+
 def _own_parser() -> argparse.ArgumentParser:
     # Only our flags; the positional MODEL is vLLM's own `model_tag`.
     parser = argparse.ArgumentParser(prog="lvlm-prune serve", add_help=False)
     _add_own_flags(parser)
+    _add_preset_flag(parser)
     return parser
 
 
@@ -94,12 +109,14 @@ def vllm_serve_parser():
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="lvlm-prune serve"))
     _add_own_flags(parser)  # listed in --help; parsed by _own_parser first
+    _add_preset_flag(parser)
     return parser
 
 
 def build_serve_args(argv: list[str]) -> argparse.Namespace:
     """vLLM's serve arguments with our flags folded in and our defaults where the user set none."""
     ours, rest = _own_parser().parse_known_args(argv)
+    preset_definitions = ours.__dict__.pop("presets")
     args = vllm_serve_parser().parse_args(rest)
     given = {arg.split("=", 1)[0] for arg in rest if arg.startswith("--")}
 
@@ -118,6 +135,17 @@ def build_serve_args(argv: list[str]) -> argparse.Namespace:
 
         PruneOptions.from_kwargs(mm_kwargs)  # fail at startup, not on the first request
         args.mm_processor_kwargs = mm_kwargs
+
+    if preset_definitions:
+        from .presets import PresetError, parse_presets
+
+        names = args.served_model_name or [args.model]
+        try:
+            args.lvlm_prune_presets = parse_presets(preset_definitions, names[0])
+        except PresetError as err:
+            sys.exit(f"lvlm-prune serve: {err}")
+        # vLLM serves every name as the model (/v1/models lists them; unknown names are its 404).
+        args.served_model_name = [*names, *args.lvlm_prune_presets]
 
     if args.host is None:
         args.host = "127.0.0.1"
@@ -143,7 +171,10 @@ def refuse_unpruned_model(args: argparse.Namespace) -> None:
 
     from .plugin import UnprunedModelError, check_server_wide_options
 
-    if not pruning_asked(args.mm_processor_kwargs or {}, prefix="mm_processor_kwargs"):
+    presets = getattr(args, "lvlm_prune_presets", None) or {}
+    if not presets and not pruning_asked(
+        args.mm_processor_kwargs or {}, prefix="mm_processor_kwargs"
+    ):
         return  # nothing to refuse: skip reading the config
     from vllm.transformers_utils.config import get_config
 
@@ -161,7 +192,7 @@ def refuse_unpruned_model(args: argparse.Namespace) -> None:
     reasons = [unpruned_reason(arch, hf_config) for arch in hf_config.architectures or ()]
     if reasons and None not in reasons:
         try:
-            check_server_wide_options(reasons[0], args.mm_processor_kwargs)
+            check_server_wide_options(reasons[0], args.mm_processor_kwargs, presets)
         except UnprunedModelError as err:
             sys.exit(f"lvlm-prune serve: {err}")
 

@@ -13,27 +13,31 @@ from prometheus_client import Counter, Gauge, Histogram
 from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
 
 LABELS = ("model_name",)
+REQUEST_LABELS = (*LABELS, "preset")
+"""Per-request metrics also carry the pruning preset the request named as its model
+(``presets.py``), ``none`` without one."""
+NO_PRESET = "none"
 
 IMAGE_TOKENS_BEFORE = Counter(
     "lvlm_prune_image_tokens_before",
     "Image tokens the vision encoder produced, before pruning.",
-    LABELS,
+    REQUEST_LABELS,
 )
 IMAGE_TOKENS_AFTER = Counter(
     "lvlm_prune_image_tokens_after",
     "Image tokens that entered the language model, after pruning.",
-    LABELS,
+    REQUEST_LABELS,
 )
-IMAGES = Counter("lvlm_prune_images", "Images processed.", LABELS)
+IMAGES = Counter("lvlm_prune_images", "Images processed.", REQUEST_LABELS)
 REQUESTS = Counter(
     "lvlm_prune_requests",
     "Requests that carried images, by pruning method (keep_ratio 1.0 counts as method 'none').",
-    (*LABELS, "method"),
+    (*REQUEST_LABELS, "method"),
 )
 KEEP_RATIO_HISTOGRAM = Histogram(
     "lvlm_prune_keep_ratio",
     "keep_ratio in force per request that carried images.",
-    LABELS,
+    REQUEST_LABELS,
     buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 0.99, 1.0),
 )
 SELECTION_SECONDS = Histogram(
@@ -79,11 +83,12 @@ MEMORY_TRIMS = Counter(
 )
 
 
-def observe_request(model_name: str, counts) -> None:
+def observe_request(model_name: str, counts, preset: str | None = None) -> None:
     """Record one request's image-token counts (``accounting.RequestCounts``)."""
-    IMAGE_TOKENS_BEFORE.labels(model_name).inc(counts.before)
-    IMAGE_TOKENS_AFTER.labels(model_name).inc(counts.after)
-    IMAGES.labels(model_name).inc(len(counts.per_image))
+    labels = (model_name, preset or NO_PRESET)
+    IMAGE_TOKENS_BEFORE.labels(*labels).inc(counts.before)
+    IMAGE_TOKENS_AFTER.labels(*labels).inc(counts.after)
+    IMAGES.labels(*labels).inc(len(counts.per_image))
     method = counts.method if counts.keep_ratio < 1.0 else "none"
-    REQUESTS.labels(model_name, method).inc()
-    KEEP_RATIO_HISTOGRAM.labels(model_name).observe(counts.keep_ratio)
+    REQUESTS.labels(*labels, method).inc()
+    KEEP_RATIO_HISTOGRAM.labels(*labels).observe(counts.keep_ratio)

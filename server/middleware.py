@@ -34,7 +34,7 @@ from lvlm_prune.vllm_plugin import options
 from lvlm_prune.vllm_plugin.processing.accounting import LEDGER
 from lvlm_prune.vllm_plugin.worker.flow import FlowUnavailable
 
-from . import metrics
+from . import metrics, presets
 from .heatmap import render_heatmap
 from .schemas import ImagePruning, ImageView, PruningInfo, PruningRequest, QueryToken
 
@@ -140,12 +140,14 @@ class PreparedRequest:
     tag: str
     diagnostics_id: int | None
     heatmap: bool
+    preset: str | None = None  # the preset model name the request asked for (presets.py)
     images: list[str | None] = field(default_factory=list)  # inline data URLs, for heatmaps
     flow: bool = False  # holds one of the server's flow slots until released
 
 
 def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
     """Validate and rewrite ``payload`` in place; None when there is nothing for us to do."""
+    preset = presets.apply(state.presets, payload)
     raw_pruning = payload.pop("pruning", None)
     raw_kwargs = payload.get("mm_processor_kwargs")
     raw_flow = None
@@ -202,7 +204,10 @@ def prepare_request(payload: dict, kind: str, state) -> PreparedRequest | None:
         options.QUERY, image_queries(payload.get("messages"), requery=pruning.requery)
     )
     request = PreparedRequest(
-        tag=uuid.uuid4().hex, diagnostics_id=None, heatmap=pruning.diagnostics == "heatmap"
+        tag=uuid.uuid4().hex,
+        diagnostics_id=None,
+        heatmap=pruning.diagnostics == "heatmap",
+        preset=preset,
     )
     if pruning.diagnostics or flow:
         request.diagnostics_id = secrets.randbits(63) or 1
@@ -435,7 +440,7 @@ class ResponseRewriter:
             entries = await self.state.pop_diagnostics(self.request.diagnostics_id)
         if counts is None or self.mode == "passthrough":
             return None
-        metrics.observe_request(model or self.state.model_name, counts)
+        metrics.observe_request(model or self.state.model_name, counts, self.request.preset)
         per_image = [ImagePruning(tokens_before=b, tokens_after=a) for b, a in counts.per_image]
         if entries:  # reshaping, decoding tokens and drawing PNGs: off the event loop
             await asyncio.to_thread(self._fill_all_diagnostics, per_image, entries)
@@ -445,6 +450,7 @@ class ResponseRewriter:
             keep_ratio=counts.keep_ratio,
             method=counts.method,
             merge=counts.merge,
+            preset=self.request.preset,
             per_image=per_image,
             flow=flow,
             flow_error=flow_error,

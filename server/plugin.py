@@ -11,6 +11,7 @@ Prometheus. Loaded when ``VLLM_PLUGINS`` names ``lvlm_prune_api`` (``lvlm-prune 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from argparse import Namespace
@@ -86,21 +87,25 @@ class UnprunedModelError(RuntimeError):
     """The server-wide options ask for pruning a model lvlm-prune does not prune."""
 
 
-def check_server_wide_options(reason: str, mm_processor_kwargs) -> None:
-    """Refuse server-wide ``mm_processor_kwargs`` that ask for pruning a model ``reason``
-    (``unpruned_reason``) says is not pruned: every request would be answered unpruned.
+def check_server_wide_options(reason: str, mm_processor_kwargs, presets=None) -> None:
+    """Refuse server-wide ``mm_processor_kwargs`` or pruning presets that ask for pruning a
+    model ``reason`` (``unpruned_reason``) says is not pruned: their requests would be answered
+    unpruned.
 
     Raises:
         UnprunedModelError: naming the model's architecture, the supported ones and the options.
     """
     kwargs = mm_processor_kwargs or {}
     asked = [a.split(".", 1)[1] for a in pruning_asked(kwargs, prefix="mm_processor_kwargs")]
-    if asked:
-        settings = ", ".join(f"{name}={kwargs[name]!r}" for name in asked)
+    settings = [f"{name}={kwargs[name]!r}" for name in asked]
+    for served, pruning in (presets or {}).items():
+        if pruning_asked(pruning, prefix="pruning", ours_only=False):
+            settings.append(f"the preset {served} ({json.dumps(pruning)})")
+    if settings:
         raise UnprunedModelError(
-            f"{reason}, but the server-wide options ask for pruning: {settings}. Serve this "
-            "model without them (unpruned, as plain vLLM serves it) or serve a model lvlm-prune "
-            "prunes."
+            f"{reason}, but the server-wide options ask for pruning: {', '.join(settings)}. "
+            "Serve this model without them (unpruned, as plain vLLM serves it) or serve a model "
+            "lvlm-prune prunes."
         )
 
 
@@ -181,6 +186,12 @@ class IdleTrimmer:
             self._task = None
 
 
+def presets_of(args: Namespace) -> dict[str, dict]:
+    """``{"MODEL:NAME": pruning}`` as ``lvlm-prune serve --preset`` parsed them (none under
+    plain ``vllm serve``)."""
+    return getattr(args, "lvlm_prune_presets", None) or {}
+
+
 def served_model_name(args: Namespace) -> str:
     """The ``model_name`` label of our metrics: vLLM's own (the first served name)."""
     names = getattr(args, "served_model_name", None)
@@ -195,6 +206,7 @@ class ServerState:
     def __init__(self, engine_client, args: Namespace) -> None:
         self.engine_client = engine_client
         self.model_name = served_model_name(args)
+        self.presets = presets_of(args)
         self.diagnostics_unavailable = None
         if WORKER_EXTENSION not in (getattr(args, "worker_extension_cls", "") or ""):
             self.diagnostics_unavailable = (
@@ -326,7 +338,9 @@ class PruningEndpointPlugin:
             # with our plugins, and what a checkpoint's config alone cannot tell (e.g.
             # --model-impl transformers), end here.
             multimodal = model_config.multimodal_config
-            check_server_wide_options(reason, getattr(multimodal, "mm_processor_kwargs", None))
+            check_server_wide_options(
+                reason, getattr(multimodal, "mm_processor_kwargs", None), presets_of(args)
+            )
             logger.warning(
                 "lvlm-prune: %s is served unpruned: %s. Requests that ask for pruning are "
                 "refused with HTTP 400.",

@@ -119,6 +119,8 @@ class PruningInfo(BaseModel):
     keep_ratio: float
     method: str
     merge: bool
+    preset: str | None = None
+    """The preset model name the request asked for (``lvlm-prune serve --preset``), if any."""
     per_image: list[ImagePruning]
     flow: Flow | None = None
     """With ``diagnostics: "flow"``: the information flow through the language model."""

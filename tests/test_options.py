@@ -169,6 +169,7 @@ def test_schema_and_serve_flags_come_from_the_declarations():
         "keep_ratio": 0.5,
         "prune_method": "random",
         "prune_positions": "compact",
+        "presets": None,  # --preset: named pruning objects, not an option (server/presets.py)
     }
     assert rest == []
 

@@ -3,7 +3,7 @@ the API tests, and the real ``openai`` client pointed at it."""
 
 import pytest
 
-from server_api.serving import API_KEY, MAX_IMAGES, SERVER_KEEP_RATIO, serve
+from server_api.serving import API_KEY, MAX_IMAGES, PRESETS, SERVER_KEEP_RATIO, preset_args, serve
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +13,7 @@ def server(tiny_model_dir, tmp_path_factory):
         *("--dtype", "float32"),  # diagnostics are compared with the torch reference
         *("--enforce-eager", "--max-model-len", "2048"),
         *("--limit-mm-per-prompt", f'{{"image": {MAX_IMAGES}}}'),
+        *preset_args(PRESETS),
     ]
     with serve(args, tmp_path_factory.mktemp("server")) as srv:
         yield srv

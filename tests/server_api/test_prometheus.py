@@ -13,6 +13,7 @@ import pytest
 import requests
 from helpers import data_url, make_image
 
+from lvlm_prune.benchmarks.harness import metric, scrape
 from server_api.serving import MODEL, free_port
 
 pytestmark = pytest.mark.skipif(
@@ -125,27 +126,18 @@ def test_metrics_names_and_counts(server, client):
         extra_body={"pruning": {"keep_ratio": 0.25, "method": "uniform"}},
     )
     after = _scrape(server)
-    key = f'{{model_name="{MODEL}"}}'
-    assert (
-        after[f"lvlm_prune_image_tokens_before_total{key}"]
-        - before.get(f"lvlm_prune_image_tokens_before_total{key}", 0)
-        == 576
-    )
-    assert (
-        after[f"lvlm_prune_image_tokens_after_total{key}"]
-        - before.get(f"lvlm_prune_image_tokens_after_total{key}", 0)
-        == 144
-    )
-    uniform = f'lvlm_prune_requests_total{{method="uniform",model_name="{MODEL}"}}'
-    assert after[uniform] - before.get(uniform, 0) == 1
-    assert after[f"lvlm_prune_model_pruned{key}"] == 1  # 0: test_unsupported_model.py
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, model_name=MODEL, **labels) - metric(
+            before, name, model_name=MODEL, **labels
+        )
+
+    # No preset named: the per-request series carry preset="none" (presets: test_presets.py).
+    assert grew("lvlm_prune_image_tokens_before_total", preset="none") == 576
+    assert grew("lvlm_prune_image_tokens_after_total", preset="none") == 144
+    assert grew("lvlm_prune_requests_total", method="uniform", preset="none") == 1
+    assert metric(after, "lvlm_prune_model_pruned", model_name=MODEL) == 1  # 0: unsupported
 
 
 def _scrape(server) -> dict[str, float]:
-    text = requests.get(f"{server.url}/metrics", timeout=30).text
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("lvlm_prune_"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return scrape(server.url)

@@ -90,9 +90,17 @@ def test_the_one_rule_and_what_asks_for_pruning():
     ]
 
 
-def test_serve_refuses_a_server_wide_keep_ratio_before_the_engine_loads(qwen2_vl_dir):
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--keep-ratio", "0.25"], "keep_ratio=0.25"),
+        (["--preset", 'fast={"keep_ratio": 0.25}'], ':fast ({"keep_ratio": 0.25})'),
+    ],
+    ids=["keep-ratio", "preset"],
+)
+def test_serve_refuses_server_wide_pruning_before_the_engine_loads(qwen2_vl_dir, flags, named):
     proc = subprocess.Popen(
-        [*SERVE, qwen2_vl_dir, "--keep-ratio", "0.25", "--port", str(free_port())],
+        [*SERVE, qwen2_vl_dir, *flags, "--port", str(free_port())],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -107,7 +115,7 @@ def test_serve_refuses_a_server_wide_keep_ratio_before_the_engine_loads(qwen2_vl
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("lvlm-prune serve: lvlm-prune does not prune"), stderr[-3000:]
     assert_names_the_models(last)
-    assert "keep_ratio=0.25" in last
+    assert named in last
     assert "Traceback" not in stderr
     assert "Resolved architecture" not in stderr  # vLLM's engine config was never built
 
