@@ -8,7 +8,10 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed-$(VLLM)
 SERVE_ARGS ?= --keep-ratio 0.25
 
-.PHONY: install serve test lint bench clean
+EVAL_VENV ?= .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
+
+.PHONY: install serve test lint bench eval clean
 
 install: $(STAMP)
 
@@ -23,10 +26,22 @@ ifeq ($(VLLM),cpu)
 endif
 	touch $@
 
+# lmms-eval (`lvlm-prune bench lmms-eval`, its test) in a venv layered over .venv: it sees .venv's
+# packages under its own, so lmms-eval's pins (protobuf < 7, filelock < 4) never change what the
+# server and the tests run with. ~1 min and ~1 GB.
+eval: $(EVAL_STAMP)
+
+$(EVAL_STAMP): $(STAMP)
+	$(PY) -m venv $(EVAL_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+		> "$$($(EVAL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lvlm-prune-venv.pth"
+	$(EVAL_VENV)/bin/python -m pip --disable-pip-version-check install -q -e '.[eval]'
+	touch $@
+
 serve: $(STAMP)
 	$(VENV)/bin/lvlm-prune serve $(SERVE_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(EVAL_STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -37,7 +52,7 @@ bench: $(STAMP)
 	$(VENV)/bin/lvlm-prune bench all
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info
 
 # On any CUDA machine with torch + Triton (no vLLM, none of the targets above): every kernel test
 # on the GPU and the kernel benchmark against its memory floor, in its own small venv.

@@ -29,6 +29,8 @@ setup(
         # The trained ShapesVQA model ships inside the package: weights, config, tokenizer,
         # processor, chat template and its training log.
         "lvlm_prune.shapes": ["model/*"],
+        # The ShapesVQA task for lmms-eval (`lvlm-prune bench lmms-eval`).
+        "lvlm_prune.benchmarks": ["lmms_tasks/*/*.yaml", "lmms_tasks/*/*.py"],
     },
     install_requires=[
         "fastapi",
@@ -46,6 +48,9 @@ setup(
         "gpu": ["vllm>=0.32,<0.33", "triton"],
         "test": ["pytest", "pytest-timeout", "openai", "requests", "numpy", "ruff", "playwright"],
         "bench": ["matplotlib", "tqdm"],
+        # lmms-eval 0.7.3 imports filelock._api, which filelock 4 no longer has; its wandb wants
+        # protobuf < 7 (vLLM 0.32 takes 6.33.5+). `make eval` keeps both out of .venv.
+        "eval": ["lmms-eval==0.7.3", "filelock>=3.20.3,<4"],
     },
     entry_points={
         "vllm.general_plugins": ["lvlm_prune = lvlm_prune.vllm_plugin:register"],

@@ -4,8 +4,9 @@ NAME: latency, throughput, overhead, fidelity, prefill-gpu, or all. Each prints 
 and writes ``NAME-MODEL.{json,md}`` (and a PNG where it plots) to ``--out`` (default
 ``./benchmarks/results/`` of the working directory; with ``--smoke``, its ``smoke/`` subfolder,
 which git ignores). ``kernels`` (the Triton kernels: torch + Triton only, no engine) is not part
-of ``all``, nor are ``serve`` (rate sweeps against real servers) and ``soak`` (minutes of mixed
-traffic, then checks; exits 1 when one fails), which start their own servers and run for long.
+of ``all``, nor are ``serve`` (rate sweeps against real servers), ``soak`` (minutes of mixed
+traffic, then checks; exits 1 when one fails) and ``lmms-eval`` (lmms-eval against presets),
+which start their own servers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from . import (  # noqa: E402
     common,
     fidelity,
     latency,
+    lmms,
     multiturn,
     overhead,
     prefill_gpu,
@@ -72,6 +74,7 @@ BENCHMARKS = {
         multiturn.BENCHMARK,
         serve.BENCHMARK,
         soak.BENCHMARK,
+        lmms.BENCHMARK,
         KernelsBenchmark(
             bench_kernels.NAME,
             bench_kernels.__doc__,
