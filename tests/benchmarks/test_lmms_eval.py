@@ -86,5 +86,6 @@ def test_the_task_data_round_trips(tmp_path, seed):
         assert list(image.getdata()) == list(scene.image().convert("RGB").getdata())
         assert utils.doc_to_text(doc) == question.text
         right = utils.process_results(doc, [question.answer + "."])["accuracy"]
-        wrong = utils.process_results(doc, ["purple"])["accuracy"]
+        other = next(o for o in question.options if o != question.answer)
+        wrong = utils.process_results(doc, [other])["accuracy"]
         assert right["correct"] and not wrong["correct"] and right["type"] == question.type
