@@ -1,7 +1,12 @@
 """The API tests' server: the benchmarks' harness (``lvlm_prune.benchmarks.harness``), and what
 the shared test server is started with."""
 
-from lvlm_prune.benchmarks.harness import Server, free_port, serve
+import contextlib
+import os
+import signal
+import subprocess
+
+from lvlm_prune.benchmarks.harness import SERVE, Server, free_port, serve
 
 __all__ = [
     "API_KEY",
@@ -12,6 +17,7 @@ __all__ = [
     "Server",
     "free_port",
     "preset_args",
+    "refused_at_start_up",
     "serve",
 ]
 
@@ -31,3 +37,21 @@ def preset_args(presets: dict[str, dict]) -> list[str]:
         for name, pruning in presets.items()
         for arg in ("--preset", f"{name}={json.dumps(pruning)}")
     ]
+
+
+def refused_at_start_up(args: list[str]) -> tuple[int, str]:
+    """``lvlm-prune serve ARGS`` expected to exit at start-up: its status and stderr. Had it
+    started a server instead, nothing of it outlives the call."""
+    proc = subprocess.Popen(
+        [*SERVE, *args, "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stderr

@@ -5,20 +5,15 @@ and definitions refused at start-up with the preset named."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-
 import openai
 import pytest
 from helpers import data_url, make_image
 
-from lvlm_prune.benchmarks.harness import SERVE, metric, scrape
+from lvlm_prune.benchmarks.harness import metric, scrape
 from lvlm_prune.kernels import keep_count
 from lvlm_prune.server.plugin import UnprunedModelError, check_server_wide_options
 from lvlm_prune.server.presets import PresetError, apply, parse_presets
-from server_api.serving import MODEL, PRESETS, SERVER_KEEP_RATIO, free_port
+from server_api.serving import MODEL, PRESETS, SERVER_KEEP_RATIO, refused_at_start_up
 
 N = 576  # the tiny LLaVA's image tokens
 
@@ -130,19 +125,8 @@ def test_a_preset_that_prunes_is_refused_for_a_model_served_unpruned():
 
 
 def test_serve_stops_at_start_up_on_a_bad_preset(tiny_model_dir):
-    proc = subprocess.Popen(
-        [*SERVE, "tiny", "--preset", 'fast={"keep_ratio": 2}', "--port", str(free_port())],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:  # had it started a server instead, nothing of it may outlive the test
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, stderr[-3000:]
+    returncode, stderr = refused_at_start_up(["tiny", "--preset", 'fast={"keep_ratio": 2}'])
+    assert returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("lvlm-prune serve: --preset fast: keep_ratio:"), stderr[-3000:]
     assert "Traceback" not in stderr

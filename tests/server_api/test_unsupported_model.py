@@ -8,12 +8,6 @@ architecture ``vllm_plugin.MODELS`` does not name.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-
 import openai
 import pytest
 import requests
@@ -23,9 +17,8 @@ from tiny_qwen2_vl import ARCHITECTURE
 from lvlm_prune.server.plugin import UnprunedModel
 from lvlm_prune.vllm_plugin import MODELS
 from lvlm_prune.vllm_plugin.support import unpruned_reason
-from server_api.serving import API_KEY, free_port, serve
+from server_api.serving import API_KEY, refused_at_start_up, serve
 
-SERVE = (sys.executable, "-m", "lvlm_prune.server.cli", "serve")
 MODEL = "qwen2-vl-tiny"
 IMAGE_SIDE = 224  # 8 x 8 tokens after the 2x2 merger
 
@@ -99,19 +92,8 @@ def test_the_one_rule_and_what_asks_for_pruning():
     ids=["keep-ratio", "preset"],
 )
 def test_serve_refuses_server_wide_pruning_before_the_engine_loads(qwen2_vl_dir, flags, named):
-    proc = subprocess.Popen(
-        [*SERVE, qwen2_vl_dir, *flags, "--port", str(free_port())],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:  # had it started a server instead, nothing of it may outlive the test
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, stderr[-3000:]
+    returncode, stderr = refused_at_start_up([qwen2_vl_dir, *flags])
+    assert returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("lvlm-prune serve: lvlm-prune does not prune"), stderr[-3000:]
     assert_names_the_models(last)
